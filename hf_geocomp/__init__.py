@@ -1,0 +1,10 @@
+"""hf_geocomp: compress and fine-tune Hugging Face models using the geometry of their activations."""
+
+__version__ = "0.1.0"
+
+from .data import load_corpus, load_model, token_blocks  # noqa: E402
+from .errors import GeoCompError  # noqa: E402
+from .geometry import ActivationStats, Spectrum, StatsCollector, Tap, collect_stats  # noqa: E402
+
+__all__ = ["ActivationStats", "GeoCompError", "Spectrum", "StatsCollector", "Tap", "collect_stats",
+           "load_corpus", "load_model", "token_blocks", "__version__"]

@@ -1,0 +1,178 @@
+"""The one place that knows model families.
+
+Methods ask this module where the attention and MLP projections of a transformer block
+live, how heads are laid out (including GQA groups), and which linear modules exist.
+Nothing else in the package hard-codes a module name.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import GeoCompError
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Where things live in one model family.
+
+    Module paths are relative to a decoder/encoder block; ``layers`` is the dotted path of
+    the ``ModuleList`` of blocks from the model root.
+    """
+
+    family: str
+    layers: str
+    q: str | None  # separate query projection (None when fused)
+    k: str | None
+    v: str | None
+    qkv: str | None  # fused projection (GPT-2 ``c_attn``): output is [q | k | v]
+    o: str
+    mlp_in: tuple[str, ...]  # modules reading the block's MLP input (gate/up, c_fc, intermediate)
+    mlp_out: str  # module writing the MLP output (down_proj, c_proj, output.dense)
+    conv1d: bool = False  # GPT-2 style Conv1D: weight is (in, out)
+
+
+_SPECS = {
+    "llama": ArchSpec("llama", "model.layers", "self_attn.q_proj", "self_attn.k_proj",
+                      "self_attn.v_proj", None, "self_attn.o_proj",
+                      ("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj"),
+    "gpt2": ArchSpec("gpt2", "transformer.h", None, None, None, "attn.c_attn", "attn.c_proj",
+                     ("mlp.c_fc",), "mlp.c_proj", conv1d=True),
+    "bert": ArchSpec("bert", "encoder.layer", "attention.self.query", "attention.self.key",
+                     "attention.self.value", None, "attention.output.dense",
+                     ("intermediate.dense",), "output.dense"),
+}
+# Families whose blocks are laid out exactly like Llama's.
+for _name in ("mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "olmo", "olmo2", "granite"):
+    _SPECS[_name] = ArchSpec(_name, *[getattr(_SPECS["llama"], f) for f in
+                                      ("layers", "q", "k", "v", "qkv", "o", "mlp_in", "mlp_out")])
+
+
+def get_spec(model: nn.Module) -> ArchSpec:
+    """The :class:`ArchSpec` of ``model`` or a :class:`GeoCompError` naming its type."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in _SPECS:
+        raise GeoCompError(
+            f"model type {model_type!r} is not supported yet; supported: {', '.join(sorted(_SPECS))}."
+        )
+    return _SPECS[model_type]
+
+
+def _base_prefix(model: nn.Module, spec: ArchSpec) -> str:
+    """Dotted prefix (possibly empty) under which ``spec.layers`` is found in ``model``."""
+    names = dict(model.named_modules())
+    for name in names:
+        if name == spec.layers or name.endswith("." + spec.layers):
+            return name[: -len(spec.layers)]
+    raise GeoCompError(f"could not find the blocks ({spec.layers!r}) in this {spec.family} model.")
+
+
+def block_prefixes(model: nn.Module) -> list[str]:
+    """Dotted names of the transformer blocks, in order (``model.layers.0.`` ...)."""
+    spec = get_spec(model)
+    root = _base_prefix(model, spec) + spec.layers
+    blocks = model.get_submodule(root)
+    return [f"{root}.{i}." for i in range(len(blocks))]
+
+
+@dataclass(frozen=True)
+class HeadLayout:
+    """Head geometry of the attention in every block."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+    @property
+    def group_size(self) -> int:
+        """Query heads reading one KV head (1 without GQA)."""
+        return self.num_heads // self.num_kv_heads
+
+
+def head_layout(model: nn.Module) -> HeadLayout:
+    cfg = model.config
+    num_heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head")
+    num_kv = getattr(cfg, "num_key_value_heads", None) or num_heads
+    hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd")
+    head_dim = getattr(cfg, "head_dim", None) or hidden // num_heads
+    return HeadLayout(int(num_heads), int(num_kv), int(head_dim))
+
+
+@dataclass(frozen=True)
+class KVTap:
+    """Where the keys or values of one block leave their projection (before RoPE).
+
+    ``offset`` selects the slice of a fused projection's output.
+    """
+
+    module: str
+    kind: str  # "k" or "v"
+    layer: int
+    offset: int
+    width: int
+    head_dim: int
+
+
+def kv_taps(model: nn.Module) -> list[KVTap]:
+    """The K and V projection outputs of every block, for per-KV-head statistics."""
+    spec = get_spec(model)
+    heads = head_layout(model)
+    width = heads.num_kv_heads * heads.head_dim
+    taps = []
+    for i, prefix in enumerate(block_prefixes(model)):
+        if spec.qkv is not None:
+            q_width = heads.num_heads * heads.head_dim
+            taps.append(KVTap(prefix + spec.qkv, "k", i, q_width, width, heads.head_dim))
+            taps.append(KVTap(prefix + spec.qkv, "v", i, q_width + width, width, heads.head_dim))
+        else:
+            taps.append(KVTap(prefix + spec.k, "k", i, 0, width, heads.head_dim))
+            taps.append(KVTap(prefix + spec.v, "v", i, 0, width, heads.head_dim))
+    return taps
+
+
+def is_linear(module: nn.Module) -> bool:
+    """``nn.Linear`` or transformers' ``Conv1D`` (GPT-2), the two dense layers we handle."""
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """The weight as (out_features, in_features), whatever the layer's storage convention."""
+    return module.weight.T if type(module).__name__ == "Conv1D" else module.weight
+
+
+def block_linears(model: nn.Module) -> list[str]:
+    """Names of every dense layer inside the transformer blocks, in model order."""
+    prefixes = tuple(block_prefixes(model))
+    return [n for n, m in model.named_modules() if n.startswith(prefixes) and is_linear(m)]
+
+
+def layer_index(name: str) -> int | None:
+    """The block index in a dotted module name (``model.layers.12.mlp`` → 12)."""
+    m = re.search(r"\.(\d+)\.", "." + name + ".")
+    return int(m.group(1)) if m else None
+
+
+def match_modules(model: nn.Module, patterns: str | list[str]) -> list[str]:
+    """Module names matching any glob (``*.mlp.down_proj``) or ``re:`` regex pattern.
+
+    Raises a :class:`GeoCompError` naming each pattern that matches nothing.
+    """
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    names = [n for n, _ in model.named_modules() if n]
+    out: list[str] = []
+    for pat in patterns:
+        if pat.startswith("re:"):
+            rx = re.compile(pat[3:])
+            hits = [n for n in names if rx.fullmatch(n)]
+        else:
+            hits = fnmatch.filter(names, pat)
+        if not hits:
+            raise GeoCompError(f"module pattern {pat!r} matches no module of this model.")
+        out.extend(h for h in hits if h not in out)
+    return out

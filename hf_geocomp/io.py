@@ -1,0 +1,43 @@
+"""Output folders that appear whole or not at all, and results JSON."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .errors import GeoCompError
+
+
+@contextlib.contextmanager
+def output_dir(path: str, overwrite: bool = False):
+    """Yield a temporary folder beside ``path`` that is renamed to ``path`` only on success.
+
+    An existing non-empty ``path`` is an error unless ``overwrite``; on any failure the
+    temporary folder is removed, so no half-written output is ever left behind.
+    """
+    target = Path(path)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
+        raise GeoCompError(f"output folder {path!r} already exists and is not empty; pass --overwrite.")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        yield tmp
+        if target.exists():
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_json(path: str | Path, obj) -> None:
+    """Write JSON atomically (temporary file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=False) + "\n")
+    os.replace(tmp, path)

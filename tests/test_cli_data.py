@@ -1,0 +1,126 @@
+"""Models and data resolution, and the CLI end to end on a tiny model, bad inputs included."""
+
+import json
+import os
+
+import pytest
+
+from hf_geocomp.cli import main
+from hf_geocomp.data import (SHAKESPEARE_SPLITS, load_corpus, read_text_file, resolve_model, shakespeare_works,
+                             token_blocks)
+from hf_geocomp.errors import GeoCompError
+
+
+def test_shakespeare_splits_are_disjoint_by_work():
+    splits = {k: set(shakespeare_works(k)) for k in SHAKESPEARE_SPLITS}
+    names = list(splits)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            assert not splits[a] & splits[b], (a, b)
+    assert shakespeare_works("hamlet+tempest") == ["hamlet", "tempest"]
+    with pytest.raises(GeoCompError, match="unknown Shakespeare"):
+        shakespeare_works("hamlett")
+
+
+def test_pydoc_splits_are_disjoint():
+    cal = {d for d, _ in load_corpus("pydoc:calibration").documents}
+    ev = {d for d, _ in load_corpus("pydoc:evaluation").documents}
+    assert cal and ev and not cal & ev
+
+
+def test_token_blocks_are_fixed_length_and_deterministic(tiny_llama_dir, text_file):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    corpus = load_corpus(f"file:{text_file}")
+    a = token_blocks(tok, corpus, 16, max_tokens=100)
+    b = token_blocks(tok, corpus, 16, max_tokens=100)
+    assert len(a) == 7 and a[0]["input_ids"].shape == (16,)
+    assert (a[:]["input_ids"] == b[:]["input_ids"]).all()
+    with pytest.raises(GeoCompError, match="exceeds the model's maximum"):
+        token_blocks(tok, corpus, 256, max_length=128)
+    with pytest.raises(GeoCompError, match="zero blocks"):
+        token_blocks(tok, corpus, 10 ** 7)
+    with pytest.raises(GeoCompError, match="positive"):
+        token_blocks(tok, corpus, 16, max_tokens=0)
+
+
+def test_bad_files(tmp_path):
+    empty, binary = tmp_path / "empty.txt", tmp_path / "blob.bin"
+    empty.write_text("  \n")
+    binary.write_bytes(b"\x00\x01\x02" * 10)
+    with pytest.raises(GeoCompError, match="empty"):
+        read_text_file(empty)
+    with pytest.raises(GeoCompError, match="binary"):
+        read_text_file(binary)
+    with pytest.raises(GeoCompError, match="does not exist"):
+        read_text_file(tmp_path / "missing.txt")
+
+
+def test_model_resolution_errors(tmp_path):
+    with pytest.raises(GeoCompError, match="neither a bundled name"):
+        resolve_model(str(tmp_path / "no" / "such" / "model"))
+    (tmp_path / "notamodel").mkdir()
+    with pytest.raises(GeoCompError, match="no config.json"):
+        resolve_model(str(tmp_path / "notamodel"))
+    with pytest.raises(GeoCompError, match="does not exist"):
+        resolve_model(str(tmp_path / "x.gguf"))
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_analyze_end_to_end(tmp_path, capsys, tiny_llama_dir, text_file):
+    out = tmp_path / "report"
+    code, stdout, err = run_cli(capsys, "analyze", "--model", tiny_llama_dir, "--data", text_file, "--tokens", "256",
+                                "--block-size", "32", "--batch-size", "4", "-o", str(out), "--save-stats",
+                                "--no-progress")
+    assert code == 0, err
+    report = json.loads((out / "report.json").read_text())
+    kinds = {e["kind"] for e in report["entries"]}
+    assert kinds == {"activation_input", "activation_output", "k_head", "v_head", "weight"}
+    assert report["tokens"] == 256
+    assert report["command"].startswith("hf-geocomp analyze")
+    for e in report["entries"]:
+        assert 1 <= e["k95"] <= e["dim"] and 0 < e["df"] <= e["dim"] + 1e-6
+    assert sorted(os.listdir(out)) == ["df_by_layer.png", "eigenvalue_curves.png", "k95_by_layer.png",
+                                       "report.json", "stats.safetensors"]
+    # an existing output folder is not overwritten silently
+    code, _, err = run_cli(capsys, "analyze", "--model", tiny_llama_dir, "--data", text_file, "--tokens", "64",
+                           "--block-size", "32", "-o", str(out), "--no-progress")
+    assert code == 2 and "already exists" in err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "no-such-model-name/really/not"], "neither a bundled name"),
+    (["--modules", "*.nothing_here"], "matches no module"),
+    (["--block-size", "4096"], "exceeds the model's maximum"),
+    (["--tokens", "0"], "positive"),
+    (["--data", "EMPTY"], "empty"),
+    (["--data", "BINARY"], "binary"),
+    (["--model", "BADGGUF"], "cannot parse GGUF"),
+    (["--data", "shakespeare:nonsense"], "unknown Shakespeare"),
+])
+def test_analyze_bad_input(tmp_path, capsys, tiny_llama_dir, text_file, args, message):
+    files = {"EMPTY": tmp_path / "empty.txt", "BINARY": tmp_path / "blob.dat", "BADGGUF": tmp_path / "bad.gguf"}
+    files["EMPTY"].write_text("")
+    files["BINARY"].write_bytes(bytes(range(256)) * 4)
+    files["BADGGUF"].write_bytes(b"GGUF this is not a gguf file")
+    args = [str(files.get(a, a)) for a in args]
+    base = {"--model": tiny_llama_dir, "--data": text_file, "--tokens": "64", "--block-size": "32"}
+    for flag, value in zip(args[::2], args[1::2]):
+        base[flag] = value
+    argv = ["analyze", "-o", str(tmp_path / "out"), "--no-progress"]
+    for flag, value in base.items():
+        argv += [flag, value]
+    if "--modules" in args:
+        argv += ["--modules", args[args.index("--modules") + 1]]
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2
+    assert message in err and "Traceback" not in err
+    errors = [line for line in err.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and err.strip().splitlines()[-1] == errors[0]
+    assert not (tmp_path / "out").exists()
