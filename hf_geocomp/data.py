@@ -10,7 +10,8 @@ Text sources are strings:
   (disjoint by work), or ``shakespeare:hamlet+tempest`` for named works;
 * ``pydoc`` / ``pydoc:calibration`` / ``pydoc:evaluation`` (topics split by name);
 * ``file:a.txt+b.txt`` or a path to a text file;
-* ``hf:<dataset>[:<config>]:<split>[:<column>]`` for any ``datasets`` dataset.
+* ``hf:<dataset>[:<config>]:<split>[:<column>]`` for any ``datasets`` dataset (a Hub id from the
+  local cache, or a local folder of data files); an empty config means the default.
 """
 
 from __future__ import annotations
@@ -233,7 +234,7 @@ def _hf_corpus(source: str, spec: str) -> Corpus:
     else:
         (name, split), config = parts, None
     try:
-        ds = datasets.load_dataset(name, config, split=split)
+        ds = datasets.load_dataset(name, config or None, split=split)
     except Exception as e:  # datasets raises many types for a missing dataset
         raise GeoCompError(f"cannot load dataset {name!r} split {split!r}: {str(e).splitlines()[0]}") from None
     if column not in ds.column_names:

@@ -124,3 +124,18 @@ def test_analyze_bad_input(tmp_path, capsys, tiny_llama_dir, text_file, args, me
     errors = [line for line in err.splitlines() if "error" in line.lower()]
     assert len(errors) == 1 and err.strip().splitlines()[-1] == errors[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_datasets_source_from_a_local_folder(tmp_path):
+    import json as _json
+
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    rows = [{"text": f"passage number {i} about the sea"} for i in range(5)] + [{"text": "  "}]
+    (folder / "train.jsonl").write_text("\n".join(_json.dumps(r) for r in rows))
+    corpus = load_corpus(f"hf:{folder}:train")
+    assert len(corpus.documents) == 5 and corpus.documents[0][1].startswith("passage number 0")
+    with pytest.raises(GeoCompError, match="no column 'body'"):
+        load_corpus(f"hf:{folder}::train:body")
+    with pytest.raises(GeoCompError, match="cannot load dataset"):
+        load_corpus(f"hf:{tmp_path / 'nope'}:train")

@@ -58,13 +58,19 @@ def spectra_entries(model: nn.Module, stats: ActivationStats) -> list[dict]:
     return rows
 
 
-def summarise(rows: list[dict]) -> dict:
-    """Median Df / k95 / top share per kind (and uncentred, for activations)."""
+def summarise(rows: list[dict], by_module_type: bool = False) -> dict:
+    """Median Df / k95 / top share per kind (and uncentred, for activations).
+
+    With ``by_module_type`` the groups are ``kind:last-name`` (``activation_input:down_proj``).
+    """
+    groups = defaultdict(list)
+    for r in rows:
+        name = r["module"].rsplit(".", 1)[-1]
+        name = "block" if name.isdigit() else name
+        groups[f"{r['kind']}:{name}" if by_module_type else r["kind"]].append(r)
     out = {}
-    for kind in KINDS:
-        sel = [r for r in rows if r["kind"] == kind]
-        if not sel:
-            continue
+    for kind in sorted(groups, key=lambda g: (KINDS.index(g.split(":")[0]), g)):
+        sel = groups[kind]
         s = {"count": len(sel)}
         for field in ("dim", "df", "k95", "top_share", "df_uncentred", "k95_uncentred", "df_singular"):
             vals = [r[field] for r in sel if field in r]
@@ -86,7 +92,8 @@ def analyze(model: nn.Module, batches, *, total: int | None = None, progress: bo
     rows = spectra_entries(model, stats) if not patterns else [
         r for r in spectra_entries(model, stats) if r["kind"] != "weight" or any(
             r["module"] == t.module for t in taps)]
-    return {"tokens": stats.tokens, "summary": summarise(rows), "entries": rows}, stats
+    return {"tokens": stats.tokens, "summary": summarise(rows),
+            "summary_by_module_type": summarise(rows, by_module_type=True), "entries": rows}, stats
 
 
 def plot_report(report: dict, outdir: str) -> list[str]:

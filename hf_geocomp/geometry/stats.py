@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 
@@ -274,7 +275,9 @@ class StatsCollector:
             self._by_module.setdefault(t.module, []).append(t)
         self._handles: list = []
         self._mask: torch.Tensor | None = None
-        self._seen: list[tuple[torch.Tensor, tuple, str]] = []  # first batch only: shared inputs
+        # first batch only: (weak reference to an input tensor, selection, key) to find shared inputs.
+        # Weak, so measuring never keeps a layer's activations alive.
+        self._seen: list[tuple[weakref.ref, tuple, str]] = []
         self.batches = 0
 
     # hooks -----------------------------------------------------------------------------
@@ -308,11 +311,12 @@ class StatsCollector:
                 if key in self.stats.aliases:
                     continue
                 if self.batches == 0 and tap.where == "input":
-                    leader = next((k for t, s, k in self._seen if t is x and s == tap.selection), None)
+                    self._seen = [e for e in self._seen if e[0]() is not None]
+                    leader = next((k for ref, s, k in self._seen if ref() is x and s == tap.selection), None)
                     if leader is not None:
                         self.stats.aliases[key] = leader
                         continue
-                    self._seen.append((x, tap.selection, key))
+                    self._seen.append((weakref.ref(x), tap.selection, key))
                 rows = self._select(x)
                 rows = rows[..., tap.offset: None if tap.width is None else tap.offset + tap.width]
                 if tap.head_dim is not None:
