@@ -37,7 +37,53 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_data(b, tokens=8192)
     b.add_argument("--repeats", type=int, default=3, help="timed repetitions of each pass (default 3)")
     b.add_argument("--output", "-o", default="recipes/results/geometry_overhead.json", help="results JSON")
+
+    r = sub.add_parser("run", help="run a YAML recipe: `command:` names a subcommand, other keys are its options")
+    r.add_argument("recipe", help="path to a recipe (see recipes/)")
+    r.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override recipe keys")
+    parser.subcommands = sub.choices
     return parser
+
+
+def recipe_argv(parser: argparse.ArgumentParser, path: str, overrides: list[str]) -> list[str]:
+    """The argument list a recipe stands for; unknown keys and values of the wrong type are errors."""
+    import yaml
+
+    try:
+        with open(path) as f:
+            recipe = yaml.safe_load(f)
+    except OSError as e:
+        raise GeoCompError(f"cannot read recipe {path!r}: {e.strerror}.") from None
+    except yaml.YAMLError as e:
+        raise GeoCompError(f"recipe {path!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(recipe, dict) or "command" not in recipe:
+        raise GeoCompError(f"recipe {path!r} must be a mapping with a `command:` key.")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise GeoCompError(f"--set takes KEY=VALUE, got {item!r}.")
+        recipe[key] = yaml.safe_load(value)
+    command = recipe.pop("command")
+    subcommands = {k: v for k, v in parser.subcommands.items() if k != "run"}
+    if command not in subcommands:
+        raise GeoCompError(f"recipe command {command!r} is not one of {', '.join(subcommands)}.")
+    actions = {a.dest: a for a in subcommands[command]._actions if a.option_strings}
+    argv = [command]
+    for key, value in recipe.items():
+        action = actions.get(str(key).replace("-", "_"))
+        if action is None or action.dest == "help":
+            allowed = ", ".join(sorted(d for d in actions if d != "help"))
+            raise GeoCompError(f"recipe key {key!r} is not an option of `{command}`; allowed: {allowed}.")
+        flag = action.option_strings[-1] if action.option_strings[-1].startswith("--") else action.option_strings[0]
+        if action.nargs == 0:  # a switch
+            if not isinstance(value, bool):
+                raise GeoCompError(f"recipe key {key!r} is a switch: give true or false, not {value!r}.")
+            argv += [flag] if value else []
+        elif isinstance(value, list):
+            argv += [flag, *map(str, value)]
+        else:
+            argv += [flag, str(value)]
+    return argv
 
 
 def _analyze(args) -> None:
@@ -50,7 +96,7 @@ def _analyze(args) -> None:
     from . import __version__
     from .data import calibration_loader, load_model
     from .geometry.report import analyze, plot_eigencurves, plot_report
-    from .io import output_dir
+    from .io import output_dir, resolved_args
 
     model, tok = load_model(args.model)
     loader = calibration_loader(model, tok, args.data, args.tokens, args.block_size, args.batch_size)
@@ -58,7 +104,7 @@ def _analyze(args) -> None:
         report, stats = analyze(model, loader, total=len(loader), progress=not args.no_progress,
                                 patterns=args.modules)
         report = {"command": args.command_line, "model": args.model, "data": args.data,
-                  "block_size": args.block_size, "versions": {
+                  "block_size": args.block_size, "args": resolved_args(args), "versions": {
                       "hf_geocomp": __version__, "torch": torch.__version__,
                       "transformers": transformers.__version__, "python": platform.python_version()},
                   **report}
@@ -88,9 +134,13 @@ def main(argv: list[str] | None = None) -> int:
     import shlex
 
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
-    args.command_line = "hf-geocomp " + shlex.join(argv)  # recorded beside every result
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    command_line = "hf-geocomp " + shlex.join(argv)  # recorded beside every result
     try:
+        if args.command == "run":
+            args = parser.parse_args(recipe_argv(parser, args.recipe, args.set))
+        args.command_line = command_line
         {"analyze": _analyze, "bench-overhead": _bench_overhead}[args.command](args)
     except GeoCompError as e:
         print(f"hf-geocomp {args.command}: error: {e}", file=sys.stderr)

@@ -41,3 +41,8 @@ def write_json(path: str | Path, obj) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(obj, indent=1, sort_keys=False) + "\n")
     os.replace(tmp, path)
+
+
+def resolved_args(args) -> dict:
+    """The fully resolved options of a command (defaults, recipe and overrides applied), for results files."""
+    return {k: v for k, v in sorted(vars(args).items()) if k != "command_line"}

@@ -139,3 +139,29 @@ def test_datasets_source_from_a_local_folder(tmp_path):
         load_corpus(f"hf:{folder}::train:body")
     with pytest.raises(GeoCompError, match="cannot load dataset"):
         load_corpus(f"hf:{tmp_path / 'nope'}:train")
+
+
+def test_run_recipe_equals_the_command(tmp_path, capsys, tiny_llama_dir, text_file):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"command: analyze\nmodel: {tiny_llama_dir}\ndata: {text_file}\ntokens: 64\n"
+                      f"block_size: 32\nmodules: ['*.down_proj']\noutput: {tmp_path / 'out'}\nno_progress: true\n")
+    code, _, err = run_cli(capsys, "run", str(recipe), "--set", "tokens=96")
+    assert code == 0, err
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["tokens"] == 96 and report["args"]["modules"] == ["*.down_proj"]
+    assert report["command"] == f"hf-geocomp run {recipe} --set tokens=96"
+    assert {e["module"].rsplit(".", 1)[-1] for e in report["entries"]} == {"down_proj"}
+
+
+@pytest.mark.parametrize("body, message", [
+    ("command: analyze\ntokenz: 5\n", "recipe key 'tokenz' is not an option of `analyze`"),
+    ("command: analyse\n", "recipe command 'analyse' is not one of"),
+    ("model: x\n", "must be a mapping with a `command:` key"),
+    ("command: analyze\nsave_stats: 3\n", "is a switch"),
+    ("command: [unclosed\n", "not valid YAML"),
+])
+def test_bad_recipes(tmp_path, capsys, body, message):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(body)
+    code, _, err = run_cli(capsys, "run", str(recipe))
+    assert code == 2 and message in err, err

@@ -43,7 +43,7 @@ def all_linear_taps(model) -> list[Tap]:
 
 def run_overhead(args) -> dict:
     from ..data import calibration_loader, load_model
-    from ..io import write_json
+    from ..io import resolved_args, write_json
 
     model, tok = load_model(args.model)
     loader = calibration_loader(model, tok, args.data, args.tokens, args.block_size, args.batch_size)
@@ -78,6 +78,7 @@ def run_overhead(args) -> dict:
                   else max(peaks["calibrated"]) - max(peaks["plain"]))
     result = {
         "command": args.command_line,
+        "args": resolved_args(args),
         "model": args.model,
         "data": args.data,
         "tokens": tokens,
