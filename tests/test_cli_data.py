@@ -165,3 +165,15 @@ def test_bad_recipes(tmp_path, capsys, body, message):
     recipe.write_text(body)
     code, _, err = run_cli(capsys, "run", str(recipe))
     assert code == 2 and message in err, err
+
+
+def test_overhead_benchmark_runs_on_a_tiny_model(tmp_path, capsys, tiny_llama_dir, text_file):
+    out = tmp_path / "overhead.json"
+    code, stdout, err = run_cli(capsys, "bench-overhead", "--model", tiny_llama_dir, "--data", text_file,
+                                "--tokens", "64", "--block-size", "32", "--repeats", "2", "-o", str(out))
+    assert code == 0, err
+    result = json.loads(out.read_text())
+    row = result["rows"][0]
+    assert result["tokens"] == 64 and len(row["latency_ratios"]) == 2 and row["latency_ratio"] > 0
+    # 2 layers × (attention input, o_proj, mlp input, down_proj) + lm_head, float64 sums
+    assert result["distinct_inputs"] == 9 and row["stats_bytes"] > 0
