@@ -24,6 +24,9 @@ def output_dir(path: str, overwrite: bool = False):
         raise GeoCompError(f"output folder {path!r} already exists and is not empty; pass --overwrite.")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder
     try:
         yield tmp
         if target.exists():
