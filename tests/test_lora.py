@@ -217,3 +217,60 @@ def test_stats_file_and_trainer_with_gradient_accumulation(tmp_path):
     for n, p in pm.named_parameters():
         changed = not torch.equal(before[n], p.detach())
         assert changed == ("lora_" in n), n  # adapters train, the base model stays frozen
+
+
+def _allocation_worker(rank, world_size, port, out_path):
+    import os
+
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration
+
+    from .test_distributed import Blocks
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), ACCELERATE_USE_CPU="yes", GLOO_SOCKET_IFNAME="lo",
+                      OMP_NUM_THREADS="1")
+    acc = Accelerator(cpu=True, dataloader_config=DataLoaderConfiguration(even_batches=False))
+    model = TINY_MODELS["llama"]()
+    loader = acc.prepare(torch.utils.data.DataLoader(Blocks(9), batch_size=2))
+    cfg = SpectralLoraConfig(r=4, target_modules=TARGETS["llama"])
+    cfg.stats = collect_stats(model, loader, linear_input_taps(model), compute_dtype=torch.float64)
+    get_peft_model(model, cfg)
+    with open(f"{out_path}.rank{acc.process_index}", "w") as f:
+        json.dump({m["name"]: m["rank"] for m in cfg.spectral_allocation["modules"]}, f)
+
+
+def test_two_processes_allocate_identically(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from .test_distributed import Blocks
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = str(tmp_path / "ranks")
+    mp.spawn(_allocation_worker, args=(2, port, out), nprocs=2, join=True)
+    model = TINY_MODELS["llama"]()
+    cfg = SpectralLoraConfig(r=4, target_modules=TARGETS["llama"])
+    cfg.stats = collect_stats(model, torch.utils.data.DataLoader(Blocks(9), batch_size=2), linear_input_taps(model),
+                              compute_dtype=torch.float64)
+    get_peft_model(model, cfg)
+    single = {m["name"]: m["rank"] for m in cfg.spectral_allocation["modules"]}
+    ranks = [json.loads(open(f"{out}.rank{r}").read()) for r in (0, 1)]
+    assert ranks[0] == ranks[1] == single
+
+
+def test_bench_summary_and_cli_error(capsys):
+    from hf_geocomp.cli import main
+    from hf_geocomp.lora.bench import summarize
+
+    rows = [{"method": m, "seed": s, "accuracy": a, "params": 10, "init_share": 0.01}
+            for m, accs in {"lora": [0.5, 0.6, 0.55], "spectral-df": [0.6, 0.7, 0.66]}.items()
+            for s, a in enumerate(accs)]
+    spectral = {s["method"]: s for s in summarize(rows)}["spectral-df"]
+    assert spectral["diff_vs_lora"] == pytest.approx(0.1033333)
+    assert 0 < spectral["p_vs_lora"] < 0.05
+    assert main(["lora-bench", "--methods", "bogus"]) == 2
+    assert "unknown method 'bogus'" in capsys.readouterr().err
