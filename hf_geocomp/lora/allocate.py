@@ -22,38 +22,39 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..errors import GeoCompError
-from ..geometry.spectrum import Spectrum
+from ..geometry.spectrum import Spectrum, sym_eigh
 from ..geometry.stats import Moments
 
 
 class Scorer:
-    """Maps the spectrum of a module's centred input covariance to a positive allocation weight."""
+    """Maps a module's input :class:`Moments` to a positive allocation weight."""
 
-    def score(self, spectrum: Spectrum) -> float:
+    def score(self, moments: Moments) -> float:
         raise NotImplementedError
 
 
 class EffectiveRankScorer(Scorer):
-    """Df = (Σλ)²/Σλ²."""
+    """Df = (Σλ)²/Σλ² of the centred input covariance C, computed as tr(C)²/‖C‖_F² (no eigensolver)."""
 
-    def score(self, spectrum: Spectrum) -> float:
-        return float(spectrum.effective_rank())
+    def score(self, moments: Moments) -> float:
+        cov = moments.covariance()  # (d, d)
+        return float(torch.diagonal(cov).sum() ** 2 / cov.pow(2).sum().clamp_min(1e-300))
 
 
 class KTauScorer(Scorer):
-    """The fewest eigen-directions holding ``tau`` of the variance."""
+    """The fewest eigen-directions of the centred input covariance holding ``tau`` of the variance."""
 
     def __init__(self, tau: float):
         self.tau = tau
 
-    def score(self, spectrum: Spectrum) -> float:
-        return float(spectrum.k_at(self.tau))
+    def score(self, moments: Moments) -> float:
+        return float(Spectrum.of(moments.covariance()).k_at(self.tau))
 
 
 class UniformScorer(Scorer):
     """Every module weighs the same (uniform rank, spread over the budget)."""
 
-    def score(self, spectrum: Spectrum) -> float:
+    def score(self, moments: Moments) -> float:
         return 1.0
 
 
@@ -71,7 +72,7 @@ class ModuleAllocation:
     score: float
     rank: int
     alpha: float
-    spectrum: dict = field(default_factory=dict)  # Spectrum.summary() of the centred input covariance
+    spectrum: dict = field(default_factory=dict)  # of the centred input covariance: dim, trace, df
 
     @property
     def params(self) -> int:
@@ -170,21 +171,50 @@ def allocate(stats, shapes: dict[str, tuple[int, int]], *, rule: str, r: int, lo
         if min_rank > min(i, o):
             raise GeoCompError(f"min_rank={min_rank} exceeds min(in, out)={min(i, o)} of target module {name!r}.")
     scorer = make_scorer(rule, tau)
-    spectra: dict[int, Spectrum] = {}  # modules reading one tensor (q/k/v) share their Moments
-    for n in names:
-        m = stats.input_of(n)  # names a module the statistics lack
-        if id(m) not in spectra:
-            spectra[id(m)] = Spectrum.of(m.covariance())
-    per_module = [spectra[id(stats.input_of(n))] for n in names]
-    scores = [max(scorer.score(sp), 1e-12) for sp in per_module]
+    inputs = [stats.input_of(n) for n in names]  # names a module the statistics lack
+    scored: dict[int, tuple[float, dict]] = {}  # modules reading one tensor (q/k/v) share their Moments
+    for m in inputs:
+        if id(m) not in scored:
+            cov = m.covariance()
+            df = EffectiveRankScorer().score(m)
+            scored[id(m)] = (max(scorer.score(m), 1e-12),
+                             {"dim": m.dim, "trace": float(torch.diagonal(cov).sum()), "df": df})
+    scores = [scored[id(m)][0] for m in inputs]
+    summaries = [scored[id(m)][1] for m in inputs]
     costs = [sum(shapes[n]) for n in names]
     lo = [min_rank] * len(names)
     hi = [min(shapes[n]) if max_rank is None else min(max_rank, *shapes[n]) for n in names]
     budget = uniform_params(shapes, r) if budget is None else int(budget)
     ranks = split_budget(scores, costs, lo, hi, budget)
-    mods = [ModuleAllocation(n, shapes[n][0], shapes[n][1], s, k, lora_alpha * k / r, sp.summary())
-            for n, s, k, sp in zip(names, scores, ranks, per_module)]
+    mods = [ModuleAllocation(n, shapes[n][0], shapes[n][1], s, k, lora_alpha * k / r, sp)
+            for n, s, k, sp in zip(names, scores, ranks, summaries)]
     return AllocationPlan(mods, budget, rule, r, extra={"tau": tau} if rule == "k_tau" else {})
+
+
+def top_eigenvectors(matrix: torch.Tensor, k: int, exact_below: int = 512, iters: int = 10) -> tuple:
+    """Top-``k`` eigenpairs (descending, float64) of a symmetric PSD matrix (d, d).
+
+    Exact (``sym_eigh``) for d < ``exact_below``; above, randomized subspace iteration
+    (Halko et al., arXiv:0909.4061) on 2k + 8 columns with a fixed seed and ``iters`` power
+    steps, O(d²k) instead
+    of a full O(d³) eigensolver. Signs follow ``sym_eigh`` (largest-magnitude entry positive).
+    """
+    a = matrix.to(torch.float64)
+    d = a.shape[0]
+    width = 2 * k + 8
+    if d < exact_below or width >= d // 2:
+        evals, vecs = sym_eigh(a)
+        return evals[:k], vecs[:, :k]
+    g = torch.Generator().manual_seed(0)
+    q = torch.linalg.qr(a @ torch.randn(d, width, generator=g, dtype=torch.float64))[0]  # (d, width)
+    for _ in range(iters):
+        q = torch.linalg.qr(a @ q)[0]
+    small_evals, small_vecs = sym_eigh(q.T @ a @ q)  # (width,), (width, width)
+    vecs = q @ small_vecs[:, :k]  # (d, k)
+    idx = vecs.abs().argmax(dim=0, keepdim=True)
+    signs = torch.sign(torch.gather(vecs, 0, idx))
+    signs[signs == 0] = 1
+    return small_evals[:k], vecs * signs
 
 
 def init_directions(moments: Moments, rank: int, whitened: bool) -> torch.Tensor:
@@ -193,10 +223,9 @@ def init_directions(moments: Moments, rank: int, whitened: bool) -> torch.Tensor
     ``whitened`` scales row i by 1/√λ_i (the components of A·x get equal second moments),
     then all rows by one factor so that the mean squared row norm is 1, as for ``principal``.
     """
-    spec = Spectrum.of(moments.second_moment(), vectors=True)
-    vecs = spec.eigenvectors[:, :rank].T  # (rank, in)
+    evals, vecs = top_eigenvectors(moments.second_moment(), rank)
+    rows = vecs.T  # (rank, in)
     if whitened:
-        lam = spec.eigenvalues[:rank].clamp_min(1e-12)  # (rank,)
-        vecs = vecs / lam.sqrt().unsqueeze(1)
-        vecs = vecs / vecs.norm(dim=1).pow(2).mean().sqrt()
-    return vecs
+        rows = rows / evals.clamp_min(1e-12).sqrt().unsqueeze(1)
+        rows = rows / rows.norm(dim=1).pow(2).mean().sqrt()
+    return rows
