@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     lb.add_argument("--max-length", type=int, default=128, help="tokens per passage (default 128)")
     lb.add_argument("--train-per-class", type=int, default=128, help="training passages per genre (default 128)")
     lb.add_argument("--test-per-class", type=int, default=100, help="test passages per genre (default 100)")
+    lb.add_argument("--threads", type=int, default=1, help="torch threads (default 1: fastest on a shared CPU)")
     lb.add_argument("--output", "-o", default="recipes/results/lora_minilm_genre.json", help="results JSON")
     return parser
 
