@@ -5,6 +5,7 @@ __version__ = "0.1.0"
 from .data import load_corpus, load_model, token_blocks  # noqa: E402
 from .errors import GeoCompError  # noqa: E402
 from .geometry import ActivationStats, Spectrum, StatsCollector, Tap, collect_stats  # noqa: E402
+from .lora import SpectralLoraConfig, export_plain_lora  # noqa: E402  (registers the PEFT method)
 
-__all__ = ["ActivationStats", "GeoCompError", "Spectrum", "StatsCollector", "Tap", "collect_stats",
-           "load_corpus", "load_model", "token_blocks", "__version__"]
+__all__ = ["ActivationStats", "GeoCompError", "SpectralLoraConfig", "Spectrum", "StatsCollector", "Tap",
+           "collect_stats", "export_plain_lora", "load_corpus", "load_model", "token_blocks", "__version__"]

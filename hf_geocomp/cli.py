@@ -32,11 +32,30 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--save-stats", action="store_true", help="also write stats.safetensors for later steps")
     a.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     a.add_argument("--no-progress", action="store_true", help="no progress bar")
+    a.set_defaults(handler=_analyze)
 
     b = sub.add_parser("bench-overhead", help="calibration pass time and memory vs plain forward passes")
     _add_model_data(b, tokens=8192)
     b.add_argument("--repeats", type=int, default=3, help="timed repetitions of each pass (default 3)")
     b.add_argument("--output", "-o", default="recipes/results/geometry_overhead.json", help="results JSON")
+    b.set_defaults(handler=_bench_overhead)
+    lb = sub.add_parser("lora-bench", help="H2 study: uniform LoRA vs SpectralLoRA vs EVA at one parameter budget")
+    _add_model_data(lb, tokens=4096)
+    lb.set_defaults(model="minilm-l6", block_size=128)
+    lb.add_argument("--methods", nargs="+", default=["head-only", "lora", "eva", "spectral-df", "spectral-df-principal"],
+                    help="methods to compare (see hf_geocomp.lora.bench.METHODS)")
+    lb.add_argument("--seeds", type=int, default=5, help="seeds per method (default 5)")
+    lb.add_argument("--r", type=int, default=8, help="rank of the reference uniform LoRA; sets the budget (default 8)")
+    lb.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
+    lb.add_argument("--epochs", type=float, default=2, help="training epochs (default 2)")
+    lb.add_argument("--train-batch", type=int, default=16, help="training batch size (default 16)")
+    lb.add_argument("--words", type=int, default=64, help="words per passage (default 64)")
+    lb.add_argument("--max-length", type=int, default=128, help="tokens per passage (default 128)")
+    lb.add_argument("--train-per-class", type=int, default=128, help="training passages per genre (default 128)")
+    lb.add_argument("--test-per-class", type=int, default=100, help="test passages per genre (default 100)")
+    lb.add_argument("--threads", type=int, default=1, help="torch threads (default 1: fastest on a shared CPU)")
+    lb.add_argument("--output", "-o", default="recipes/results/lora_minilm_genre.json", help="results JSON")
+    lb.set_defaults(handler=_lora_bench)
 
     r = sub.add_parser("run", help="run a YAML recipe: `command:` names a subcommand, other keys are its options")
     r.add_argument("recipe", help="path to a recipe (see recipes/)")
@@ -130,6 +149,12 @@ def _bench_overhead(args) -> None:
     run_overhead(args)
 
 
+def _lora_bench(args) -> None:
+    from .lora.bench import run_genre_bench
+
+    run_genre_bench(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     import shlex
 
@@ -141,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             args = parser.parse_args(recipe_argv(parser, args.recipe, args.set))
         args.command_line = command_line
-        {"analyze": _analyze, "bench-overhead": _bench_overhead}[args.command](args)
+        args.handler(args)
     except GeoCompError as e:
         print(f"hf-geocomp {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,185 @@
+"""H2 benchmark: uniform LoRA vs SpectralLoRA (vs EVA) at one trainable-parameter budget.
+
+Every method fine-tunes the same model with the same hyperparameters, data order and
+seeds; only the adapters differ. Task ``genre``: MiniLM-L6 (or any encoder) classifies
+Shakespeare passages by genre (:mod:`hf_geocomp.eval.tasks`), train and test plays disjoint;
+statistics for SpectralLoRA and EVA come from the ``calibration`` plays, never the test plays.
+Per run it records accuracy, trainable adapter parameters, the initialisation time
+(calibration pass + allocation + init) and the training time; per method mean ± sd and
+paired t-tests over seeds against uniform LoRA and against EVA.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+
+import torch
+
+from ..errors import GeoCompError
+
+# method name → how its adapters are built (same r, alpha, targets, head for all)
+METHODS = {
+    "head-only": {"kind": "head"},
+    "lora": {"kind": "lora"},
+    "eva": {"kind": "eva"},
+    "spectral-df": {"kind": "spectral", "allocation": "effective_rank", "spectral_init": "standard"},
+    "spectral-df-principal": {"kind": "spectral", "allocation": "effective_rank", "spectral_init": "principal"},
+    "spectral-df-whitened": {"kind": "spectral", "allocation": "effective_rank", "spectral_init": "whitened"},
+    "spectral-k90": {"kind": "spectral", "allocation": "k_tau", "tau": 0.9, "spectral_init": "standard"},
+    "uniform-principal": {"kind": "spectral", "allocation": "uniform", "spectral_init": "principal"},
+}
+BERT_TARGETS = r".*encoder.*\.(query|key|value|dense)"  # every dense layer of the blocks (not the pooler)
+
+
+def _encode(tok, passages, max_length):
+    enc = tok([p.text for p in passages], truncation=True, max_length=max_length)
+    return [{"input_ids": i, "attention_mask": m, "labels": p.label}
+            for i, m, p in zip(enc["input_ids"], enc["attention_mask"], passages)]
+
+
+def _accuracy(model, rows, collator, batch_size=64) -> float:
+    model.eval()
+    right = 0
+    with torch.no_grad():
+        for i in range(0, len(rows), batch_size):
+            batch = collator(rows[i: i + batch_size])
+            labels = batch.pop("labels")
+            right += int((model(**batch).logits.argmax(-1) == labels).sum())
+    return right / len(rows)
+
+
+def _build(method: str, model, args, calib):
+    """The trainable model for one method, and its initialisation time in seconds."""
+    from peft import EvaConfig, LoraConfig, get_peft_model, initialize_lora_eva_weights
+
+    from ..geometry import collect_stats, linear_input_taps
+    from .config import SpectralLoraConfig
+
+    spec = dict(METHODS[method])
+    kind = spec.pop("kind")
+    common = dict(r=args.r, lora_alpha=2 * args.r, target_modules=BERT_TARGETS, lora_dropout=0.0,
+                  modules_to_save=["classifier"])
+    t0 = time.perf_counter()
+    if kind == "head":
+        for n, p in model.named_parameters():
+            p.requires_grad = n.startswith("classifier")
+        return model, 0.0
+    if kind == "lora":
+        pm = get_peft_model(model, LoraConfig(**common))
+    elif kind == "eva":
+        pm = get_peft_model(model, LoraConfig(**common, init_lora_weights="eva", eva_config=EvaConfig(rho=2.0)),
+                            low_cpu_mem_usage=True)
+        initialize_lora_eva_weights(pm, dataloader=calib, show_progress_bar=False)
+    else:
+        stats = collect_stats(model, calib, linear_input_taps(model, BERT_TARGETS.replace(".*", "re:.*", 1)))
+        cfg = SpectralLoraConfig(**common, **spec)
+        cfg.stats = stats
+        pm = get_peft_model(model, cfg)
+    return pm, time.perf_counter() - t0
+
+
+def _paired(a: list[float], b: list[float]) -> float | None:
+    from scipy.stats import ttest_rel
+
+    if len(a) != len(b) or len(a) < 2 or all(x == y for x, y in zip(a, b)):
+        return None
+    return float(ttest_rel(a, b).pvalue)
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Per method: mean ± sd of accuracy, params, init share; paired t-tests vs lora and eva."""
+    by: dict[str, dict[int, dict]] = {}
+    for r in rows:
+        by.setdefault(r["method"], {})[r["seed"]] = r
+    out = []
+    for method, runs in by.items():
+        seeds = sorted(runs)
+        acc = [runs[s]["accuracy"] for s in seeds]
+        entry = {"method": method, "seeds": len(seeds), "accuracy_mean": statistics.mean(acc),
+                 "accuracy_sd": statistics.stdev(acc) if len(acc) > 1 else 0.0,
+                 "params": runs[seeds[0]]["params"],
+                 "init_share_mean": statistics.mean(runs[s]["init_share"] for s in seeds)}
+        for ref in ("lora", "eva"):
+            if ref in by and ref != method:
+                common = [s for s in seeds if s in by[ref]]
+                other = [by[ref][s]["accuracy"] for s in common]
+                mine = [runs[s]["accuracy"] for s in common]
+                entry[f"diff_vs_{ref}"] = statistics.mean(m - o for m, o in zip(mine, other))
+                entry[f"p_vs_{ref}"] = _paired(mine, other)
+        out.append(entry)
+    return out
+
+
+def run_genre_bench(args) -> dict:
+    import transformers
+    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
+    from transformers.utils import logging as hf_logging
+
+    from .. import __version__
+    from ..data import calibration_loader, load_model
+    from ..eval.tasks import GENRE_LABELS, genre_passages
+    from ..io import write_json
+
+    unknown = [m for m in args.methods if m not in METHODS]
+    if unknown:
+        raise GeoCompError(f"unknown method {unknown[0]!r}; methods: {', '.join(METHODS)}.")
+    hf_logging.set_verbosity_error()
+    torch.set_num_threads(args.threads)  # on a shared, oversubscribed CPU one thread is several times faster
+    train_p = genre_passages("train", words=args.words, per_class=args.train_per_class)
+    test_p = genre_passages("test", words=args.words, per_class=args.test_per_class)
+    rows = []
+    for seed in range(args.seeds):
+        for method in args.methods:
+            torch.manual_seed(seed)  # the classifier head starts the same for every method of a seed
+            model, tok = load_model(args.model, task="sequence-classification", num_labels=len(GENRE_LABELS))
+            collator = DataCollatorWithPadding(tok)
+            train_rows, test_rows = _encode(tok, train_p, args.max_length), _encode(tok, test_p, args.max_length)
+            calib = calibration_loader(model, tok, args.data, args.tokens, args.block_size, args.batch_size)
+            torch.manual_seed(seed)
+            pm, init_s = _build(method, model, args, calib)
+            params = sum(p.numel() for n, p in pm.named_parameters() if p.requires_grad and "lora_" in n)
+            targs = TrainingArguments(output_dir=f"/tmp/hf_geocomp_lora_bench_{method}", seed=seed, data_seed=seed,
+                                      per_device_train_batch_size=args.train_batch, num_train_epochs=args.epochs,
+                                      learning_rate=args.lr, weight_decay=0.0, warmup_steps=0, report_to=[],
+                                      save_strategy="no", logging_strategy="no", disable_tqdm=True, use_cpu=True)
+            trainer = Trainer(model=pm, args=targs, train_dataset=train_rows, data_collator=collator)
+            t0 = time.perf_counter()
+            result = trainer.train()
+            train_s = time.perf_counter() - t0
+            acc = _accuracy(pm, test_rows, collator)
+            row = {"method": method, "seed": seed, "accuracy": acc, "params": params, "budget": None,
+                   "train_loss": result.training_loss, "init_s": init_s, "train_s": train_s,
+                   "init_share": init_s / train_s}
+            cfg = getattr(pm, "peft_config", {}).get("default")
+            if getattr(cfg, "spectral_allocation", None):
+                alloc = cfg.spectral_allocation
+                row["budget"] = alloc["budget"]
+                row["ranks"] = [m["rank"] for m in alloc["modules"]]
+            elif getattr(cfg, "rank_pattern", None):
+                row["ranks"] = list(cfg.rank_pattern.values())
+            rows.append(row)
+            print(f"seed {seed} {method:22s} acc {acc:.4f} params {params} init {init_s:.2f}s "
+                  f"train {train_s:.1f}s", flush=True)
+            write_json(args.output, _result(args, rows, __version__, transformers.__version__, partial=True))
+    result = _result(args, rows, __version__, transformers.__version__, partial=False)
+    write_json(args.output, result)
+    return result
+
+
+def _result(args, rows, version, tf_version, partial):
+    summary = summarize(rows)
+    head = next((s for s in summary if s["method"] == "head-only"), None)
+    return {"command": args.command_line, "model": args.model, "task": "genre",
+            "data": {"train": "shakespeare:train", "test": "shakespeare:evaluation", "calibration": args.data,
+                     "words": args.words, "train_per_class": args.train_per_class,
+                     "test_per_class": args.test_per_class, "calibration_tokens": args.tokens},
+            "threads": args.threads,
+            "hyperparameters": {"r": args.r, "lora_alpha": 2 * args.r, "lr": args.lr, "epochs": args.epochs,
+                                "train_batch": args.train_batch, "max_length": args.max_length,
+                                "targets": BERT_TARGETS, "head": "classifier trained (modules_to_save)"},
+            "baseline": {"method": "head-only", "accuracy": head["accuracy_mean"]} if head else None,
+            "partial": partial, "summary": summary, "rows": rows,
+            "versions": {"hf_geocomp": version, "torch": torch.__version__, "transformers": tf_version,
+                         "python": platform.python_version()}}

@@ -1,0 +1,276 @@
+"""SpectralLoRA: budget arithmetic, allocation, init, save/load in fresh processes, plain-LoRA export, Trainer."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+
+from hf_geocomp.errors import GeoCompError
+from hf_geocomp.geometry import ActivationStats, Moments, Tap, collect_stats, linear_input_taps
+from hf_geocomp.lora import SpectralLoraConfig, export_plain_lora, uniform_params
+from hf_geocomp.lora.allocate import allocate, split_budget
+
+from .conftest import TINY_MODELS, random_batch
+
+# (tiny model, target_modules): every dense layer of the blocks
+TARGETS = {
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+    "bert": r".*encoder.*\.(query|key|value|dense)",
+}
+
+
+def _stats(model):
+    return collect_stats(model, [random_batch(seed=i, pad_last=i) for i in range(3)], linear_input_taps(model))
+
+
+def _spectral(name, **kw):
+    model = TINY_MODELS[name]()
+    cfg = SpectralLoraConfig(r=kw.pop("r", 4), lora_alpha=8, target_modules=TARGETS[name], **kw)
+    cfg.stats = _stats(TINY_MODELS[name]())
+    return get_peft_model(model, cfg), cfg
+
+
+def _lora_params(model):
+    return sum(p.numel() for n, p in model.named_parameters() if "lora_" in n and p.requires_grad)
+
+
+def _out(model, batch):
+    with torch.no_grad():
+        out = model(**batch)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+@pytest.mark.parametrize("name", sorted(TINY_MODELS))
+@pytest.mark.parametrize("rule", ["effective_rank", "k_tau"])
+def test_budget_never_above_within_one_percent(name, rule):
+    pm, cfg = _spectral(name, allocation=rule)
+    shapes = {m["name"]: (m["in_features"], m["out_features"]) for m in cfg.spectral_allocation["modules"]}
+    budget = uniform_params(shapes, 4)
+    trained = _lora_params(pm)
+    assert trained == cfg.spectral_allocation["params"]
+    assert 0.99 * budget <= trained <= budget
+    assert len({m["rank"] for m in cfg.spectral_allocation["modules"]}) > 1  # not uniform
+
+
+def test_split_budget_random_cases():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        n = int(torch.randint(3, 40, (1,), generator=g))
+        costs = torch.randint(64, 3000, (n,), generator=g).tolist()
+        scores = (torch.rand(n, generator=g) * 50 + 0.1).tolist()
+        hi = [min(c // 2, 256) for c in costs]
+        # within 1% is reachable when one rank of any module costs at most 1% of the budget
+        budget = max(int(sum(costs) * float(torch.rand(1, generator=g) * 10 + 2)), 100 * max(costs))
+        if sum(h * c for h, c in zip(hi, costs)) < budget:
+            continue
+        ranks = split_budget(scores, costs, [1] * n, hi, budget)
+        used = sum(r * c for r, c in zip(ranks, costs))
+        assert 0.99 * budget <= used <= budget
+        assert all(1 <= r <= h for r, h in zip(ranks, hi))
+
+
+def _constructed_stats(dfs, dim=64, n=1000):
+    """Inputs whose covariance is the identity on the first k dims: effective rank exactly k."""
+    stats = ActivationStats()
+    for i, k in enumerate(dfs):
+        diag = torch.zeros(dim, dtype=torch.float64)
+        diag[:k] = 1.0
+        name = f"m{i}"
+        stats.taps[f"{name}:in"] = Tap(name)
+        stats.moments[f"{name}:in"] = Moments(torch.zeros(dim, dtype=torch.float64), torch.diag(diag) * n,
+                                              torch.tensor(float(n), dtype=torch.float64))
+    return stats
+
+
+@pytest.mark.parametrize("rule", ["effective_rank", "k_tau"])
+def test_allocation_follows_the_spectrum(rule):
+    dfs = [4, 8, 16, 32]
+    stats = _constructed_stats(dfs)
+    shapes = {f"m{i}": (64, 64) for i in range(len(dfs))}
+    plan = allocate(stats, shapes, rule=rule, r=8, lora_alpha=16, tau=1.0)
+    ranks = [m.rank for m in plan.modules]
+    assert ranks == sorted(ranks) and ranks[0] < ranks[-1]
+    assert [m.score for m in plan.modules] == pytest.approx(dfs)
+    # proportional: Σr = 4·8 = 32 over scores 4:8:16:32 → 2, 4, 8, 17 (the remainder to the furthest below)
+    assert abs(ranks[-1] / ranks[0] - 8) <= 1
+    assert all(m.alpha / m.rank == pytest.approx(2.0) for m in plan.modules)  # alpha rule: alpha/r kept
+
+
+@pytest.mark.parametrize("init", ["principal", "whitened"])
+def test_data_init_sets_eigenvectors_and_keeps_outputs(init):
+    pm, cfg = _spectral("llama", spectral_init=init)
+    batch = random_batch(seed=5)
+    assert torch.equal(_out(pm, batch), _out(TINY_MODELS["llama"](), batch))  # B = 0
+    name = "model.layers.1.mlp.down_proj"
+    a = pm.base_model.model.get_submodule(name).lora_A["default"].weight  # (rank, in)
+    from hf_geocomp.geometry.spectrum import sym_eigh
+
+    _, vecs = sym_eigh(cfg.stats.input_of(name).second_moment())
+    cos = torch.nn.functional.cosine_similarity(a.double(), vecs[:, : a.shape[0]].T, dim=1)
+    assert torch.allclose(cos, torch.ones_like(cos), atol=1e-5)
+
+
+FRESH = r"""
+import json, sys, torch
+sys.path.insert(0, {tests!r})
+from conftest import TINY_MODELS, random_batch
+from peft import PeftModel
+name, folder, plain, expected = {name!r}, {folder!r}, {plain!r}, torch.load({expected!r})
+def out(m):
+    with torch.no_grad():
+        o = m(**random_batch(seed=7))
+    return o.logits if hasattr(o, "logits") else o.last_hidden_state
+report = {{}}
+try:
+    PeftModel.from_pretrained(TINY_MODELS[name](), folder)
+except Exception as e:
+    report["without_plugin"] = f"{{type(e).__name__}}: {{e}}"
+report["plain_equal"] = torch.equal(out(PeftModel.from_pretrained(TINY_MODELS[name](), plain)), expected)
+report["plugin_imported_before"] = "hf_geocomp" in sys.modules
+import hf_geocomp
+m = PeftModel.from_pretrained(TINY_MODELS[name](), folder)
+report["config"] = type(m.peft_config["default"]).__name__
+report["spectral_equal"] = torch.equal(out(m), expected)
+print(json.dumps(report))
+"""
+
+
+@pytest.mark.parametrize("name", sorted(TINY_MODELS))
+def test_save_load_fresh_process_and_plain_export(name, tmp_path):
+    pm, _ = _spectral(name, spectral_init="principal")
+    with torch.no_grad():  # make the adapters matter
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    pm.save_pretrained(tmp_path / "spectral")
+    export_plain_lora(pm, str(tmp_path / "plain"))
+    torch.save(_out(pm, random_batch(seed=7)), tmp_path / "expected.pt")
+    meta = json.loads((tmp_path / "plain" / "spectral_metadata.json").read_text())
+    assert meta["params"] == _lora_params(pm) and "df" in meta["modules"][0]["spectrum"]
+    script = FRESH.format(tests=str(__import__("pathlib").Path(__file__).parent), name=name,
+                          folder=str(tmp_path / "spectral"), plain=str(tmp_path / "plain"),
+                          expected=str(tmp_path / "expected.pt"))
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    report = json.loads(res.stdout.strip().splitlines()[-1])
+    assert "pip install hf-geocomp" in report["without_plugin"] and "import hf_geocomp" in report["without_plugin"]
+    assert report["plain_equal"] and not report["plugin_imported_before"]
+    assert report["config"] == "SpectralLoraConfig" and report["spectral_equal"]
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"allocation": "magic"}, "allocation must be"),
+    ({"spectral_init": "zeros"}, "spectral_init must be"),
+    ({"tau": 0.0}, "tau must be"),
+    ({"min_rank": 0}, "min_rank must be"),
+    ({"use_dora": True}, "use_dora"),
+])
+def test_bad_config(kwargs, match):
+    with pytest.raises(GeoCompError, match=match):
+        SpectralLoraConfig(r=4, target_modules=TARGETS["llama"], **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"budget": 10}, "below the .* needed"),  # less than one rank-1 adapter per target
+    ({"target_modules": ["nonexistent_proj"]}, "match no module"),
+    ({"r": 40}, "exceeds min\\(in, out\\)"),
+    ({"budget": 10 ** 7}, "exceeds the .* rank limits allow"),
+])
+def test_bad_input(kwargs, match):
+    model = TINY_MODELS["llama"]()
+    cfg = SpectralLoraConfig(**{"r": 4, "target_modules": TARGETS["llama"], **kwargs})
+    cfg.stats = _stats(model)
+    with pytest.raises(GeoCompError, match=match):
+        get_peft_model(model, cfg)
+
+
+def test_statistics_missing_a_target_or_absent():
+    model = TINY_MODELS["llama"]()
+    cfg = SpectralLoraConfig(r=2, target_modules=["q_proj", "o_proj"])
+    cfg.stats = collect_stats(model, [random_batch()], linear_input_taps(model, ["*.q_proj"]))
+    with pytest.raises(GeoCompError, match="o_proj"):
+        get_peft_model(model, cfg)
+    with pytest.raises(GeoCompError, match="needs activation statistics"):
+        get_peft_model(TINY_MODELS["llama"](), SpectralLoraConfig(r=2, target_modules=["q_proj"]))
+
+
+def test_stats_file_and_trainer_with_gradient_accumulation(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    model = TINY_MODELS["llama"]()
+    _stats(model).save(str(tmp_path / "stats.safetensors"))
+    pm = get_peft_model(model, SpectralLoraConfig(r=4, target_modules=TARGETS["llama"], spectral_init="principal",
+                                                  stats_file=str(tmp_path / "stats.safetensors")))
+    rows = [random_batch(batch=1, seq=12, seed=i) for i in range(8)]
+    data = [{"input_ids": r["input_ids"][0], "attention_mask": r["attention_mask"][0],
+             "labels": r["input_ids"][0]} for r in rows]
+    before = {n: p.detach().clone() for n, p in pm.named_parameters()}
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=2,
+                             gradient_accumulation_steps=2, max_steps=2, learning_rate=1e-2, report_to=[],
+                             save_strategy="no", logging_steps=1, use_cpu=True)
+    result = Trainer(model=pm, args=args, train_dataset=data).train()
+    assert torch.isfinite(torch.tensor(result.training_loss))
+    for n, p in pm.named_parameters():
+        changed = not torch.equal(before[n], p.detach())
+        assert changed == ("lora_" in n), n  # adapters train, the base model stays frozen
+
+
+def _allocation_worker(rank, world_size, port, out_path):
+    import os
+
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration
+
+    from .test_distributed import Blocks
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), ACCELERATE_USE_CPU="yes", GLOO_SOCKET_IFNAME="lo",
+                      OMP_NUM_THREADS="1")
+    acc = Accelerator(cpu=True, dataloader_config=DataLoaderConfiguration(even_batches=False))
+    model = TINY_MODELS["llama"]()
+    loader = acc.prepare(torch.utils.data.DataLoader(Blocks(9), batch_size=2))
+    cfg = SpectralLoraConfig(r=4, target_modules=TARGETS["llama"])
+    cfg.stats = collect_stats(model, loader, linear_input_taps(model), compute_dtype=torch.float64)
+    get_peft_model(model, cfg)
+    with open(f"{out_path}.rank{acc.process_index}", "w") as f:
+        json.dump({m["name"]: m["rank"] for m in cfg.spectral_allocation["modules"]}, f)
+
+
+def test_two_processes_allocate_identically(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from .test_distributed import Blocks
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = str(tmp_path / "ranks")
+    mp.spawn(_allocation_worker, args=(2, port, out), nprocs=2, join=True)
+    model = TINY_MODELS["llama"]()
+    cfg = SpectralLoraConfig(r=4, target_modules=TARGETS["llama"])
+    cfg.stats = collect_stats(model, torch.utils.data.DataLoader(Blocks(9), batch_size=2), linear_input_taps(model),
+                              compute_dtype=torch.float64)
+    get_peft_model(model, cfg)
+    single = {m["name"]: m["rank"] for m in cfg.spectral_allocation["modules"]}
+    ranks = [json.loads(open(f"{out}.rank{r}").read()) for r in (0, 1)]
+    assert ranks[0] == ranks[1] == single
+
+
+def test_bench_summary_and_cli_error(capsys):
+    from hf_geocomp.cli import main
+    from hf_geocomp.lora.bench import summarize
+
+    rows = [{"method": m, "seed": s, "accuracy": a, "params": 10, "init_share": 0.01}
+            for m, accs in {"lora": [0.5, 0.6, 0.55], "spectral-df": [0.6, 0.7, 0.66]}.items()
+            for s, a in enumerate(accs)]
+    spectral = {s["method"]: s for s in summarize(rows)}["spectral-df"]
+    assert spectral["diff_vs_lora"] == pytest.approx(0.1033333)
+    assert 0 < spectral["p_vs_lora"] < 0.05
+    assert main(["lora-bench", "--methods", "bogus"]) == 2
+    assert "unknown method 'bogus'" in capsys.readouterr().err
