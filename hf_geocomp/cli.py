@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--speed-contexts", type=int, nargs="+", default=[1024, 4096], help="contexts for decode speed")
     k.add_argument("--speed-methods", nargs="*", default=["quantized-quanto-int4@0.25", "geocomp-aware-bits@0.25"],
                    help="method@budget timed beside dynamic")
+    k.add_argument("--greedy-tokens", type=int, default=0,
+                   help="greedy tokens generated from each window's context, compared with the uncompressed cache")
     k.add_argument("--output", "-o", default="recipes/results/kv_smollm2_continuation.json", help="results JSON")
     k.add_argument("--plot", default=None, help="also plot perplexity against cache bytes to this PNG")
     return parser

@@ -71,6 +71,20 @@ def decode_tokens_per_s(model, context: torch.Tensor, make_cache, steps: int) ->
     return steps / (time.perf_counter() - start)
 
 
+@torch.no_grad()
+def greedy_agreement(model, prompts: torch.Tensor, new_tokens: int, make_cache) -> tuple[bool, float]:
+    """Greedy continuations of ``prompts`` through a cache vs the uncompressed cache: (identical, fraction equal)."""
+    from transformers import DynamicCache
+
+    kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+              pad_token_id=model.config.eos_token_id if isinstance(model.config.eos_token_id, int) else 0)
+    mask = torch.ones_like(prompts)
+    ref = model.generate(input_ids=prompts, attention_mask=mask, past_key_values=DynamicCache(config=model.config), **kw)
+    out = model.generate(input_ids=prompts, attention_mask=mask, past_key_values=make_cache(), **kw)
+    new_ref, new_out = ref[:, prompts.shape[1]:], out[:, prompts.shape[1]:]
+    return bool(torch.equal(new_ref, new_out)), float((new_ref == new_out).float().mean())
+
+
 def run_kv_bench(args) -> dict:
     from ..data import load_model
     from ..kv import required_taps
@@ -108,6 +122,15 @@ def run_kv_bench(args) -> dict:
         print(f"{method:34s} {budget:6.4f}  bytes {row['kv_bytes_ratio']:.4f}  ppl {row['ppl']:.3f} "
               f"({100 * (row['ppl_ratio'] - 1):+.1f}%)  {row['seconds']}s", flush=True)
 
+    greedy = []
+    if args.greedy_tokens > 0:
+        for m, b, f, _ in factories:
+            if m.startswith("geocomp-aware-bits"):
+                same, frac = greedy_agreement(model, windows[:, : args.prefill], args.greedy_tokens, f)
+                greedy.append({"method": m, "budget": b, "new_tokens": args.greedy_tokens, "prompts": int(windows.shape[0]),
+                               "identical": same, "token_agreement": frac})
+                print(f"greedy {m:34s} {b:6.4f}  identical={same}  agreement {frac:.3f}", flush=True)
+
     speed = []
     if args.speed_steps > 0:
         wanted = {(s.split("@")[0], float(s.split("@")[1])) for s in args.speed_methods}
@@ -128,7 +151,7 @@ def run_kv_bench(args) -> dict:
     result = {"command": args.command_line, "model": args.model, "dtype": args.dtype,
               "data": {"calibration": args.data, "calibration_tokens": stats.tokens, "evaluation": args.eval_data,
                        "windows": int(windows.shape[0]), "prefill": args.prefill, "score": args.score},
-              "baseline": base, "rows": rows, "speed": speed,
+              "baseline": base, "rows": rows, "speed": speed, "greedy": greedy,
               "notes": "budget = fraction of the uncompressed cache bytes in the model dtype (quantized-*: nominal "
                        "bits/element over the dtype's bits); kv_bytes = bytes of the tensors the cache holds after "
                        "prefill + score tokens, batch = windows; ppl_ratio and tokens_per_s_ratio are to the "
