@@ -29,7 +29,7 @@ class KVConfig:
         max_rank: at most this many components per KV head (None: head_dim).
         k_units: how ``aware`` puts K errors beside V errors: ``scores`` (squared score error
             ``(q·e)²/d`` as is) or ``sensitivity`` (times the group's mean ``E‖W_o,h(v − v̄)‖²``,
-            a first-order output sensitivity; measured worse, see README).
+            a first-order output sensitivity; worse in a probe, see README).
         k_scale: extra multiplier of the K weights against V (the K/V exchange rate).
     """
 
