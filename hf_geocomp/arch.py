@@ -135,6 +135,55 @@ def kv_taps(model: nn.Module) -> list[KVTap]:
     return taps
 
 
+def q_taps(model: nn.Module) -> list[KVTap]:
+    """The query projection output of every block (before RoPE), for per-query-head statistics."""
+    spec = get_spec(model)
+    heads = head_layout(model)
+    width = heads.num_heads * heads.head_dim
+    return [KVTap(prefix + (spec.qkv or spec.q), "q", i, 0, width, heads.head_dim)
+            for i, prefix in enumerate(block_prefixes(model))]
+
+
+def o_proj_head_weights(model: nn.Module, layer: int) -> torch.Tensor:
+    """The output projection of block ``layer`` split by the query head that feeds it: (heads, hidden, head_dim)."""
+    spec = get_spec(model)
+    heads = head_layout(model)
+    w = linear_weight(model.get_submodule(block_prefixes(model)[layer] + spec.o)).detach()  # (hidden, heads·hd)
+    return w.reshape(w.shape[0], heads.num_heads, heads.head_dim).transpose(0, 1)
+
+
+def rope_average(model: nn.Module, matrix: torch.Tensor, positions: int) -> torch.Tensor:
+    """``mean_p R_p · matrix · R_pᵀ`` over positions ``0..positions-1``: a pre-RoPE second moment seen after RoPE.
+
+    ``matrix`` is (..., head_dim, head_dim). Models without RoPE get ``matrix`` back. Uses the
+    rotate-half layout of Llama-like models (``R_p x = cos_p ⊙ x + sin_p ⊙ Jx``, J the signed
+    half swap), so the average is four Hadamard products with position-averaged cos/sin
+    outer products, exact and O(P·d²).
+    """
+    rotary = next((m for n, m in model.named_modules() if n.endswith("rotary_emb")), None)
+    if rotary is None or get_spec(model).family in ("gpt2", "bert"):
+        return matrix
+    inv_freq = rotary.inv_freq.detach().to(torch.float64)  # (d/2,)
+    scale = float(getattr(rotary, "attention_scaling", 1.0))
+    angle = torch.arange(positions, dtype=torch.float64)[:, None] * inv_freq  # (P, d/2)
+    cos = (angle.cos() * scale).repeat(1, 2)  # (P, d)
+    sin = (angle.sin() * scale).repeat(1, 2)
+    d, half = cos.shape[1], inv_freq.shape[0]
+    j = torch.zeros(d, d, dtype=torch.float64)  # Jx = rotate_half(x) = [−x2, x1]
+    j[torch.arange(half), torch.arange(half) + half] = -1
+    j[torch.arange(half) + half, torch.arange(half)] = 1
+    c = matrix.to(torch.float64)
+    acc, ass = cos.T @ cos / positions, sin.T @ sin / positions  # (d, d)
+    acs = cos.T @ sin / positions
+    return c * acc + (c @ j.T) * acs + (j @ c) * acs.T + (j @ c @ j.T) * ass
+
+
+def attention_layer_types(model: nn.Module) -> list[str]:
+    """``full_attention`` / ``sliding_attention`` / ... per block, as the config declares them."""
+    types = getattr(model.config, "layer_types", None)
+    return list(types) if types else ["full_attention"] * len(block_prefixes(model))
+
+
 def is_linear(module: nn.Module) -> bool:
     """``nn.Linear`` or transformers' ``Conv1D`` (GPT-2), the two dense layers we handle."""
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"

@@ -57,6 +57,27 @@ def build_parser() -> argparse.ArgumentParser:
     lb.add_argument("--output", "-o", default="recipes/results/lora_minilm_genre.json", help="results JSON")
     lb.set_defaults(handler=_lora_bench)
 
+    k = sub.add_parser("bench-kv", help="coded KV caches vs QuantizedCache vs DynamicCache: continuation perplexity")
+    _add_model_data(k, tokens=4096)
+    k.add_argument("--eval-data", default="shakespeare:evaluation", help="held-out text (default shakespeare:evaluation)")
+    k.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="model dtype")
+    k.add_argument("--budgets", type=float, nargs="+", default=[1.0, 0.75, 0.5, 0.25, 0.1875, 0.125],
+                   help="fractions of the uncompressed cache bytes")
+    k.add_argument("--quant", nargs="*", default=["quanto:4", "quanto:2"],
+                   help="QuantizedCache baselines as backend:bits (quanto:4 quanto:2 hqq:4 ...)")
+    k.add_argument("--windows", type=int, default=4, help="evaluation windows (default 4)")
+    k.add_argument("--prefill", type=int, default=1024, help="context tokens per window (default 1024)")
+    k.add_argument("--score", type=int, default=256, help="scored tokens per window (default 256)")
+    k.add_argument("--speed-steps", type=int, default=0, help="decode steps timed per cache (0: no speed test)")
+    k.add_argument("--speed-contexts", type=int, nargs="+", default=[1024, 4096], help="contexts for decode speed")
+    k.add_argument("--speed-methods", nargs="*", default=["quantized-quanto-int4@0.25", "geocomp-aware-bits@0.25"],
+                   help="method@budget timed beside dynamic")
+    k.add_argument("--greedy-tokens", type=int, default=0,
+                   help="greedy tokens generated from each window's context, compared with the uncompressed cache")
+    k.add_argument("--output", "-o", default="recipes/results/kv_smollm2_continuation.json", help="results JSON")
+    k.add_argument("--plot", default=None, help="also plot perplexity against cache bytes to this PNG")
+    k.set_defaults(handler=_bench_kv)
+
     r = sub.add_parser("run", help="run a YAML recipe: `command:` names a subcommand, other keys are its options")
     r.add_argument("recipe", help="path to a recipe (see recipes/)")
     r.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override recipe keys")
@@ -153,6 +174,12 @@ def _lora_bench(args) -> None:
     from .lora.bench import run_genre_bench
 
     run_genre_bench(args)
+
+
+def _bench_kv(args) -> None:
+    from .eval.kv_bench import run_kv_bench
+
+    run_kv_bench(args)
 
 
 def main(argv: list[str] | None = None) -> int:

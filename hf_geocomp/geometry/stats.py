@@ -367,6 +367,12 @@ def kv_head_taps(model: nn.Module) -> list[Tap]:
                 name=f"{t.module}:{t.kind}") for t in arch.kv_taps(model)]
 
 
+def q_head_taps(model: nn.Module) -> list[Tap]:
+    """Per-query-head queries as they leave their projection (before RoPE), keys ``"{module}:q"``."""
+    return [Tap(t.module, "output", head_dim=t.head_dim, offset=t.offset, width=t.width,
+                name=f"{t.module}:q") for t in arch.q_taps(model)]
+
+
 def block_output_taps(model: nn.Module) -> list[Tap]:
     """The residual stream after every block."""
     return [Tap(p.rstrip("."), "output") for p in arch.block_prefixes(model)]

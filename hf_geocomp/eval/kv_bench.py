@@ -1,0 +1,184 @@
+"""Benchmark: coded KV caches against transformers' QuantizedCache and the uncompressed cache.
+
+Continuation perplexity (DESIGN.md "Measuring"): each window prefills ``prefill`` tokens into
+the cache, then the next ``score`` tokens are scored in one forward pass through that cache
+(every scored prediction reads the stored context). All caches see the same windows of the
+held-out split in the same process; ratios are to the uncompressed ``DynamicCache`` of the
+same run. Cache bytes are the bytes of the tensors the cache holds after the scoring pass.
+Decode speed: ``speed_steps`` greedy steps after a prefill of 1k / 4k tokens, as tokens/s
+ratios to the uncompressed cache, measured in alternation in one process.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from ..data import calibration_loader, load_corpus, token_blocks
+from ..io import write_json
+from .memory import tensor_bytes
+
+
+def cache_factories(model, stats, budgets, quant_backends):
+    """(method, budget, make_cache, extra) for every cache in the study."""
+    from transformers import DynamicCache, QuantizedCache
+
+    from ..kv import build_plan, describe
+    from ..kv.config import KVConfig
+
+    out = [("dynamic", 1.0, lambda: DynamicCache(config=model.config), {})]
+    for backend, nbits in quant_backends:
+        nominal = nbits / (8 * next(model.parameters()).element_size())
+        out.append((f"quantized-{backend}-int{nbits}", nominal,
+                    lambda b=backend, n=nbits: QuantizedCache(backend=b, config=model.config, nbits=n), {}))
+    variants = [("aware", True, "average"), ("pca", True, "average"), ("aware", False, "average"),
+                ("pca", False, "average"), ("aware", True, "none")]
+    for method, bits, rope in variants:
+        for budget in budgets:
+            if budget >= 1 and (method, bits, rope) != variants[0]:
+                continue  # budget 1.0 stores keys and values as given: one row covers every variant
+            if not bits and budget < 0.25 or rope == "none" and budget not in (0.25, 0.125):
+                continue  # rank alone at these budgets, and the RoPE ablation elsewhere, are not informative
+            plan = build_plan(model, stats, KVConfig(budget=budget, method=method, bits=bits, rope=rope))
+            name = f"geocomp-{method}-{'bits' if bits else 'rank'}" + ("" if rope == "average" else "-rope_none")
+            out.append((name, budget, lambda p=plan: p.cache(model),
+                        {"plan_bytes_ratio": plan.ratio, "allocation": describe(plan)}))
+    return out
+
+
+@torch.no_grad()
+def continuation_nll(model, windows: torch.Tensor, prefill: int, make_cache) -> tuple[float, int, int]:
+    """Mean NLL of tokens ``prefill+1 ..`` given the cached context; also tokens scored and cache bytes."""
+    cache = make_cache()
+    model(input_ids=windows[:, :prefill], past_key_values=cache, use_cache=True)
+    logits = model(input_ids=windows[:, prefill:], past_key_values=cache, use_cache=True).logits.float()
+    targets = windows[:, prefill + 1:]
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1))
+    return float(nll), targets.numel(), tensor_bytes(cache)
+
+
+@torch.no_grad()
+def decode_tokens_per_s(model, context: torch.Tensor, make_cache, steps: int) -> float:
+    cache = make_cache()
+    out = model(input_ids=context, past_key_values=cache, use_cache=True)
+    token = out.logits[:, -1:].argmax(-1)
+    start = time.perf_counter()
+    for _ in range(steps):
+        out = model(input_ids=token, past_key_values=cache, use_cache=True)
+        token = out.logits[:, -1:].argmax(-1)
+    return steps / (time.perf_counter() - start)
+
+
+@torch.no_grad()
+def greedy_agreement(model, prompts: torch.Tensor, new_tokens: int, make_cache) -> tuple[bool, float]:
+    """Greedy continuations of ``prompts`` through a cache vs the uncompressed cache: (identical, fraction equal)."""
+    from transformers import DynamicCache
+
+    kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+              pad_token_id=model.config.eos_token_id if isinstance(model.config.eos_token_id, int) else 0)
+    mask = torch.ones_like(prompts)
+    ref = model.generate(input_ids=prompts, attention_mask=mask, past_key_values=DynamicCache(config=model.config), **kw)
+    out = model.generate(input_ids=prompts, attention_mask=mask, past_key_values=make_cache(), **kw)
+    new_ref, new_out = ref[:, prompts.shape[1]:], out[:, prompts.shape[1]:]
+    return bool(torch.equal(new_ref, new_out)), float((new_ref == new_out).float().mean())
+
+
+def run_kv_bench(args) -> dict:
+    from ..data import load_model
+    from ..kv import required_taps
+    from ..geometry import collect_stats
+
+    dtype = getattr(torch, args.dtype)
+    model, tok = load_model(args.model, dtype=dtype)
+    loader = calibration_loader(model, tok, args.data, args.tokens, args.block_size, args.batch_size)
+    stats = collect_stats(model, loader, required_taps(model))
+    blocks = token_blocks(tok, load_corpus(args.eval_data), args.prefill + args.score,
+                          max_tokens=args.windows * (args.prefill + args.score))
+    windows = torch.stack([b["input_ids"] for b in blocks])[: args.windows]  # (windows, prefill + score)
+    backends = []
+    for spec in args.quant:
+        backend, nbits = spec.split(":")
+        backends.append((backend, int(nbits)))
+    factories = cache_factories(model, stats, args.budgets, backends)
+
+    rows, base = [], None
+    for method, budget, make, extra in factories:
+        t0 = time.perf_counter()
+        try:
+            nll, n, nbytes = continuation_nll(model, windows, args.prefill, make)
+        except Exception as e:  # an optional backend that does not run here is reported, not hidden
+            rows.append({"method": method, "budget": budget, "error": f"{type(e).__name__}: {e}"[:300]})
+            print(f"{method:34s} {budget:6.4f}  error: {rows[-1]['error']}", flush=True)
+            continue
+        row = {"method": method, "budget": budget, "kv_bytes": nbytes, "ppl": math.exp(nll), "tokens": n,
+               "seconds": round(time.perf_counter() - t0, 1), **extra}
+        if base is None:
+            base = row
+        row["kv_bytes_ratio"] = nbytes / base["kv_bytes"]
+        row["ppl_ratio"] = row["ppl"] / base["ppl"]
+        rows.append(row)
+        print(f"{method:34s} {budget:6.4f}  bytes {row['kv_bytes_ratio']:.4f}  ppl {row['ppl']:.3f} "
+              f"({100 * (row['ppl_ratio'] - 1):+.1f}%)  {row['seconds']}s", flush=True)
+
+    greedy = []
+    if args.greedy_tokens > 0:
+        for m, b, f, _ in factories:
+            if m.startswith("geocomp-aware-bits"):
+                same, frac = greedy_agreement(model, windows[:, : args.prefill], args.greedy_tokens, f)
+                greedy.append({"method": m, "budget": b, "new_tokens": args.greedy_tokens, "prompts": int(windows.shape[0]),
+                               "identical": same, "token_agreement": frac})
+                print(f"greedy {m:34s} {b:6.4f}  identical={same}  agreement {frac:.3f}", flush=True)
+
+    speed = []
+    if args.speed_steps > 0:
+        wanted = {(s.split("@")[0], float(s.split("@")[1])) for s in args.speed_methods}
+        chosen = {m: (m, b, f) for m, b, f, _ in factories if m == "dynamic"}
+        for m, b, f, _ in factories:
+            if (m, b) in wanted:
+                chosen[f"{m}@{b}"] = (m, b, f)
+        corpus_ids = torch.cat(list(windows.reshape(-1).split(args.prefill + args.score)))
+        for ctx in args.speed_contexts:
+            context = corpus_ids.repeat(math.ceil(ctx / corpus_ids.numel()))[:ctx][None]
+            rates = {k: decode_tokens_per_s(model, context, f, args.speed_steps) for k, (_, _, f) in chosen.items()}
+            for k, (m, b, _) in chosen.items():
+                speed.append({"method": m, "budget": b, "context": ctx, "tokens_per_s": rates[k],
+                              "tokens_per_s_ratio": rates[k] / rates["dynamic"]})
+                print(f"decode @ {ctx:5d}: {m:34s} {b:6.4f}  {rates[k]:.2f} tok/s  "
+                      f"({rates[k] / rates['dynamic']:.2f}x)", flush=True)
+
+    result = {"command": args.command_line, "model": args.model, "dtype": args.dtype,
+              "data": {"calibration": args.data, "calibration_tokens": stats.tokens, "evaluation": args.eval_data,
+                       "windows": int(windows.shape[0]), "prefill": args.prefill, "score": args.score},
+              "baseline": base, "rows": rows, "speed": speed, "greedy": greedy,
+              "notes": "budget = fraction of the uncompressed cache bytes in the model dtype (quantized-*: nominal "
+                       "bits/element over the dtype's bits); kv_bytes = bytes of the tensors the cache holds after "
+                       "prefill + score tokens, batch = windows; ppl_ratio and tokens_per_s_ratio are to the "
+                       "uncompressed DynamicCache of this run."}
+    write_json(args.output, result)
+    if args.plot:
+        plot_kv(result, args.plot)
+    return result
+
+
+def plot_kv(result: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    methods = sorted({r["method"] for r in result["rows"] if "ppl" in r})
+    for m in methods:
+        pts = sorted((r["kv_bytes_ratio"], r["ppl_ratio"]) for r in result["rows"] if r["method"] == m and "ppl" in r)
+        ax.plot(*zip(*pts), marker="o", label=m)
+    ax.set_xlabel("cache bytes / uncompressed cache bytes")
+    ax.set_ylabel("continuation perplexity / uncompressed")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(f"{result['model']}: KV cache coding ({result['data']['evaluation']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,15 @@
+"""KV-cache transform coding: rotate keys and values into fitted bases, spend bits by reverse water-filling.
+
+Based on the weighted projector (reduced-rank regression) and reverse water-filling of
+DESIGN.md; the cache layout follows KIVI (arXiv:2402.02750) as transformers' QuantizedCache does.
+
+>>> model, plan = compress(model, loader, budget=0.25, method="aware")
+>>> model.generate(**inputs, past_key_values=plan.cache(model))
+"""
+
+from .cache import GeoKVCache, GeoKVLayer
+from .compress import build_plan, compress, describe, required_taps
+from .config import KVConfig
+from .plan import KVPlan
+
+__all__ = ["GeoKVCache", "GeoKVLayer", "KVConfig", "KVPlan", "build_plan", "compress", "describe", "required_taps"]

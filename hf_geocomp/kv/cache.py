@@ -1,0 +1,169 @@
+"""A transformers cache that holds transform-coded keys and values.
+
+Each layer keeps, per K and V, the latents of every cached token grouped by bit width:
+full-precision components as the model dtype (batch, seq, n), quantised ones as packed
+uint8 codes (batch, seq, bytes) with float16 scales (batch, seq, groups). Every stored
+tensor has the token axis at dim 1 and the batch at dim 0, so crop, beam reorder and batch
+selection are slices, and the bytes the cache holds are the bytes of these tensors.
+
+As in transformers' ``QuantizedLayer``, ``update`` returns the decoded past followed by the
+new states as given; the new states are stored coded. Attention therefore runs on decoded
+keys and values (attention in the reduced space is future work).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.cache_utils import Cache, DynamicLayer
+
+from .. import arch
+from ..errors import GeoCompError
+from .allocate import FULL
+from .quant import dequantize, quantize
+
+
+class Codec:
+    """Encoder/decoder of one (layer, K or V): (batch, heads, seq, d) ↔ list of stored tensors.
+
+    The basis tensors are constants shared by every cache of a plan (weights, not cache).
+    """
+
+    shared_constants = True  # hf_geocomp.eval.memory.tensor_bytes does not count them as cache
+
+    def __init__(self, groups, enc: torch.Tensor | None, dec: torch.Tensor | None, group_size: int):
+        self.groups = [(b, torch.tensor(c, dtype=torch.long)) for b, c in groups]
+        self.enc, self.dec, self.group_size = enc, dec, group_size  # (heads, d, d) each, or None: identity
+
+    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if self.enc is None:
+            return [x.transpose(1, 2)]  # (batch, seq, heads, d): stored as given
+        b, h, t, d = x.shape
+        z = torch.einsum("bhtd,hdk->bthk", x.float(), self.enc.to(x.device)).reshape(b, t, h * d)
+        out = []
+        for bits, cols in self.groups:
+            zc = z[..., cols.to(x.device)]  # (batch, seq, n)
+            out.extend([zc.to(x.dtype)] if bits == FULL else quantize(zc, bits, self.group_size))
+        return out
+
+    def decode(self, codes: list[torch.Tensor], like: torch.Tensor, length: int) -> torch.Tensor:
+        """Stored tensors of ``length`` tokens → (batch, heads, length, d) in the dtype of ``like``."""
+        if self.enc is None:
+            return codes[0].transpose(1, 2)
+        b, heads, _, d = like.shape
+        z = torch.zeros(b, length, heads * d, device=like.device)
+        i = 0
+        for bits, cols in self.groups:
+            if bits == FULL:
+                z[..., cols] = codes[i].float()
+                i += 1
+            else:
+                z[..., cols] = dequantize(codes[i], codes[i + 1], bits, self.group_size, len(cols))
+                i += 2
+        x = torch.einsum("bthk,hkd->bhtd", z.reshape(b, length, heads, d), self.dec.to(z.device))
+        return x.to(like.dtype)  # (batch, heads, seq, d)
+
+
+class GeoKVLayer(DynamicLayer):
+    """One layer's coded cache (see module docstring)."""
+
+    def __init__(self, k_codec: Codec, v_codec: Codec):
+        super().__init__()
+        self.codecs = (k_codec, v_codec)
+        self.codes: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
+        self.length = 0
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.keys = torch.tensor([], dtype=self.dtype, device=self.device)  # unused: keeps the base class happy
+        self.values = torch.tensor([], dtype=self.dtype, device=self.device)
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        new = (self.codecs[0].encode(key_states), self.codecs[1].encode(value_states))
+        if self.codes is None or self.length == 0:
+            self.codes, self.length = new, key_states.shape[-2]
+            return key_states, value_states
+        past_k = self.codecs[0].decode(self.codes[0], key_states, self.length)
+        past_v = self.codecs[1].decode(self.codes[1], value_states, self.length)
+        self.codes = tuple([torch.cat([a, b], dim=1) for a, b in zip(old, fresh)]
+                           for old, fresh in zip(self.codes, new))
+        self.length += key_states.shape[-2]
+        return torch.cat([past_k, key_states], dim=-2), torch.cat([past_v, value_states], dim=-2)
+
+    def _map(self, fn) -> None:
+        if self.codes is not None:
+            self.codes = tuple([fn(t) for t in part] for part in self.codes)
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def reset(self) -> None:
+        self.codes, self.length = None, 0
+        super().reset()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise GeoCompError(f"crop takes a negative number of tokens to remove, got {tokens_to_remove}.")
+        if tokens_to_remove == 0 or self.codes is None:
+            return
+        keep = max(0, self.length + tokens_to_remove)
+        self._map(lambda t: t[:, :keep])
+        self.length = keep
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map(lambda t: t[indices])
+
+    def offload(self):
+        self._map(lambda t: t.to("cpu", non_blocking=True))
+
+    def prefetch(self):
+        self._map(lambda t: t.to(self.device, non_blocking=True))
+
+
+class GeoKVCache(Cache):
+    """A cache of :class:`GeoKVLayer` built from a :class:`~hf_geocomp.kv.plan.KVPlan` for ``model``."""
+
+    def __init__(self, model: nn.Module, plan):
+        plan.check(model)
+        check_supported(model)
+        codecs = plan_codecs(plan)
+        layers = [GeoKVLayer(codecs[i, "k"], codecs[i, "v"]) for i in range(plan.num_layers)]
+        super().__init__(layers=layers)
+
+
+def plan_codecs(plan) -> dict[tuple[int, str], Codec]:
+    """Codecs of a plan, built once and cached on it (they hold no per-sequence state)."""
+    cached = getattr(plan, "_codecs", None)
+    if cached is None:
+        cached = {}
+        for i in range(plan.num_layers):
+            for kind in "kv":
+                enc = None if plan.identity else plan.tensors[f"{i}.{kind}.enc"]
+                dec = None if plan.identity else plan.tensors[f"{i}.{kind}.dec"]
+                cached[i, kind] = Codec(plan.groups.get(f"{i}.{kind}", []), enc, dec, plan.config.group_size)
+        plan._codecs = cached
+    return cached
+
+
+def check_supported(model: nn.Module) -> None:
+    """Raise unless ``model`` is a decoder whose every attention layer has a full KV cache we can code."""
+    spec = arch.get_spec(model)
+    if spec.family == "bert":
+        raise GeoCompError(f"{spec.family} is an encoder without a KV cache; KV coding supports decoders "
+                           "(Llama-like with GQA and RoPE, GPT-2).")
+    other = sorted(set(arch.attention_layer_types(model)) - {"full_attention"})
+    if other:
+        raise GeoCompError(f"attention layer types {other} are not supported yet by the coded KV cache; "
+                           "only full_attention layers are.")

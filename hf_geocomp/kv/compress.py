@@ -1,0 +1,80 @@
+"""``compress``: statistics → bases → allocation → a :class:`KVPlan` (scoring separate from the cache)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from .. import arch
+from ..errors import GeoCompError
+from ..geometry import ActivationStats, Tap, collect_stats
+from .allocate import FULL, allocate
+from .bases import fit_bases
+from .cache import check_supported
+from .config import KVConfig
+from .plan import KVPlan
+
+
+def required_taps(model: nn.Module) -> list[Tap]:
+    """The engine taps KV coding needs: per-KV-head K and V and per-query-head Q, before RoPE."""
+    from ..geometry import kv_head_taps, q_head_taps
+
+    return kv_head_taps(model) + q_head_taps(model)
+
+
+def build_plan(model: nn.Module, stats: ActivationStats, config: KVConfig) -> KVPlan:
+    """Fit bases and allocate widths under ``config.budget`` (no change to ``model``)."""
+    check_supported(model)
+    heads = arch.head_layout(model)
+    if config.max_rank is not None and config.max_rank > heads.head_dim:
+        raise GeoCompError(f"max_rank {config.max_rank} is above head_dim {heads.head_dim}.")
+    stats.check_model(model)
+    dtype = next(model.parameters()).dtype
+    elt = torch.empty((), dtype=dtype).element_size()
+    layers = len(arch.block_prefixes(model))
+    full = layers * 2 * heads.num_kv_heads * heads.head_dim * elt
+    common = dict(config=config, model_type=model.config.model_type, num_layers=layers,
+                  num_kv_heads=heads.num_kv_heads, head_dim=heads.head_dim, dtype=str(dtype).replace("torch.", ""),
+                  full_bytes_per_token=full)
+    if config.budget >= 1:
+        return KVPlan(groups={}, bytes_per_token=full, identity=True, **common)
+    bases = fit_bases(model, stats, config)
+    groups, nbytes = allocate(bases, config, elt)
+    tensors = {}
+    for (layer, kind), basis in bases.items():
+        tensors[f"{layer}.{kind}.enc"], tensors[f"{layer}.{kind}.dec"] = basis.enc, basis.dec
+    return KVPlan(groups={f"{l}.{k}": g for (l, k), g in groups.items()}, bytes_per_token=nbytes,
+                  tensors=tensors, **common)
+
+
+def compress(model: nn.Module, stats_or_dataloader: ActivationStats | Iterable, budget: float = 0.25,
+             method: str = "aware", **options) -> tuple[nn.Module, KVPlan]:
+    """Plan a transform-coded KV cache for ``model`` within ``budget`` of the uncompressed cache bytes.
+
+    ``stats_or_dataloader``: statistics with :func:`required_taps`, or batches to collect them
+    from. ``options`` are the other :class:`KVConfig` fields. Returns the model (its weights
+    untouched; the plan is also set as ``model.geocomp_kv_plan``) and the plan; generate with
+    ``model.generate(..., past_key_values=plan.cache(model))``.
+    """
+    config = KVConfig(budget=budget, method=method, **options)
+    check_supported(model)
+    if isinstance(stats_or_dataloader, ActivationStats):
+        stats = stats_or_dataloader
+    else:
+        stats = collect_stats(model, stats_or_dataloader, required_taps(model))
+    plan = build_plan(model, stats, config)
+    model.geocomp_kv_plan = plan
+    return model, plan
+
+
+def describe(plan: KVPlan) -> dict:
+    """Components kept per width, for K and V (a summary for results and logs)."""
+    out = {}
+    for key, groups in plan.groups.items():
+        kind = key.split(".")[1]
+        for bits, cols in groups:
+            name = f"{kind}_{bits}" if bits != FULL else f"{kind}_full"
+            out[name] = out.get(name, 0) + len(cols)
+    return out

@@ -1,0 +1,66 @@
+"""Configuration of KV-cache transform coding."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..errors import GeoCompError
+
+METHODS = ("aware", "pca")
+QUANT_WIDTHS = (8, 4, 2)
+
+
+@dataclass
+class KVConfig:
+    """How to code the KV cache.
+
+    Args:
+        budget: bytes the cache may hold, as a fraction of the uncompressed cache (model dtype), in (0, 1].
+        method: basis per layer, KV head, K and V: ``aware`` (K weighted by its GQA group's
+            queries, V by the o_proj columns that read it) or ``pca`` (unweighted).
+        bits: allocate bit widths per component (transform coding); ``False`` keeps ranks only,
+            each kept component at full precision.
+        widths: quantised widths the allocator may use besides full precision and 0.
+        group_size: latent components sharing one float16 scale, per token.
+        rope: ``average`` fits the K basis on the post-RoPE second moment averaged over
+            ``rope_positions`` positions (the cache stores post-RoPE keys); ``none`` uses the
+            pre-RoPE statistics as they are.
+        rope_positions: positions averaged over for ``rope="average"``.
+        max_rank: at most this many components per KV head (None: head_dim).
+        k_units: how ``aware`` puts K errors beside V errors: ``scores`` (squared score error
+            ``(q·e)²/d`` as is) or ``sensitivity`` (times the group's mean ``E‖W_o,h(v − v̄)‖²``,
+            a first-order output sensitivity; worse in a probe, see README).
+        k_scale: extra multiplier of the K weights against V (the K/V exchange rate).
+    """
+
+    budget: float = field(default=0.25, metadata={"help": "fraction of the uncompressed cache bytes, in (0, 1]"})
+    method: str = field(default="aware", metadata={"help": "basis: aware | pca"})
+    bits: bool = field(default=True, metadata={"help": "allocate bit widths (True) or ranks only (False)"})
+    widths: tuple[int, ...] = field(default=QUANT_WIDTHS, metadata={"help": "quantised widths among 8, 4, 2"})
+    group_size: int = field(default=64, metadata={"help": "components per float16 scale, per token"})
+    rope: str = field(default="average", metadata={"help": "K basis under RoPE: average | none"})
+    rope_positions: int = field(default=1024, metadata={"help": "positions averaged for rope=average"})
+    max_rank: int | None = field(default=None, metadata={"help": "cap on kept components per KV head"})
+    k_units: str = field(default="scores", metadata={"help": "aware K error units: scores | sensitivity"})
+    k_scale: float = field(default=4.0, metadata={"help": "multiplier of K weights against V weights (> 0)"})
+
+    def __post_init__(self):
+        if not isinstance(self.budget, (int, float)) or not 0 < self.budget <= 1:
+            raise GeoCompError(f"budget must be a fraction of the cache bytes in (0, 1], got {self.budget!r}.")
+        if self.method not in METHODS:
+            raise GeoCompError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}.")
+        self.widths = tuple(sorted({int(w) for w in self.widths}, reverse=True))
+        if not set(self.widths) <= set(QUANT_WIDTHS):
+            raise GeoCompError(f"widths must be among {QUANT_WIDTHS}, got {self.widths}.")
+        if self.group_size < 1:
+            raise GeoCompError(f"group_size must be a positive integer, got {self.group_size}.")
+        if self.rope not in ("average", "none"):
+            raise GeoCompError(f"rope must be 'average' or 'none', got {self.rope!r}.")
+        if self.rope_positions < 1:
+            raise GeoCompError(f"rope_positions must be positive, got {self.rope_positions}.")
+        if self.k_units not in ("scores", "sensitivity"):
+            raise GeoCompError(f"k_units must be 'scores' or 'sensitivity', got {self.k_units!r}.")
+        if not self.k_scale > 0:
+            raise GeoCompError(f"k_scale must be positive, got {self.k_scale}.")
+        if self.max_rank is not None and self.max_rank < 1:
+            raise GeoCompError(f"max_rank must be a positive integer or None, got {self.max_rank}.")

@@ -1,0 +1,96 @@
+"""The plan: what a compressed KV cache stores, serialisable for ``from_pretrained`` later.
+
+Two parts, as a model has config and weights: :meth:`KVPlan.to_dict` is JSON (settings,
+the model it fits, and per layer and K/V which latent components are kept at which width),
+meant for ``config.quantization_config``; ``tensors`` (encoder/decoder per layer and K/V,
+``"{layer}.{k|v}.enc"``/``.dec``, (kv_heads, d, d)) belong with the weights (safetensors).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .. import arch
+from ..errors import GeoCompError
+from .config import KVConfig
+
+FORMAT = "hf_geocomp.kv_plan/1"
+
+
+@dataclass
+class KVPlan:
+    config: KVConfig
+    model_type: str
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str  # storage dtype of full-precision components (the model's)
+    groups: dict[str, list[tuple]]  # "{layer}.{k|v}" → [(bits | "full", [column, ...])], columns = head·d + j
+    bytes_per_token: int  # of the coded cache, batch 1
+    full_bytes_per_token: int  # of the uncompressed cache
+    identity: bool = False  # budget 1.0: stored exactly as given
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    @property
+    def ratio(self) -> float:
+        return self.bytes_per_token / self.full_bytes_per_token
+
+    # ---- JSON ----------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        d = {k: v for k, v in asdict(self).items() if k != "tensors"}
+        d["config"]["widths"] = list(self.config.widths)
+        d["groups"] = {k: [[b, list(c)] for b, c in g] for k, g in self.groups.items()}
+        return {"format": FORMAT, **d}
+
+    @classmethod
+    def from_dict(cls, d: dict, tensors: dict[str, torch.Tensor] | None = None) -> "KVPlan":
+        if d.get("format") != FORMAT:
+            raise GeoCompError(f"not a KV plan (format {d.get('format')!r}, expected {FORMAT!r}).")
+        d = {k: v for k, v in d.items() if k != "format"}
+        d["config"] = KVConfig(**d["config"])
+        d["groups"] = {k: [(b, list(c)) for b, c in g] for k, g in d["groups"].items()}
+        return cls(**d, tensors=dict(tensors or {}))
+
+    def save(self, folder: str) -> None:
+        from safetensors.torch import save_file
+
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / "kv_plan.json").write_text(json.dumps(self.to_dict()) + "\n")
+        if self.tensors:
+            save_file({k: v.contiguous() for k, v in self.tensors.items()}, str(Path(folder) / "kv_plan.safetensors"))
+
+    @classmethod
+    def load(cls, folder: str) -> "KVPlan":
+        from safetensors.torch import load_file
+
+        path = Path(folder) / "kv_plan.json"
+        if not path.exists():
+            raise GeoCompError(f"no KV plan in {folder!r} (kv_plan.json is missing).")
+        weights = Path(folder) / "kv_plan.safetensors"
+        return cls.from_dict(json.loads(path.read_text()), load_file(str(weights)) if weights.exists() else {})
+
+    # ---- the model it fits ---------------------------------------------------------------
+    def check(self, model: nn.Module) -> None:
+        """Raise unless this plan was made for a model shaped like ``model``."""
+        heads = arch.head_layout(model)
+        mine = (self.model_type, self.num_layers, self.num_kv_heads, self.head_dim)
+        theirs = (model.config.model_type, len(arch.block_prefixes(model)), heads.num_kv_heads, heads.head_dim)
+        if mine != theirs:
+            raise GeoCompError(f"this KV plan was made for (type, layers, kv heads, head_dim) = {mine}, "
+                               f"but the model has {theirs}.")
+        if not self.identity:
+            missing = [f"{i}.{k}.{t}" for i in range(self.num_layers) for k in "kv" for t in ("enc", "dec")
+                       if f"{i}.{k}.{t}" not in self.tensors]
+            if missing:
+                raise GeoCompError(f"this KV plan lacks its basis tensors (first missing: {missing[0]!r}).")
+
+    def cache(self, model: nn.Module):
+        """A fresh compressed cache for ``model.generate(..., past_key_values=plan.cache(model))``."""
+        from .cache import GeoKVCache
+
+        return GeoKVCache(model, self)

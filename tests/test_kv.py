@@ -1,0 +1,194 @@
+"""KV-cache transform coding on tiny Llama (GQA, RoPE) and GPT-2: exactness, bytes, generate, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from hf_geocomp import GeoCompError, arch
+from hf_geocomp.eval.memory import tensor_bytes
+from hf_geocomp.geometry import collect_stats, linear_input_taps
+from hf_geocomp.kv import KVConfig, KVPlan, build_plan, compress, required_taps
+from hf_geocomp.kv.allocate import FULL
+from hf_geocomp.kv.quant import dequantize, quantize
+
+from .conftest import random_batch, tiny_bert, tiny_gpt2, tiny_llama
+
+DECODERS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
+
+
+@pytest.fixture(scope="module", params=sorted(DECODERS))
+def setup(request):
+    model = DECODERS[request.param]()
+    stats = collect_stats(model, [random_batch(4, 32, seed=s) for s in range(3)], required_taps(model))
+    return model, stats
+
+
+def _two_step_logits(model, cache, batch, split=12):
+    first = model(**{k: v[:, :split] for k, v in batch.items()}, past_key_values=cache)
+    second = model(input_ids=batch["input_ids"][:, split:], attention_mask=batch["attention_mask"],
+                   past_key_values=cache)
+    return torch.cat([first.logits, second.logits], 1)
+
+
+def _reference(model, batch):
+    return model(**batch, past_key_values=DynamicCache(config=model.config)).logits
+
+
+def test_budget_one_is_exact(setup):
+    model, stats = setup
+    plan = build_plan(model, stats, KVConfig(budget=1.0))
+    batch = random_batch(2, 20, seed=5)
+    assert torch.allclose(_two_step_logits(model, plan.cache(model), batch), _reference(model, batch), atol=1e-5)
+
+
+def test_full_rank_full_precision_basis_is_exact(setup):
+    """Every component kept at full precision through the fitted (rotated, weighted) basis."""
+    model, stats = setup
+    plan = build_plan(model, stats, KVConfig(budget=0.5))
+    d = plan.num_kv_heads * plan.head_dim
+    plan.groups = {k: [(FULL, list(range(d)))] for k in plan.groups}
+    batch = random_batch(2, 20, seed=6)
+    assert torch.allclose(_two_step_logits(model, plan.cache(model), batch), _reference(model, batch), atol=1e-4)
+
+
+@pytest.mark.parametrize("budget,bits", [(0.75, False), (0.5, False), (0.25, True), (0.125, True), (0.05, True)])
+def test_budget_respected_and_bytes_measured(setup, budget, bits):
+    model, stats = setup
+    plan = build_plan(model, stats, KVConfig(budget=budget, bits=bits, group_size=8))
+    assert plan.ratio <= budget
+    assert plan.ratio > budget * 0.7  # the budget is used, not wasted
+    cache = plan.cache(model)
+    batch = random_batch(3, 20, seed=7)
+    logits = _two_step_logits(model, cache, batch)
+    assert torch.isfinite(logits).all()
+    assert tensor_bytes(cache) == plan.bytes_per_token * 3 * 20  # bytes held == the coded layout
+    dyn = DynamicCache(config=model.config)
+    model(**batch, past_key_values=dyn)
+    assert tensor_bytes(dyn) == plan.full_bytes_per_token * 3 * 20
+
+
+def test_coding_loses_more_at_smaller_budgets(setup):
+    model, stats = setup
+    batch = random_batch(2, 24, seed=8)
+    ref = _reference(model, batch)
+    errs = [(_two_step_logits(model, build_plan(model, stats, KVConfig(budget=b)).cache(model), batch) - ref)
+            .abs().max().item() for b in (0.5, 0.125, 0.04)]
+    assert errs[0] < errs[2] and errs[1] < errs[2]
+
+
+def _left_padded():
+    batch = random_batch(2, 10, seed=9)
+    batch["attention_mask"][1, :3] = 0
+    return batch
+
+
+def test_generate_identity_matches_dynamic(setup):
+    model, stats = setup
+    plan = build_plan(model, stats, KVConfig(budget=1.0))
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    for extra in ({}, {"num_beams": 2}):
+        ref = model.generate(**_left_padded(), **kw, **extra)
+        out = model.generate(**_left_padded(), past_key_values=plan.cache(model), **kw, **extra)
+        assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("extra", [{}, {"num_beams": 3}, {"do_sample": True, "top_k": 5}])
+def test_generate_compressed(setup, extra):
+    model, stats = setup
+    plan = build_plan(model, stats, KVConfig(budget=0.25, group_size=8))
+    torch.manual_seed(0)
+    out = model.generate(**_left_padded(), past_key_values=plan.cache(model), max_new_tokens=5,
+                         pad_token_id=0, **{"do_sample": False, **extra})
+    assert out.shape == (2, 15)
+
+
+def test_crop_and_reorder(setup):
+    model, stats = setup
+    plan = build_plan(model, stats, KVConfig(budget=0.25, group_size=8))
+    batch = random_batch(3, 16, seed=10)
+    full, short = plan.cache(model), plan.cache(model)
+    model(**batch, past_key_values=full)
+    model(**{k: v[:, :10] for k, v in batch.items()}, past_key_values=short)
+    full.crop(-6)
+    assert full.get_seq_length() == 10
+    for a, b in zip(full.layers, short.layers):  # tokens are coded independently: crop == shorter prefill
+        assert all(torch.equal(x, y) for pa, pb in zip(a.codes, b.codes) for x, y in zip(pa, pb))
+    idx = torch.tensor([2, 0, 1])
+    permuted = plan.cache(model)
+    model(**{k: v[idx, :10] for k, v in batch.items()}, past_key_values=permuted)
+    full.reorder_cache(idx)
+    nxt = {"input_ids": batch["input_ids"][idx, 10:12]}
+    assert torch.allclose(model(**nxt, past_key_values=full).logits, model(**nxt, past_key_values=permuted).logits)
+
+
+def test_plan_round_trips(setup, tmp_path):
+    model, stats = setup
+    _, plan = compress(model, stats, budget=0.25, method="pca")
+    again = KVPlan.from_dict(json.loads(json.dumps(plan.to_dict())), plan.tensors)
+    assert again.to_dict() == plan.to_dict()
+    plan.save(str(tmp_path))
+    loaded = KVPlan.load(str(tmp_path))
+    batch = random_batch(2, 16, seed=11)
+    assert torch.equal(_two_step_logits(model, loaded.cache(model), batch),
+                       _two_step_logits(model, plan.cache(model), batch))
+
+
+def test_compress_from_dataloader():
+    model = tiny_llama()
+    _, plan = compress(model, [random_batch(2, 16)], budget=0.5, bits=False)
+    assert model.geocomp_kv_plan is plan and plan.ratio <= 0.5
+
+
+@pytest.mark.parametrize("bad", [dict(budget=0), dict(budget=1.5), dict(budget=-0.1), dict(method="svd"),
+                                 dict(widths=(3,)), dict(group_size=0), dict(rope="yes"), dict(k_scale=0)])
+def test_bad_config(bad):
+    with pytest.raises(GeoCompError):
+        KVConfig(**bad)
+
+
+def test_bad_inputs(setup):
+    model, stats = setup
+    with pytest.raises(GeoCompError, match="max_rank"):
+        build_plan(model, stats, KVConfig(max_rank=arch.head_layout(model).head_dim + 1))
+    with pytest.raises(GeoCompError, match="no 'model|no 'transformer"):
+        compress(model, collect_stats(model, [random_batch(2, 8)], linear_input_taps(model)[:1]))
+    with pytest.raises(GeoCompError, match="encoder"):
+        compress(tiny_bert(), stats)
+    other = tiny_gpt2() if model.config.model_type == "llama" else tiny_llama()
+    plan = build_plan(model, stats, KVConfig(budget=0.5))
+    with pytest.raises(GeoCompError, match="was made for"):
+        plan.cache(other)
+    with pytest.raises(GeoCompError, match="different model"):
+        build_plan(other, stats, KVConfig())
+
+
+def test_sliding_window_layers_refused():
+    model = tiny_llama()
+    model.config.layer_types = ["sliding_attention", "full_attention"]
+    with pytest.raises(GeoCompError, match="sliding_attention"):
+        compress(model, [random_batch(2, 8)])
+
+
+def test_quantizer_and_rope_average():
+    z = torch.randn(5, 7, 40)
+    for bits, tol in ((8, 0.02), (4, 0.3), (2, 1.5)):
+        packed, scales = quantize(z, bits, 16)
+        assert packed.dtype == torch.uint8 and packed.shape[-1] == -(-40 // (8 // bits))
+        err = (dequantize(packed, scales, bits, 16, 40) - z).abs()
+        assert err.max() <= scales.float().max() * 2 / 2 ** bits + 1e-3 and err.mean() < tol
+    model = tiny_llama()
+    c = torch.randn(8, 8, dtype=torch.float64)
+    c = c @ c.T
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+    cos, sin = model.model.rotary_emb(torch.zeros(1, dtype=torch.float64), torch.arange(9)[None])
+    eye = torch.eye(8, dtype=torch.float64)[None, None]  # rows e_i as 8 "tokens" of one head
+    rs = []
+    for p in range(9):  # R_p applied to each basis vector: its columns
+        rotated, _ = apply_rotary_pos_emb(eye, eye, cos[:, p:p + 1].double(), sin[:, p:p + 1].double())
+        rs.append(rotated[0, 0].T)
+    r = torch.stack(rs)  # (P, 8, 8)
+    assert torch.allclose(arch.rope_average(model, c, 9), (r @ c @ r.transpose(1, 2)).mean(0), atol=1e-5)
