@@ -48,4 +48,4 @@ def write_json(path: str | Path, obj) -> None:
 
 def resolved_args(args) -> dict:
     """The fully resolved options of a command (defaults, recipe and overrides applied), for results files."""
-    return {k: v for k, v in sorted(vars(args).items()) if k != "command_line"}
+    return {k: v for k, v in sorted(vars(args).items()) if k != "command_line" and not callable(v)}
