@@ -37,7 +37,54 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_data(b, tokens=8192)
     b.add_argument("--repeats", type=int, default=3, help="timed repetitions of each pass (default 3)")
     b.add_argument("--output", "-o", default="recipes/results/geometry_overhead.json", help="results JSON")
+
+    _add_prune_parsers(sub)
     return parser
+
+
+def _add_prune_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--targets", default="mlp,heads", help="comma list of mlp, heads (default mlp,heads)")
+    p.add_argument("--head-mode", default="query", help="query (heads within GQA groups) or kv (whole groups)")
+    p.add_argument("--round-to", type=int, default=1, help="kept MLP widths rounded up to a multiple (default 1)")
+    p.add_argument("--min-keep", type=float, default=0.05, help="least fraction of units per layer (default 0.05)")
+
+
+def _add_prune_parsers(sub) -> None:
+    p = sub.add_parser("prune", help="one-shot structured pruning → a saved, smaller model + plan.json")
+    _add_model_data(p, tokens=16384)
+    _add_prune_options(p)
+    p.add_argument("--sparsity", type=float, default=0.2, help="fraction of block parameters to remove")
+    p.add_argument("--criterion", default="variance", help="variance, magnitude, wanda, random, taylor")
+    p.add_argument("--allocation", default="uniform", help="uniform or global")
+    p.add_argument("--compensation", default="none", help="none, bias, refit, bias+refit")
+    p.add_argument("--output", "-o", required=True, help="output model folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+
+    b = sub.add_parser("bench-prune", help="perplexity, parameters and latency of every criterion and budget")
+    _add_model_data(b, tokens=16384)
+    _add_prune_options(b)
+    b.add_argument("--eval-data", default="shakespeare:evaluation", help="held-out text (default evaluation split)")
+    b.add_argument("--eval-tokens", type=int, default=16384, help="held-out tokens (default 16384)")
+    b.add_argument("--sparsities", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.5])
+    b.add_argument("--criteria", nargs="+", default=["magnitude", "random", "wanda", "variance", "taylor"])
+    b.add_argument("--compensations", nargs="+", default=["none", "bias+refit"])
+    b.add_argument("--allocations", nargs="+", default=["uniform"])
+    b.add_argument("--taylor-batches", type=int, default=4, help="calibration batches for Taylor gradients")
+    b.add_argument("--latency-tokens", type=int, default=512, help="tokens of the batch-1 latency input")
+    b.add_argument("--latency-repeats", type=int, default=5)
+    b.add_argument("--output", "-o", default="recipes/results/prune_smollm2_oneshot.json", help="results JSON")
+
+
+def _prune(args) -> None:
+    from .prune.cli import prune_command
+
+    prune_command(args)
+
+
+def _bench_prune(args) -> None:
+    from .prune.bench import run_prune_bench
+
+    run_prune_bench(args)
 
 
 def _analyze(args) -> None:
@@ -91,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.command_line = "hf-geocomp " + shlex.join(argv)  # recorded beside every result
     try:
-        {"analyze": _analyze, "bench-overhead": _bench_overhead}[args.command](args)
+        {"analyze": _analyze, "bench-overhead": _bench_overhead, "prune": _prune,
+         "bench-prune": _bench_prune}[args.command](args)
     except GeoCompError as e:
         print(f"hf-geocomp {args.command}: error: {e}", file=sys.stderr)
         return 2

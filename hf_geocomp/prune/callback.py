@@ -123,7 +123,7 @@ class VarianceWeightedPruningCallback(TrainerCallback):
 
     def _update(self, sparsity: float, step: int) -> None:
         cfg = PruneConfig(**{**self.config.to_dict(), "sparsity": sparsity})
-        stats = self._reduced_stats() if cfg.criterion in ("variance", "wanda") else None
+        stats = self._reduced_stats() if cfg.criterion in ("variance", "variance_cond", "wanda") else None
         forced = {gp.key: set(gp.removed) for gp in self.plan.groups} if self.plan is not None else None
         scores = score_groups(self._model, self._groups, cfg, stats, self._grads)
         self.plan = allocate(self._groups, scores, cfg, self._total, forced)

@@ -13,7 +13,7 @@ import torch
 
 from ..errors import GeoCompError
 from .config import PruneConfig
-from .units import UnitGroup
+from .units import TARGETS, UnitGroup
 
 
 @dataclass
@@ -132,17 +132,23 @@ def allocate(groups: list[UnitGroup], scores: dict[str, torch.Tensor], cfg: Prun
         return sum(steps[k] * step_cost[k] for k in steps)
 
     if cfg.allocation == "uniform":
-        def steps_at(r: float) -> dict[str, int]:
-            out = {}
+        def steps_at(r: float, kinds, base=None) -> dict[str, int]:
+            out = dict(base or {})
             for g in groups:
-                lo, hi = limits[g.key]
-                out[g.key] = min(hi, max(lo, _rounded_steps(g, round(r * len(orders[g.key])), cfg)))
+                if g.kind in kinds:
+                    lo, hi = limits[g.key]
+                    out[g.key] = min(hi, max(lo, _rounded_steps(g, round(r * len(orders[g.key])), cfg)))
             return out
-        lo_r, hi_r = 0.0, 1.0
-        for _ in range(50):  # largest uniform ratio within budget
-            mid = (lo_r + hi_r) / 2
-            lo_r, hi_r = (mid, hi_r) if removed_params(steps_at(mid)) <= budget else (lo_r, mid)
-        steps = steps_at(lo_r)
+
+        def largest(kinds, base=None, lo_r=0.0) -> tuple[float, dict[str, int]]:
+            hi_r = 1.0
+            for _ in range(50):  # largest uniform ratio within budget
+                mid = (lo_r + hi_r) / 2
+                lo_r, hi_r = (mid, hi_r) if removed_params(steps_at(mid, kinds, base)) <= budget else (lo_r, mid)
+            return lo_r, steps_at(lo_r, kinds, base)
+        r, steps = largest(TARGETS)
+        for kind in ("mlp", "heads"):  # coarse units (heads) may stop short: the other kind fills the budget
+            steps = largest((kind,), steps, r)[1]
     else:  # global: z-scored per group, cheapest steps first across all groups
         steps = {g.key: limits[g.key][0] for g in groups}
         cands = []

@@ -6,6 +6,11 @@ Every scorer is a tiny class with one method, ``score(model, group, stats, grads
   tr(W_u Σ_uu W_uᵀ) with W_u the consumer columns it feeds and Σ_uu their input covariance;
   for one neuron Var(h_j)·‖W[:, j]‖². FLAP's fluctuation metric (An et al., arXiv:2312.11983)
   generalised to head blocks.
+* ``variance_cond`` — conditional output variance: units are removed greedily, each time the
+  one whose output contribution the *remaining* units reproduce best after a least-squares
+  refit, ΔE = tr(W_u (H_uu)⁻¹ W_uᵀ) with H = Σ⁻¹ (the structured Optimal Brain Surgeon step,
+  Hassibi & Stork 1993; Frantar & Alistarh, arXiv:2208.11580); the score is the cumulative ΔE
+  at the unit's removal, so the order is the greedy one. Pair it with ``refit`` compensation.
 * ``magnitude`` — L1 norm of every weight the unit owns (Torch-Pruning's default).
 * ``wanda`` — Wanda-sp: Σ_i |W_ij|·‖x_j‖ over the consumer columns (Sun et al., arXiv:2306.11695;
   structured form from FLAP).
@@ -46,6 +51,40 @@ class VarianceScorer(Scorer):
         cov = stats.input_of(group.consumer).covariance()  # (in, in)
         blk = cov[group.cols[:, :, None], group.cols[:, None, :]]  # (units, c, c)
         return torch.einsum("ouc,ucd,oud->u", w, blk, w)
+
+
+class ConditionalVarianceScorer(Scorer):
+    damp = 1e-2
+
+    def score(self, model, group, stats, grads):
+        W = _consumer(model, group)[:, group.cols.reshape(-1)]  # (out, units·c), unit-major columns
+        cols = group.cols.reshape(-1)
+        C = stats.input_of(group.consumer).covariance()[cols][:, cols]
+        C = C + self.damp * C.diagonal().mean().clamp_min(1e-12) * torch.eye(len(cols), dtype=C.dtype)
+        H = torch.linalg.inv(C)  # (units·c, units·c)
+        c = group.cols.shape[1]
+        alive = torch.ones(group.num_units, dtype=torch.bool)
+        score = torch.zeros(group.num_units, dtype=torch.float64)
+        total = 0.0
+        for _ in range(group.num_units):
+            if c == 1:
+                loss = W.pow(2).sum(0) / H.diagonal().clamp_min(1e-30)  # (units,)
+            else:
+                loss = torch.stack([torch.trace(W[:, u * c:(u + 1) * c] @ torch.linalg.solve(
+                    H[u * c:(u + 1) * c, u * c:(u + 1) * c], W[:, u * c:(u + 1) * c].T))
+                    for u in range(group.num_units)])
+            loss = loss.masked_fill(~alive, float("inf"))
+            u = int(loss.argmin())
+            total += float(loss[u])
+            score[u], alive[u] = total, False
+            sl = slice(u * c, (u + 1) * c)
+            Hinv_uu = torch.linalg.inv(H[sl, sl])  # (c, c)
+            W = W - W[:, sl] @ Hinv_uu @ H[sl, :]  # refit the others, unit u's columns become 0
+            H = H - H[:, sl] @ Hinv_uu @ H[sl, :]
+            H[sl, :] = 0
+            H[:, sl] = 0
+            H[sl, sl] = torch.eye(c, dtype=H.dtype)  # keep the removed block inert
+        return score
 
 
 class MagnitudeScorer(Scorer):
@@ -89,7 +128,8 @@ class TaylorScorer(Scorer):
         return s.abs()
 
 
-SCORERS: dict[str, type[Scorer]] = {"variance": VarianceScorer, "magnitude": MagnitudeScorer,
+SCORERS: dict[str, type[Scorer]] = {"variance": VarianceScorer, "variance_cond": ConditionalVarianceScorer,
+                                    "magnitude": MagnitudeScorer,
                                     "wanda": WandaScorer, "random": RandomScorer, "taylor": TaylorScorer}
 
 
