@@ -74,6 +74,44 @@ def _add_prune_parsers(sub) -> None:
     b.add_argument("--latency-repeats", type=int, default=5)
     b.add_argument("--output", "-o", default="recipes/results/prune_smollm2_oneshot.json", help="results JSON")
 
+    r = sub.add_parser("bench-prune-recovery", help="prune during a short fine-tune with the callback")
+    r.add_argument("--model", default="smollm2-135m")
+    r.add_argument("--train-data", default="shakespeare:train")
+    r.add_argument("--eval-data", default="shakespeare:evaluation")
+    r.add_argument("--eval-tokens", type=int, default=4096)
+    r.add_argument("--block-size", type=int, default=256)
+    r.add_argument("--sparsities", type=float, nargs="+", default=[0.2])
+    r.add_argument("--criterion", default="variance")
+    r.add_argument("--targets", default="mlp")
+    r.add_argument("--allocation", default="uniform")
+    r.add_argument("--compensation", default="refit", help="applied at every mask update")
+    r.add_argument("--schedule", default="cubic")
+    r.add_argument("--end", type=float, default=0.5, help="fraction of steps where the target is reached")
+    r.add_argument("--update-every", type=int, default=None)
+    r.add_argument("--steps", type=int, default=60)
+    r.add_argument("--lr", type=float, default=5e-5)
+    r.add_argument("--batch-size", type=int, default=4)
+    r.add_argument("--grad-accum", type=int, default=2)
+    r.add_argument("--dense-control", action="store_true", help="also fine-tune without pruning")
+    r.add_argument("--latency-tokens", type=int, default=512)
+    r.add_argument("--latency-repeats", type=int, default=5)
+    r.add_argument("--output", "-o", default="recipes/results/prune_smollm2_recovery.json")
+
+    h = sub.add_parser("bench-prune-h1", help="H1: pruning criteria on a fine-tuned genre classifier, over seeds")
+    h.add_argument("--model", default="minilm-l6", help="encoder (default minilm-l6)")
+    h.add_argument("--targets", default="mlp", help="comma list of mlp, heads (default mlp)")
+    h.add_argument("--sparsities", type=float, nargs="+", default=[0.2, 0.4])
+    h.add_argument("--criteria", nargs="+", default=["variance", "variance_cond", "magnitude", "wanda", "random"])
+    h.add_argument("--seeds", type=int, default=5)
+    h.add_argument("--block-size", type=int, default=128, help="tokens per passage (default 128)")
+    h.add_argument("--train-per-genre", type=int, default=200)
+    h.add_argument("--test-per-genre", type=int, default=150)
+    h.add_argument("--calibration-passages", type=int, default=128, help="training passages for statistics")
+    h.add_argument("--epochs", type=float, default=1.0)
+    h.add_argument("--lr", type=float, default=5e-5)
+    h.add_argument("--batch-size", type=int, default=16)
+    h.add_argument("--output", "-o", default="recipes/results/prune_h1_minilm.json", help="results JSON")
+
 
 def _prune(args) -> None:
     from .prune.cli import prune_command
@@ -85,6 +123,18 @@ def _bench_prune(args) -> None:
     from .prune.bench import run_prune_bench
 
     run_prune_bench(args)
+
+
+def _bench_prune_recovery(args) -> None:
+    from .prune.recovery import run_recovery
+
+    run_recovery(args)
+
+
+def _bench_prune_h1(args) -> None:
+    from .prune.h1 import run_h1
+
+    run_h1(args)
 
 
 def _analyze(args) -> None:
@@ -139,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     args.command_line = "hf-geocomp " + shlex.join(argv)  # recorded beside every result
     try:
         {"analyze": _analyze, "bench-overhead": _bench_overhead, "prune": _prune,
-         "bench-prune": _bench_prune}[args.command](args)
+         "bench-prune": _bench_prune, "bench-prune-h1": _bench_prune_h1,
+         "bench-prune-recovery": _bench_prune_recovery}[args.command](args)
     except GeoCompError as e:
         print(f"hf-geocomp {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -20,7 +20,7 @@ CASES = [
     ("bert", "bert", {"compensation": "refit"}),
     ("bert-global", "bert", {"allocation": "global"}),
 ]
-CRITERIA = ["variance", "magnitude", "wanda", "random"]
+CRITERIA = ["variance", "variance_cond", "magnitude", "wanda", "random"]
 
 
 def _setup(name):
@@ -225,3 +225,24 @@ def test_bad_inputs():
         config = type("C", (), {"model_type": "t5"})()
     with pytest.raises(GeoCompError, match="not supported"):
         unit_groups(Unknown())
+
+
+def test_conditional_variance_spots_redundant_units():
+    """Two units carrying the same signal: plain variance keeps both, conditional variance drops one first."""
+    from hf_geocomp import arch
+
+    model, _, stats = _setup("llama")
+    group = unit_groups(model, ("mlp",))[0]
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(600, group.num_units, generator=g, dtype=torch.float64)
+    x[:, 4] = x[:, 3] = 3 * x[:, 3]  # the same large signal twice
+    stats[f"{group.consumer}:in"].__init__(x.sum(0), x.T @ x, torch.tensor(600.0, dtype=torch.float64))
+    with torch.no_grad():
+        W = arch.linear_weight(model.get_submodule(group.consumer))
+        W.copy_(torch.randn(W.shape, generator=g))
+        W[:, 4] = W[:, 3]
+    plain = get_scorer("variance").score(model, group, stats, None).argsort().tolist()
+    cond = get_scorer("variance_cond").score(model, group, stats, None).argsort().tolist()
+    assert plain.index(3) > 40 and plain.index(4) > 40  # both near the top
+    assert min(cond.index(3), cond.index(4)) == 0  # one is removed first: the other reproduces it
+    assert max(cond.index(3), cond.index(4)) > 40

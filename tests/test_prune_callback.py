@@ -37,12 +37,12 @@ def _train(out_dir, criterion="variance", n=32, **cb_kw):
     return trainer, cb
 
 
-@pytest.mark.parametrize("criterion", ["variance", "taylor"])
-def test_callback_prunes_during_training(tmp_path, criterion):
+@pytest.mark.parametrize("criterion,compensation", [("variance", "none"), ("taylor", "none"), ("variance_cond", "refit")])
+def test_callback_prunes_during_training(tmp_path, criterion, compensation):
     from transformers import AutoModelForCausalLM
 
     n0 = block_params(tiny_llama())
-    trainer, cb = _train(tmp_path, criterion)
+    trainer, cb = _train(tmp_path, criterion, compensation=compensation)
     model = trainer.model.eval()
     assert block_params(model) == n0 - cb.plan.params_removed < 0.75 * n0
     assert [h["step"] for h in cb.history] == [2, 3]  # every 2 steps, and at the end of the ramp (0.6 · 6)

@@ -85,12 +85,14 @@ def taylor_grads(model: nn.Module, batches, targets=TARGETS) -> dict[str, torch.
 
 def prune(model: nn.Module, stats=None, sparsity: float = 0.2, criterion: str = "variance",
           targets=("mlp", "heads"), allocation: str = "uniform", compensation: str = "none",
-          grads: dict | None = None, config: PruneConfig | None = None, **kwargs) -> tuple[nn.Module, PrunePlan]:
+          grads: dict | None = None, config: PruneConfig | None = None, scores: dict | None = None,
+          **kwargs) -> tuple[nn.Module, PrunePlan]:
     """Prune ``model`` in place to about ``sparsity`` of its block parameters; return it and the plan.
 
     ``stats`` come from :func:`hf_geocomp.geometry.collect_stats` with :func:`prune_taps` (needed by
     the variance and wanda criteria and by compensation); they must be from this model and its
-    current weights. ``grads`` (from :func:`taylor_grads`) feed the taylor criterion. Extra
+    current weights. ``grads`` (from :func:`taylor_grads`) feed the taylor criterion; ``scores``
+    (from :func:`score_groups` on this model) skip scoring when one model is pruned at several budgets. Extra
     keyword arguments are :class:`PruneConfig` fields.
     """
     cfg = config or PruneConfig(sparsity=sparsity, criterion=criterion, targets=targets, allocation=allocation,
@@ -100,7 +102,9 @@ def prune(model: nn.Module, stats=None, sparsity: float = 0.2, criterion: str = 
     if cfg.compensation != "none" and stats is None:
         raise GeoCompError(f"compensation {cfg.compensation!r} needs activation statistics (see prune_taps).")
     groups = unit_groups(model, cfg.targets, cfg.head_mode)
-    plan = allocate(groups, score_groups(model, groups, cfg, stats, grads), cfg, block_params(model))
+    if scores is None:
+        scores = score_groups(model, groups, cfg, stats, grads)
+    plan = allocate(groups, scores, cfg, block_params(model))
     apply_plan(model, groups, plan, stats, cfg.compensation, cfg.refit_damp)
     update_config(model, plan)
     return model, plan

@@ -18,8 +18,9 @@ from ..data import calibration_loader, load_model
 from ..eval.perplexity import latency_ratio, perplexity
 from ..geometry import collect_stats
 from ..io import write_json
-from .api import prune, prune_taps, taylor_grads
-from .units import block_params
+from .api import prune, prune_taps, score_groups, taylor_grads
+from .config import PruneConfig
+from .units import block_params, unit_groups
 
 
 def run_prune_bench(args) -> dict:
@@ -36,14 +37,17 @@ def run_prune_bench(args) -> dict:
     base_params = block_params(model)
     baseline = {"ppl": perplexity(model, evals), "params": base_params}
     print(f"baseline ppl {baseline['ppl']:.3f}, block params {base_params}", flush=True)
-    rows = []
+    rows, scores = [], {}
     for sparsity, criterion, comp, alloc in itertools.product(args.sparsities, args.criteria, args.compensations,
                                                             args.allocations):
         t = time.time()
+        cfg = PruneConfig(sparsity=sparsity, criterion=criterion, targets=targets, allocation=alloc,
+                          compensation=comp, round_to=args.round_to, head_mode=args.head_mode,
+                          min_keep=args.min_keep)
+        if criterion not in scores:  # scores depend on the unpruned model only: once per criterion
+            scores[criterion] = score_groups(model, unit_groups(model, targets, args.head_mode), cfg, stats, grads)
         pruned = copy.deepcopy(model)
-        _, plan = prune(pruned, stats, sparsity=sparsity, criterion=criterion, targets=targets,
-                        allocation=alloc, compensation=comp, grads=grads, round_to=args.round_to,
-                        head_mode=args.head_mode, min_keep=args.min_keep)
+        _, plan = prune(pruned, stats, config=cfg, scores=scores[criterion])
         ppl = perplexity(pruned, evals)
         params = block_params(pruned)
         row = {"method": f"{criterion}/{comp}/{alloc}", "criterion": criterion, "compensation": comp,

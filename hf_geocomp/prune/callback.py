@@ -35,8 +35,10 @@ class VarianceWeightedPruningCallback(TrainerCallback):
         schedule: ``cubic`` (fast early, gentle late) or ``linear``.
         start, end: fractions of the training steps where masking begins and reaches the target.
         update_every: optimizer steps between mask updates (default: a tenth of the ramp).
-        compensation: applied at the final physical removal (``none`` by default: the model
-            has already trained with the units masked).
+        compensation: applied at every mask update to the consumers' kept weights, from the
+            statistics of the training passes since the previous update (``refit`` needs no new
+            parameters; ``bias`` may add biases, which then stay fixed). The final physical
+            removal is exact: the removed units are already zero.
     """
 
     def __init__(self, target_sparsity: float = 0.2, criterion: str = "variance", targets=("mlp", "heads"),
@@ -102,9 +104,7 @@ class VarianceWeightedPruningCallback(TrainerCallback):
         try:
             if self.plan is None or self.plan.config["sparsity"] < self.config.sparsity:
                 self._update(self.config.sparsity, state.global_step)
-            stats = self._reduced_stats() if self.config.compensation != "none" else None
-            apply_plan(self._model, self._groups, self.plan, stats, self.config.compensation,
-                       self.config.refit_damp)
+            apply_plan(self._model, self._groups, self.plan)
             update_config(self._model, self.plan)
         finally:
             self._collector.remove()
@@ -123,11 +123,12 @@ class VarianceWeightedPruningCallback(TrainerCallback):
 
     def _update(self, sparsity: float, step: int) -> None:
         cfg = PruneConfig(**{**self.config.to_dict(), "sparsity": sparsity})
-        stats = self._reduced_stats() if cfg.criterion in ("variance", "variance_cond", "wanda") else None
+        needs = cfg.criterion in ("variance", "variance_cond", "wanda") or cfg.compensation != "none"
+        stats = self._reduced_stats() if needs else None
         forced = {gp.key: set(gp.removed) for gp in self.plan.groups} if self.plan is not None else None
         scores = score_groups(self._model, self._groups, cfg, stats, self._grads)
         self.plan = allocate(self._groups, scores, cfg, self._total, forced)
-        apply_masks(self._model, self._groups, self.plan)
+        apply_masks(self._model, self._groups, self.plan, stats, cfg.compensation, cfg.refit_damp)
         self.history.append({"step": step, "sparsity": sparsity, "achieved": self.plan.achieved_sparsity,
                              "tokens": int(stats.tokens) if stats is not None else None})
         old = self._collector.stats  # start afresh: later scores see the masked model's activations

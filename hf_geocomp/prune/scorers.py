@@ -55,35 +55,38 @@ class VarianceScorer(Scorer):
 
 class ConditionalVarianceScorer(Scorer):
     damp = 1e-2
+    steps = 64  # greedy rounds per layer; each removes 1/steps of the units (exact greedy for few units)
 
     def score(self, model, group, stats, grads):
-        W = _consumer(model, group)[:, group.cols.reshape(-1)]  # (out, units·c), unit-major columns
         cols = group.cols.reshape(-1)
+        W = _consumer(model, group)[:, cols]  # (out, units·c), unit-major columns
         C = stats.input_of(group.consumer).covariance()[cols][:, cols]
         C = C + self.damp * C.diagonal().mean().clamp_min(1e-12) * torch.eye(len(cols), dtype=C.dtype)
         H = torch.linalg.inv(C)  # (units·c, units·c)
-        c = group.cols.shape[1]
-        alive = torch.ones(group.num_units, dtype=torch.bool)
-        score = torch.zeros(group.num_units, dtype=torch.float64)
-        total = 0.0
-        for _ in range(group.num_units):
+        n, c = group.num_units, group.cols.shape[1]
+        alive = torch.ones(n, dtype=torch.bool)
+        score = torch.zeros(n, dtype=torch.float64)
+        total, chunk = 0.0, max(1, -(-n // self.steps))
+        while alive.any():
             if c == 1:
                 loss = W.pow(2).sum(0) / H.diagonal().clamp_min(1e-30)  # (units,)
             else:
                 loss = torch.stack([torch.trace(W[:, u * c:(u + 1) * c] @ torch.linalg.solve(
-                    H[u * c:(u + 1) * c, u * c:(u + 1) * c], W[:, u * c:(u + 1) * c].T))
-                    for u in range(group.num_units)])
+                    H[u * c:(u + 1) * c, u * c:(u + 1) * c], W[:, u * c:(u + 1) * c].T)) if alive[u]
+                    else torch.tensor(0.0, dtype=torch.float64) for u in range(n)])
             loss = loss.masked_fill(~alive, float("inf"))
-            u = int(loss.argmin())
-            total += float(loss[u])
-            score[u], alive[u] = total, False
-            sl = slice(u * c, (u + 1) * c)
-            Hinv_uu = torch.linalg.inv(H[sl, sl])  # (c, c)
-            W = W - W[:, sl] @ Hinv_uu @ H[sl, :]  # refit the others, unit u's columns become 0
-            H = H - H[:, sl] @ Hinv_uu @ H[sl, :]
-            H[sl, :] = 0
-            H[:, sl] = 0
-            H[sl, sl] = torch.eye(c, dtype=H.dtype)  # keep the removed block inert
+            drop = loss.argsort()[: min(chunk, int(alive.sum()))]  # cheapest units this round
+            for u in drop.tolist():
+                total += float(loss[u])
+                score[u], alive[u] = total, False
+            idx = (drop[:, None] * c + torch.arange(c)[None, :]).reshape(-1)  # their columns
+            Hinv = torch.linalg.inv(H[idx][:, idx])  # (|idx|, |idx|)
+            Hrow = H[idx]  # (|idx|, units·c)
+            W -= (W[:, idx] @ Hinv) @ Hrow  # refit the remaining columns; the dropped ones become 0
+            H -= Hrow.T @ Hinv @ Hrow
+            H[idx] = 0
+            H[:, idx] = 0
+            H[idx, idx] = 1.0  # keep removed columns inert
         return score
 
 

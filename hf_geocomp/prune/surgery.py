@@ -88,10 +88,31 @@ def apply_plan(model: nn.Module, groups: list[UnitGroup], plan: PrunePlan, stats
     return model
 
 
-def apply_masks(model: nn.Module, groups: list[UnitGroup], plan: PrunePlan) -> None:
-    """Zero the weights of every removed unit in place (shapes unchanged): producer rows and consumer columns."""
+def apply_masks(model: nn.Module, groups: list[UnitGroup], plan: PrunePlan, stats=None,
+                compensation: str = "none", damp: float = 1e-2) -> None:
+    """Zero the weights of every removed unit in place (shapes unchanged): producer rows and consumer columns.
+
+    With ``compensation`` (and ``stats`` of the current, already masked model) the consumer's
+    kept columns and bias are refitted first, as :func:`apply_plan` would.
+    """
+    bias, refit = "bias" in compensation, "refit" in compensation
+    if (bias or refit) and stats is None:
+        raise GeoCompError(f"compensation {compensation!r} needs activation statistics.")
+    if bias:
+        for kind in {g.kind for g, _ in _pruned(groups, plan)}:
+            arch.ensure_bias(model, kind)
     with torch.no_grad():
         for g, gp in _pruned(groups, plan):
+            if bias or refit:
+                m = model.get_submodule(g.consumer)
+                keep = g.cols[gp.keep].reshape(-1).sort().values
+                drop = g.cols[gp.removed].reshape(-1).sort().values
+                W = arch.linear_weight(m)
+                Wn, bn = _consumer_weights(W.double(), None if m.bias is None else m.bias.double(), keep, drop,
+                                           stats.input_of(g.consumer), bias, refit, damp)
+                W[:, keep] = Wn.to(W.dtype)
+                if bn is not None:
+                    m.bias.copy_(bn.to(m.bias.dtype))
             for name in g.producers:
                 m = model.get_submodule(name)
                 rows = _rows(g, gp.removed, name)
