@@ -246,3 +246,22 @@ def test_conditional_variance_spots_redundant_units():
     assert plain.index(3) > 40 and plain.index(4) > 40  # both near the top
     assert min(cond.index(3), cond.index(4)) == 0  # one is removed first: the other reproduces it
     assert max(cond.index(3), cond.index(4)) > 40
+
+
+def test_cli_prune(tmp_path, tiny_llama_dir, text_file, capsys):
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from hf_geocomp.cli import main
+
+    out = tmp_path / "pruned"
+    argv = ["prune", "--model", tiny_llama_dir, "--data", f"file:{text_file}", "--tokens", "512", "--block-size",
+            "32", "--sparsity", "0.25", "--criterion", "variance_cond", "--compensation", "refit", "-o", str(out)]
+    assert main(argv) == 0
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["command"].startswith("hf-geocomp prune") and plan["block_params_after"] < plan["block_params_before"]
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.intermediate_size < 48
+    assert main(argv[:-2] + ["--criterion", "l3", "-o", str(tmp_path / "x")]) == 2
+    assert "criterion 'l3' does not exist" in capsys.readouterr().err
