@@ -32,9 +32,19 @@ class _LMRows(torch.utils.data.Dataset):
         return {"input_ids": row["input_ids"], "attention_mask": row["attention_mask"], "labels": row["input_ids"]}
 
 
+def _trainable(model):
+    """A GGUF checkpoint is dequantized to float on load but stays flagged as quantized, which
+    Trainer refuses; the weights in memory are plain float tensors, so drop the flag."""
+    if getattr(model, "is_quantized", False) and all(p.is_floating_point() for p in model.parameters()):
+        model.is_quantized = False
+        model.hf_quantizer = None
+    return model
+
+
 def _finetune(model, rows, args, callbacks) -> float:
     from transformers import Trainer, TrainingArguments
 
+    _trainable(model)
     targs = TrainingArguments("runs/prune-recovery-trainer", max_steps=args.steps, learning_rate=args.lr,
                               per_device_train_batch_size=args.batch_size,
                               gradient_accumulation_steps=args.grad_accum, warmup_steps=0.1,
@@ -77,10 +87,6 @@ def run_recovery(args) -> dict:
                              "end": args.end, "compensation": args.compensation, "allocation": args.allocation},
                 "baseline": baseline, "rows": out_rows}
 
-    if args.dense_control:
-        dense = copy.deepcopy(base).train()
-        record("finetune (no pruning)", dense.eval(), _finetune(dense, rows, args, []))
-        del dense
     for sparsity in args.sparsities:
         model = copy.deepcopy(base).train()
         cb = VarianceWeightedPruningCallback(sparsity, criterion=args.criterion, targets=args.targets,
@@ -90,4 +96,7 @@ def run_recovery(args) -> dict:
         record(f"callback/{args.criterion}/{args.compensation}", model.eval(), minutes,
                {"budget": sparsity, "mask_updates": cb.history})
         del model
+    if args.dense_control:  # after the pruned runs, so a cut-short run still has them
+        dense = copy.deepcopy(base).train()
+        record("finetune (no pruning)", dense.eval(), _finetune(dense, rows, args, []))
     return result()

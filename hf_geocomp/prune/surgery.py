@@ -30,7 +30,8 @@ def _consumer_weights(W: torch.Tensor, b: torch.Tensor | None, keep: torch.Tenso
     if not (bias or refit) or drop.numel() == 0:
         return W[:, keep], b
     mu = moments.mean()
-    b = torch.zeros(W.shape[0], dtype=W.dtype) if b is None else b
+    if bias and b is None:
+        b = torch.zeros(W.shape[0], dtype=W.dtype)
     if not refit:
         return W[:, keep], b + W[:, drop] @ mu[drop]
     C = moments.covariance() if bias else moments.second_moment()  # (in, in)
