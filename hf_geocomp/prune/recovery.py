@@ -16,6 +16,7 @@ import torch
 from ..data import calibration_loader, load_corpus, load_model, token_blocks
 from ..eval.perplexity import latency_ratio, perplexity
 from ..io import write_json
+from .api import unflag_dequantized
 from .callback import VarianceWeightedPruningCallback
 from .units import block_params
 
@@ -32,19 +33,10 @@ class _LMRows(torch.utils.data.Dataset):
         return {"input_ids": row["input_ids"], "attention_mask": row["attention_mask"], "labels": row["input_ids"]}
 
 
-def _trainable(model):
-    """A GGUF checkpoint is dequantized to float on load but stays flagged as quantized, which
-    Trainer refuses; the weights in memory are plain float tensors, so drop the flag."""
-    if getattr(model, "is_quantized", False) and all(p.is_floating_point() for p in model.parameters()):
-        model.is_quantized = False
-        model.hf_quantizer = None
-    return model
-
-
 def _finetune(model, rows, args, callbacks) -> float:
     from transformers import Trainer, TrainingArguments
 
-    _trainable(model)
+    unflag_dequantized(model)
     targs = TrainingArguments("runs/prune-recovery-trainer", max_steps=args.steps, learning_rate=args.lr,
                               per_device_train_batch_size=args.batch_size,
                               gradient_accumulation_steps=args.grad_accum, warmup_steps=0.1,
