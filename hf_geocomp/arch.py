@@ -7,6 +7,7 @@ Nothing else in the package hard-codes a module name.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import re
 from dataclasses import dataclass
@@ -35,22 +36,27 @@ class ArchSpec:
     mlp_in: tuple[str, ...]  # modules reading the block's MLP input (gate/up, c_fc, intermediate)
     mlp_out: str  # module writing the MLP output (down_proj, c_proj, output.dense)
     conv1d: bool = False  # GPT-2 style Conv1D: weight is (in, out)
+    attn: str = "self_attn"  # the attention module whose head counts change when heads are pruned
+    mlp_width: str = "intermediate_size"  # config key of the MLP width
+    bias_flags: tuple[str, str] | None = None  # config keys turning on (mlp, attention) biases, if any
+    head_config: bool = True  # head counts and head_dim are all stored in the config (stock reload works)
 
 
 _SPECS = {
     "llama": ArchSpec("llama", "model.layers", "self_attn.q_proj", "self_attn.k_proj",
                       "self_attn.v_proj", None, "self_attn.o_proj",
-                      ("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj"),
+                      ("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj",
+                      bias_flags=("mlp_bias", "attention_bias")),
     "gpt2": ArchSpec("gpt2", "transformer.h", None, None, None, "attn.c_attn", "attn.c_proj",
-                     ("mlp.c_fc",), "mlp.c_proj", conv1d=True),
+                     ("mlp.c_fc",), "mlp.c_proj", conv1d=True, attn="attn", mlp_width="n_inner",
+                     head_config=False),
     "bert": ArchSpec("bert", "encoder.layer", "attention.self.query", "attention.self.key",
                      "attention.self.value", None, "attention.output.dense",
-                     ("intermediate.dense",), "output.dense"),
+                     ("intermediate.dense",), "output.dense", attn="attention.self", head_config=False),
 }
 # Families whose blocks are laid out exactly like Llama's.
 for _name in ("mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "olmo", "olmo2", "granite"):
-    _SPECS[_name] = ArchSpec(_name, *[getattr(_SPECS["llama"], f) for f in
-                                      ("layers", "q", "k", "v", "qkv", "o", "mlp_in", "mlp_out")])
+    _SPECS[_name] = dataclasses.replace(_SPECS["llama"], family=_name)
 
 
 def get_spec(model: nn.Module) -> ArchSpec:
@@ -194,6 +200,14 @@ def linear_weight(module: nn.Module) -> torch.Tensor:
     return module.weight.T if type(module).__name__ == "Conv1D" else module.weight
 
 
+def linear_weight_grad(module: nn.Module) -> torch.Tensor:
+    """The weight's gradient as (out_features, in_features), zeros when there is none."""
+    g = module.weight.grad
+    if g is None:
+        return torch.zeros_like(linear_weight(module))
+    return g.T if type(module).__name__ == "Conv1D" else g
+
+
 def block_linears(model: nn.Module) -> list[str]:
     """Names of every dense layer inside the transformer blocks, in model order."""
     prefixes = tuple(block_prefixes(model))
@@ -225,3 +239,56 @@ def match_modules(model: nn.Module, patterns: str | list[str]) -> list[str]:
             raise GeoCompError(f"module pattern {pat!r} matches no module of this model.")
         out.extend(h for h in hits if h not in out)
     return out
+
+
+# ---- rebuilding smaller modules (used by pruning surgery) ------------------------------------
+
+def new_linear(like: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+    """A dense layer of ``like``'s kind holding ``weight`` (out, in) and ``bias`` (out,) or None."""
+    out_f, in_f = weight.shape
+    if type(like).__name__ == "Conv1D":  # GPT-2: weight stored (in, out), bias always present
+        layer = type(like)(out_f, in_f)
+        layer.weight = nn.Parameter(weight.T.contiguous().clone())
+        layer.bias = nn.Parameter(bias.clone() if bias is not None else torch.zeros(out_f, dtype=weight.dtype))
+    else:
+        layer = nn.Linear(in_f, out_f, bias=bias is not None, dtype=weight.dtype, device=weight.device)
+        layer.weight = nn.Parameter(weight.contiguous().clone())
+        if bias is not None:
+            layer.bias = nn.Parameter(bias.clone())
+    return layer.to(weight.device).train(like.training)
+
+
+def set_attention_heads(model: nn.Module, attn: nn.Module, num_heads: int, num_kv_heads: int) -> None:
+    """Tell one attention module it now has ``num_heads`` query and ``num_kv_heads`` KV heads."""
+    spec = get_spec(model)
+    hd = head_layout(model).head_dim
+    if spec.family == "gpt2":
+        attn.num_heads, attn.split_size, attn.embed_dim = num_heads, num_heads * hd, num_heads * hd
+    elif spec.family == "bert":
+        attn.num_attention_heads, attn.all_head_size = num_heads, num_heads * hd
+    else:  # Llama-like: heads are inferred from shapes; only the GQA repeat count is stored
+        attn.num_key_value_groups = num_heads // num_kv_heads
+        for name in ("num_heads", "num_key_value_heads"):
+            if hasattr(attn, name):
+                setattr(attn, name, num_heads if name == "num_heads" else num_kv_heads)
+
+
+def ensure_bias(model: nn.Module, kind: str) -> None:
+    """Give every ``kind`` ("mlp" or "heads") projection of every block a bias (zeros where new).
+
+    Needed when compensation folds a constant into a layer that has none; the config flag is
+    set too, so a stock ``from_pretrained`` builds the same modules.
+    """
+    spec = get_spec(model)
+    names = (*spec.mlp_in, spec.mlp_out) if kind == "mlp" else tuple(
+        n for n in (spec.q, spec.k, spec.v, spec.qkv, spec.o) if n)
+    for prefix in block_prefixes(model):
+        for n in names:
+            m = model.get_submodule(prefix + n)
+            if getattr(m, "bias", None) is None:
+                if spec.bias_flags is None:
+                    raise GeoCompError(f"{spec.family} layer {prefix + n} has no bias to compensate into.")
+                m.bias = nn.Parameter(torch.zeros(linear_weight(m).shape[0], dtype=m.weight.dtype,
+                                                  device=m.weight.device))
+    if spec.bias_flags is not None:
+        setattr(model.config, spec.bias_flags[0 if kind == "mlp" else 1], True)

@@ -78,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--plot", default=None, help="also plot perplexity against cache bytes to this PNG")
     k.set_defaults(handler=_bench_kv)
 
+    _add_prune_parsers(sub)
+
     r = sub.add_parser("run", help="run a YAML recipe: `command:` names a subcommand, other keys are its options")
     r.add_argument("recipe", help="path to a recipe (see recipes/)")
     r.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override recipe keys")
@@ -124,6 +126,105 @@ def recipe_argv(parser: argparse.ArgumentParser, path: str, overrides: list[str]
         else:
             argv += [flag, str(value)]
     return argv
+
+
+def _add_prune_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--targets", default="mlp,heads", help="comma list of mlp, heads (default mlp,heads)")
+    p.add_argument("--head-mode", default="query", help="query (heads within GQA groups) or kv (whole groups)")
+    p.add_argument("--round-to", type=int, default=1, help="kept MLP widths rounded up to a multiple (default 1)")
+    p.add_argument("--min-keep", type=float, default=0.05, help="least fraction of units per layer (default 0.05)")
+
+
+def _add_prune_parsers(sub) -> None:
+    p = sub.add_parser("prune", help="one-shot structured pruning → a saved, smaller model + plan.json")
+    _add_model_data(p, tokens=16384)
+    _add_prune_options(p)
+    p.add_argument("--sparsity", type=float, default=0.2, help="fraction of block parameters to remove")
+    p.add_argument("--criterion", default="variance", help="variance, magnitude, wanda, random, taylor")
+    p.add_argument("--allocation", default="uniform", help="uniform or global")
+    p.add_argument("--compensation", default="none", help="none, bias, refit, bias+refit")
+    p.add_argument("--output", "-o", required=True, help="output model folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.set_defaults(handler=_prune)
+
+    b = sub.add_parser("bench-prune", help="perplexity, parameters and latency of every criterion and budget")
+    _add_model_data(b, tokens=16384)
+    _add_prune_options(b)
+    b.add_argument("--eval-data", default="shakespeare:evaluation", help="held-out text (default evaluation split)")
+    b.add_argument("--eval-tokens", type=int, default=16384, help="held-out tokens (default 16384)")
+    b.add_argument("--sparsities", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.5])
+    b.add_argument("--criteria", nargs="+", default=["magnitude", "random", "wanda", "variance", "taylor"])
+    b.add_argument("--compensations", nargs="+", default=["none", "bias+refit"])
+    b.add_argument("--allocations", nargs="+", default=["uniform"])
+    b.add_argument("--taylor-batches", type=int, default=4, help="calibration batches for Taylor gradients")
+    b.add_argument("--latency-tokens", type=int, default=512, help="tokens of the batch-1 latency input")
+    b.add_argument("--latency-repeats", type=int, default=5)
+    b.add_argument("--output", "-o", default="recipes/results/prune_smollm2_oneshot.json", help="results JSON")
+    b.set_defaults(handler=_bench_prune)
+
+    r = sub.add_parser("bench-prune-recovery", help="prune during a short fine-tune with the callback")
+    r.add_argument("--model", default="smollm2-135m")
+    r.add_argument("--train-data", default="shakespeare:train")
+    r.add_argument("--eval-data", default="shakespeare:evaluation")
+    r.add_argument("--eval-tokens", type=int, default=4096)
+    r.add_argument("--block-size", type=int, default=256)
+    r.add_argument("--sparsities", type=float, nargs="+", default=[0.2])
+    r.add_argument("--criterion", default="variance")
+    r.add_argument("--targets", default="mlp")
+    r.add_argument("--allocation", default="uniform")
+    r.add_argument("--compensation", default="refit", help="applied at every mask update")
+    r.add_argument("--schedule", default="cubic")
+    r.add_argument("--end", type=float, default=0.5, help="fraction of steps where the target is reached")
+    r.add_argument("--update-every", type=int, default=None)
+    r.add_argument("--steps", type=int, default=60)
+    r.add_argument("--lr", type=float, default=5e-5)
+    r.add_argument("--batch-size", type=int, default=4)
+    r.add_argument("--grad-accum", type=int, default=2)
+    r.add_argument("--dense-control", action="store_true", help="also fine-tune without pruning")
+    r.add_argument("--latency-tokens", type=int, default=512)
+    r.add_argument("--latency-repeats", type=int, default=5)
+    r.add_argument("--output", "-o", default="recipes/results/prune_smollm2_recovery.json")
+    r.set_defaults(handler=_bench_prune_recovery)
+
+    h = sub.add_parser("bench-prune-h1", help="H1: pruning criteria on a fine-tuned genre classifier, over seeds")
+    h.add_argument("--model", default="minilm-l6", help="encoder (default minilm-l6)")
+    h.add_argument("--targets", default="mlp", help="comma list of mlp, heads (default mlp)")
+    h.add_argument("--sparsities", type=float, nargs="+", default=[0.2, 0.4])
+    h.add_argument("--criteria", nargs="+", default=["variance", "variance_cond", "magnitude", "wanda", "random"])
+    h.add_argument("--seeds", type=int, default=5)
+    h.add_argument("--block-size", type=int, default=128, help="tokens per passage (default 128)")
+    h.add_argument("--train-per-genre", type=int, default=200)
+    h.add_argument("--test-per-genre", type=int, default=150)
+    h.add_argument("--calibration-passages", type=int, default=128, help="training passages for statistics")
+    h.add_argument("--epochs", type=float, default=1.0)
+    h.add_argument("--lr", type=float, default=5e-5)
+    h.add_argument("--batch-size", type=int, default=16)
+    h.add_argument("--output", "-o", default="recipes/results/prune_h1_minilm.json", help="results JSON")
+    h.set_defaults(handler=_bench_prune_h1)
+
+
+def _prune(args) -> None:
+    from .prune.cli import prune_command
+
+    prune_command(args)
+
+
+def _bench_prune(args) -> None:
+    from .prune.bench import run_prune_bench
+
+    run_prune_bench(args)
+
+
+def _bench_prune_recovery(args) -> None:
+    from .prune.recovery import run_recovery
+
+    run_recovery(args)
+
+
+def _bench_prune_h1(args) -> None:
+    from .prune.h1 import run_h1
+
+    run_h1(args)
 
 
 def _analyze(args) -> None:

@@ -180,6 +180,12 @@ class ActivationStats:
         if weights and mine.get("weights") != fp["weights"]:
             raise GeoCompError("these statistics are stale: the model's weights changed since they were measured.")
 
+    def clone(self) -> "ActivationStats":
+        """An independent copy (e.g. to reduce across processes while collection continues)."""
+        return ActivationStats({k: Moments(m.sum.clone(), m.outer.clone(), m.count.clone())
+                                for k, m in self.moments.items()},
+                               dict(self.taps), dict(self.aliases), json.loads(json.dumps(self.meta)))
+
     # ---- distributed -------------------------------------------------------------------
     def reduce_(self) -> "ActivationStats":
         """Sum every statistic over all processes (no-op in a single process).
@@ -255,10 +261,12 @@ class StatsCollector:
     Hooks are removed on exit, whatever happens. Pass ``attention_mask`` to the model as a
     keyword so padding is excluded. Per-batch Gram matrices are computed in
     ``compute_dtype`` (float32 by default, the speed of the forward pass itself) and added
-    into float64 running sums; pass ``torch.float64`` for exact products.
+    into float64 running sums; pass ``torch.float64`` for exact products. With
+    ``training_only``, forward passes made in eval mode (a Trainer's evaluation) are ignored.
     """
 
-    def __init__(self, model: nn.Module, taps: Iterable[Tap], compute_dtype: torch.dtype = torch.float32):
+    def __init__(self, model: nn.Module, taps: Iterable[Tap], compute_dtype: torch.dtype = torch.float32,
+                 training_only: bool = False):
         self.model = model
         self.taps = list(taps)
         if not self.taps:
@@ -268,6 +276,8 @@ class StatsCollector:
             if t.module not in modules:
                 raise GeoCompError(f"module {t.module!r} does not exist in this model.")
         self.compute_dtype = compute_dtype
+        self.training_only = training_only
+        self._skip = False
         self.stats = ActivationStats(taps={t.key: t for t in self.taps},
                                      meta={"fingerprint": model_fingerprint(model)})
         self._by_module: dict[str, list[Tap]] = {}
@@ -282,11 +292,14 @@ class StatsCollector:
 
     # hooks -----------------------------------------------------------------------------
     def _pre_root(self, module, args, kwargs):
+        self._skip = self.training_only and not module.training
         mask = kwargs.get("attention_mask")
         usable = isinstance(mask, torch.Tensor) and mask.dim() == 2 and not bool(mask.all())
         self._mask = mask if usable else None  # an all-ones mask selects nothing: skip the copy
 
     def _post_root(self, module, args, kwargs, output):
+        if self._skip:
+            return
         self._seen.clear()  # dedup groups are fixed by the first batch
         self.batches += 1
 
@@ -301,6 +314,8 @@ class StatsCollector:
 
     def _module_hook(self, name: str):
         def hook(module, args, output):
+            if self._skip:
+                return
             for tap in self._by_module[name]:
                 x = args[0] if tap.where == "input" else output
                 if isinstance(x, tuple):

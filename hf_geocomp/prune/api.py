@@ -1,0 +1,122 @@
+"""One-shot structured pruning: ``prune(model, stats, sparsity=...)`` → (model, plan)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import arch
+from ..errors import GeoCompError
+from ..geometry import Tap
+from .config import PruneConfig
+from .plan import PrunePlan, allocate
+from .scorers import get_scorer
+from .surgery import apply_plan
+from .units import TARGETS, UnitGroup, block_params, unit_groups
+
+
+def prune_taps(model: nn.Module, targets=TARGETS) -> list[Tap]:
+    """The statistics pruning reads: the inputs of every consumer (down_proj, o_proj, ...)."""
+    return [Tap(g.consumer, "input") for g in unit_groups(model, targets)]
+
+
+def score_groups(model, groups: list[UnitGroup], cfg: PruneConfig, stats=None, grads=None) -> dict[str, torch.Tensor]:
+    scorer = get_scorer(cfg.criterion, cfg.seed)
+    if scorer.needs_stats and stats is None:
+        raise GeoCompError(f"criterion {cfg.criterion!r} needs activation statistics (see prune_taps).")
+    return {g.key: scorer.score(model, g, stats, grads) for g in groups}
+
+
+def update_config(model: nn.Module, plan: PrunePlan) -> bool:
+    """Record the new widths in ``model.config``; return whether stock ``from_pretrained`` rebuilds them.
+
+    Uniform widths (and, for Llama-like models, uniform head counts) go into the ordinary
+    config keys. Otherwise the ordinary keys keep their original values, so stock
+    ``from_pretrained`` stops with a size-mismatch error instead of loading wrong shapes;
+    ``config.geocomp_pruning`` holds the per-layer widths for the geocomp loader.
+    """
+    spec, cfg = arch.get_spec(model), model.config
+    heads = arch.head_layout(model)
+    mlp, q = plan.widths("mlp"), plan.widths("heads")
+    per_unit = {g.kind: g for g in plan.groups}
+    record = {"mlp_widths": mlp or None, "head_units": q or None, "head_mode": plan.config.get("head_mode")}
+    stock = True
+    if mlp and len(set(mlp)) == 1:
+        setattr(cfg, spec.mlp_width, mlp[0])
+    elif mlp:
+        stock = False
+    if q and any(len(g.keep) < g.num_units for g in plan.groups if g.kind == "heads"):
+        if len(set(q)) == 1 and spec.head_config:
+            g = per_unit["heads"]
+            gqa_query = plan.config.get("head_mode") == "query" and heads.group_size > 1
+            n_heads = q[0] * (1 if g.num_units == heads.num_heads else heads.group_size)
+            n_kv = heads.num_kv_heads if gqa_query else q[0] if g.num_units == heads.num_kv_heads else n_heads
+            cfg.head_dim = heads.head_dim  # explicit, so it is not re-derived from hidden_size / heads
+            cfg.num_attention_heads, cfg.num_key_value_heads = n_heads, n_kv
+        else:
+            stock = False
+    record["stock_loadable"] = stock
+    cfg.geocomp_pruning = record
+    return stock
+
+
+def unflag_dequantized(model: nn.Module) -> nn.Module:
+    """A GGUF checkpoint is dequantized to float on load but stays flagged as quantized, so
+    Trainer refuses to train it and ``save_pretrained`` to save it; the weights in memory are
+    plain float tensors, so drop the flag."""
+    if getattr(model, "is_quantized", False) and all(p.is_floating_point() for p in model.parameters()):
+        model.is_quantized = False
+        model.hf_quantizer = None
+        if getattr(model.config, "quantization_config", None) is not None:
+            del model.config.quantization_config
+    return model
+
+
+def taylor_grads(model: nn.Module, batches, targets=TARGETS) -> dict[str, torch.Tensor]:
+    """Σ over batches of w·∂L/∂w (language-model loss) for every module a unit group touches, (out, in)."""
+    groups = unit_groups(model, targets)
+    names = sorted({n for g in groups for n in (g.consumer, *g.producers)})
+    acc = {n: torch.zeros_like(arch.linear_weight(model.get_submodule(n)), dtype=torch.float64) for n in names}
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            model.zero_grad(set_to_none=True)
+            out = model(**batch, labels=batch["input_ids"])
+            if getattr(out, "loss", None) is None:
+                raise GeoCompError("the taylor criterion needs a model that returns a loss (a task head).")
+            out.loss.backward()
+            for n in names:
+                m = model.get_submodule(n)
+                acc[n] += (arch.linear_weight(m).detach() * arch.linear_weight_grad(m)).double()
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+    return acc
+
+
+def prune(model: nn.Module, stats=None, sparsity: float = 0.2, criterion: str = "variance",
+          targets=("mlp", "heads"), allocation: str = "uniform", compensation: str = "none",
+          grads: dict | None = None, config: PruneConfig | None = None, scores: dict | None = None,
+          **kwargs) -> tuple[nn.Module, PrunePlan]:
+    """Prune ``model`` in place to about ``sparsity`` of its block parameters; return it and the plan.
+
+    ``stats`` come from :func:`hf_geocomp.geometry.collect_stats` with :func:`prune_taps` (needed by
+    the variance and wanda criteria and by compensation); they must be from this model and its
+    current weights. ``grads`` (from :func:`taylor_grads`) feed the taylor criterion; ``scores``
+    (from :func:`score_groups` on this model) skip scoring when one model is pruned at several budgets. Extra
+    keyword arguments are :class:`PruneConfig` fields.
+    """
+    cfg = config or PruneConfig(sparsity=sparsity, criterion=criterion, targets=targets, allocation=allocation,
+                                compensation=compensation, **kwargs)
+    if stats is not None:
+        stats.check_model(model)
+    if cfg.compensation != "none" and stats is None:
+        raise GeoCompError(f"compensation {cfg.compensation!r} needs activation statistics (see prune_taps).")
+    groups = unit_groups(model, cfg.targets, cfg.head_mode)
+    if scores is None:
+        scores = score_groups(model, groups, cfg, stats, grads)
+    plan = allocate(groups, scores, cfg, block_params(model))
+    apply_plan(model, groups, plan, stats, cfg.compensation, cfg.refit_damp)
+    update_config(model, plan)
+    return model, plan

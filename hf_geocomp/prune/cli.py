@@ -1,0 +1,32 @@
+"""``hf-geocomp prune``: calibrate, prune one-shot, save the smaller model with its plan."""
+
+from __future__ import annotations
+
+from ..data import calibration_loader, load_model
+from ..geometry import collect_stats
+from ..io import output_dir, write_json
+from .api import prune, prune_taps, taylor_grads, unflag_dequantized
+from .config import PruneConfig
+from .units import block_params
+
+
+def prune_command(args) -> None:
+    cfg = PruneConfig(sparsity=args.sparsity, criterion=args.criterion, targets=args.targets,
+                      allocation=args.allocation, compensation=args.compensation, head_mode=args.head_mode,
+                      round_to=args.round_to, min_keep=args.min_keep)
+    model, tok = load_model(args.model)
+    loader = list(calibration_loader(model, tok, args.data, args.tokens, args.block_size, args.batch_size))
+    stats = collect_stats(model, loader, prune_taps(model, cfg.targets))
+    grads = taylor_grads(model, loader, cfg.targets) if cfg.criterion == "taylor" else None
+    before = block_params(model)
+    with output_dir(args.output, args.overwrite) as out:
+        model, plan = prune(model, stats, grads=grads, config=cfg)
+        unflag_dequantized(model).save_pretrained(out)
+        tok.save_pretrained(out)
+        write_json(out / "plan.json", {"command": args.command_line, "model": args.model, "data": args.data,
+                                       "block_params_before": before, "block_params_after": block_params(model),
+                                       **plan.to_dict()})
+    stock = model.config.geocomp_pruning["stock_loadable"]
+    print(f"wrote {args.output}: removed {before - block_params(model)} of {before} block parameters "
+          f"({plan.achieved_sparsity:.2%}); {'reloads with' if stock else 'needs the geocomp loader, not'} "
+          "stock from_pretrained")

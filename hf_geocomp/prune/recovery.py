@@ -1,0 +1,94 @@
+"""Benchmark: prune a causal LM *during* a short fine-tune with the pruning callback.
+
+Rows, all in one run and on the same held-out text: the unpruned model as loaded (the
+baseline), the same model fine-tuned for the same steps without pruning (control: how much
+the fine-tune alone changes perplexity), and the model pruned by
+:class:`VarianceWeightedPruningCallback`. CPU time of each fine-tune is recorded.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import torch
+
+from ..data import calibration_loader, load_corpus, load_model, token_blocks
+from ..eval.perplexity import latency_ratio, perplexity
+from ..io import write_json
+from .api import unflag_dequantized
+from .callback import VarianceWeightedPruningCallback
+from .units import block_params
+
+
+class _LMRows(torch.utils.data.Dataset):
+    def __init__(self, blocks):
+        self.blocks = blocks
+
+    def __len__(self):
+        return len(self.blocks)
+
+    def __getitem__(self, i):
+        row = self.blocks[i]
+        return {"input_ids": row["input_ids"], "attention_mask": row["attention_mask"], "labels": row["input_ids"]}
+
+
+def _finetune(model, rows, args, callbacks) -> float:
+    from transformers import Trainer, TrainingArguments
+
+    unflag_dequantized(model)
+    targs = TrainingArguments("runs/prune-recovery-trainer", max_steps=args.steps, learning_rate=args.lr,
+                              per_device_train_batch_size=args.batch_size,
+                              gradient_accumulation_steps=args.grad_accum, warmup_steps=0.1,
+                              lr_scheduler_type="cosine", report_to=[], save_strategy="no", logging_steps=10,
+                              use_cpu=True, disable_tqdm=True, seed=0)
+    cpu = time.process_time()
+    Trainer(model=model, args=targs, train_dataset=rows, callbacks=callbacks).train()
+    return (time.process_time() - cpu) / 60
+
+
+def run_recovery(args) -> dict:
+    torch.manual_seed(0)
+    base, tok = load_model(args.model)
+    evals = list(calibration_loader(base, tok, args.eval_data, args.eval_tokens, args.block_size, 8))
+    lat_ids = evals[0]["input_ids"].reshape(-1)[: args.latency_tokens].unsqueeze(0)
+    n_train = args.steps * args.batch_size * args.grad_accum * args.block_size
+    rows = _LMRows(token_blocks(tok, load_corpus(args.train_data), args.block_size, max_tokens=n_train))
+    n0 = block_params(base)
+    baseline = {"ppl": perplexity(base, evals), "params": n0}
+    print(f"baseline ppl {baseline['ppl']:.3f}", flush=True)
+    out_rows = []
+
+    def record(method, model, minutes, extra=None):
+        ppl = perplexity(model, evals)
+        out_rows.append({"method": method, "sparsity": 1 - block_params(model) / n0, "params": block_params(model),
+                         "ppl": ppl, "ppl_ratio": ppl / baseline["ppl"],
+                         "latency_ratio": latency_ratio(model, base, lat_ids, args.latency_repeats),
+                         "train_cpu_minutes": minutes, **(extra or {})})
+        print(out_rows[-1], flush=True)
+        write_json(args.output, result())
+
+    def result():
+        return {"command": args.command_line, "model": args.model,
+                "data": {"train": args.train_data, "train_tokens": len(rows) * args.block_size,
+                         "evaluation": args.eval_data, "evaluation_tokens": args.eval_tokens,
+                         "block_size": args.block_size},
+                "finetune": {"steps": args.steps, "lr": args.lr, "batch_size": args.batch_size,
+                             "grad_accum": args.grad_accum},
+                "callback": {"criterion": args.criterion, "targets": args.targets, "schedule": args.schedule,
+                             "end": args.end, "compensation": args.compensation, "allocation": args.allocation},
+                "baseline": baseline, "rows": out_rows}
+
+    for sparsity in args.sparsities:
+        model = copy.deepcopy(base).train()
+        cb = VarianceWeightedPruningCallback(sparsity, criterion=args.criterion, targets=args.targets,
+                                             allocation=args.allocation, schedule=args.schedule, end=args.end,
+                                             compensation=args.compensation, update_every=args.update_every)
+        minutes = _finetune(model, rows, args, [cb])
+        record(f"callback/{args.criterion}/{args.compensation}", model.eval(), minutes,
+               {"budget": sparsity, "mask_updates": cb.history})
+        del model
+    if args.dense_control:  # after the pruned runs, so a cut-short run still has them
+        dense = copy.deepcopy(base).train()
+        record("finetune (no pruning)", dense.eval(), _finetune(dense, rows, args, []))
+    return result()

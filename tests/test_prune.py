@@ -1,0 +1,267 @@
+"""Structured pruning on tiny Llama (GQA), GPT-2 and BERT: scorers, allocation, surgery, save/reload, errors."""
+
+import pytest
+import torch
+
+from hf_geocomp import GeoCompError
+from hf_geocomp.geometry import Moments, collect_stats
+from hf_geocomp.prune import (PruneConfig, PrunePlan, allocate, apply_masks, apply_plan, block_params, get_scorer,
+                              prune, prune_taps, taylor_grads, unit_groups)
+
+from .conftest import TINY_MODELS, random_batch
+
+# (name, model, pruning kwargs): the matrix every generic check runs over
+CASES = [
+    ("llama-query", "llama", {"head_mode": "query"}),
+    ("llama-kv", "llama", {"head_mode": "kv"}),
+    ("llama-global", "llama", {"allocation": "global"}),
+    ("gpt2", "gpt2", {}),
+    ("gpt2-global", "gpt2", {"allocation": "global", "compensation": "bias"}),
+    ("bert", "bert", {"compensation": "refit"}),
+    ("bert-global", "bert", {"allocation": "global"}),
+]
+CRITERIA = ["variance", "variance_cond", "magnitude", "wanda", "random"]
+
+
+def _setup(name):
+    model = TINY_MODELS[name]()
+    batch = random_batch(batch=4, seq=16, pad_last=3)
+    stats = collect_stats(model, [batch], prune_taps(model), compute_dtype=torch.float64)
+    return model, batch, stats
+
+
+def _out(model, batch):
+    with torch.no_grad():
+        out = model(**batch)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+# ---- scorers: a constructed case with a known answer ----------------------------------------------
+
+def _designed_inputs(n_units, width, n=400):
+    """Consumer inputs (n, units*width): unit 0 constant (mean 5, no variance), unit 2 silent, others noise."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, n_units, width, generator=g, dtype=torch.float64)
+    x[:, 0] = 5.0
+    x[:, 3] *= 3.0  # unit 3: most variance
+    return x.reshape(n, -1)
+
+
+@pytest.mark.parametrize("name", sorted(TINY_MODELS))
+@pytest.mark.parametrize("kind", ["mlp", "heads"])
+def test_scorers_known_answer(name, kind):
+    from hf_geocomp import arch
+
+    model, _, stats = _setup(name)
+    group = next(g for g in unit_groups(model) if g.kind == kind and g.layer == 0)
+    cons = model.get_submodule(group.consumer)
+    x = _designed_inputs(group.num_units, group.cols.shape[1])
+    stats[f"{group.consumer}:in"].__init__(x.sum(0), x.T @ x, torch.tensor(float(len(x)), dtype=torch.float64))
+    with torch.no_grad():
+        W = arch.linear_weight(cons)
+        W.copy_(torch.randn(W.shape, generator=torch.Generator().manual_seed(2)) * 0.1)
+        W[:, group.cols[1]] *= 50  # unit 1: by far the largest weights
+        W[:, group.cols[2]] = 0  # unit 2: reads nothing ...
+        for prod, rows in group.producers.items():
+            arch.linear_weight(model.get_submodule(prod))[rows[2]] = 0  # ... and writes nothing
+            if model.get_submodule(prod).bias is not None:
+                model.get_submodule(prod).bias[rows[2]] = 0
+    s = {c: get_scorer(c).score(model, group, stats, None) for c in CRITERIA}
+    # variance = tr(W_u Σ_uu W_uᵀ), checked against the variance of the unit's actual output contribution
+    Wd = W.detach().double()
+    brute = torch.stack([(x[:, c] @ Wd[:, c].T).var(0, unbiased=False).sum() for c in group.cols])
+    torch.testing.assert_close(s["variance"], brute, rtol=1e-8, atol=1e-10)
+    assert s["variance"][0] < 1e-9 * s["variance"].max()  # constant input: no variance contributed
+    assert s["wanda"][0] > torch.median(s["wanda"])  # ... but a large RMS, so Wanda keeps it
+    assert int(s["magnitude"].argmax()) == 1 and int(s["magnitude"].argmin()) == 2
+    assert int(s["wanda"].argmin()) == 2
+    assert int(s["variance"].argmax()) in (1, 3)
+    torch.testing.assert_close(get_scorer("random", 3).score(model, group, stats, None),
+                               get_scorer("random", 3).score(model, group, stats, None))
+    assert not torch.equal(s["random"], get_scorer("random", 4).score(model, group, stats, None))
+
+
+def test_taylor_scorer_and_grads():
+    model, batch, _ = _setup("llama")
+    group = unit_groups(model, ("mlp",))[0]
+    names = [group.consumer, *group.producers]
+    grads = {n: torch.zeros_like(model.get_submodule(n).weight, dtype=torch.float64) for n in names}
+    grads[group.consumer][:, 5] = 1.0  # Σ w·g large for unit 5 only
+    grads[group.consumer][:, 7] = 0.5
+    s = get_scorer("taylor").score(model, group, None, grads)
+    assert int(s.argmax()) == 5 and sorted(s.argsort()[-2:].tolist()) == [5, 7]
+    real = taylor_grads(model, [batch], ("mlp",))
+    assert set(real) >= set(names) and float(real[group.consumer].abs().sum()) > 0
+    with pytest.raises(GeoCompError, match="gradients"):
+        get_scorer("taylor").score(model, group, None, None)
+
+
+# ---- surgery ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_zero_sparsity_is_identity(case):
+    _, name, kw = case
+    model, batch, stats = _setup(name)
+    ref = _out(model, batch)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    _, plan = prune(model, stats, sparsity=0.0, **kw)
+    assert plan.params_removed == 0
+    torch.testing.assert_close(_out(model, batch), ref, rtol=0, atol=0)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("criterion", CRITERIA)
+def test_surgery_equals_masking_and_counts(case, criterion):
+    """Cutting the plan's units gives the masked model's outputs, with exactly the planned parameter count."""
+    _, name, kw = case
+    kw = {k: v for k, v in kw.items() if k != "compensation"}
+    model, batch, stats = _setup(name)
+    cfg = PruneConfig(sparsity=0.3, criterion=criterion, **kw)
+    groups = unit_groups(model, cfg.targets, cfg.head_mode)
+    from hf_geocomp.prune import score_groups
+    plan = allocate(groups, score_groups(model, groups, cfg, stats), cfg, block_params(model))
+    before = block_params(model)
+    assert 0.15 < plan.achieved_sparsity <= 0.3 + 1e-9
+    apply_masks(model, groups, plan)
+    masked = _out(model, batch)
+    apply_plan(model, groups, plan)
+    torch.testing.assert_close(_out(model, batch), masked, rtol=1e-4, atol=1e-5)
+    assert before - block_params(model) == plan.params_removed
+    for g, gp in zip(groups, plan.groups):
+        from hf_geocomp import arch
+        width = arch.linear_weight(model.get_submodule(g.consumer)).shape[1]
+        assert width == len(gp.keep) * g.cols.shape[1]
+        for prod, rows in g.producers.items():
+            assert arch.linear_weight(model.get_submodule(prod)).shape[0] == len(gp.keep) * rows.shape[1]
+
+
+def test_gqa_query_heads_stay_consistent():
+    model, batch, stats = _setup("llama")
+    prune(model, stats, sparsity=0.3, targets=("heads",), head_mode="query")
+    attn = model.model.layers[0].self_attn
+    assert model.config.num_key_value_heads == 2 and attn.k_proj.out_features == 2 * 8
+    assert attn.q_proj.out_features == model.config.num_attention_heads * 8
+    assert attn.num_key_value_groups == model.config.num_attention_heads // 2
+    assert torch.isfinite(_out(model, batch)).all()
+
+
+def test_compensation_reduces_error():
+    errs = {}
+    for comp in ("none", "bias", "refit", "bias+refit"):
+        model, batch, stats = _setup("gpt2")
+        ref = _out(model, batch)
+        prune(model, stats, sparsity=0.3, targets=("mlp",), compensation=comp)
+        errs[comp] = float((_out(model, batch) - ref).pow(2).mean())
+    assert errs["refit"] < errs["none"] and errs["bias+refit"] < errs["none"] and errs["bias"] < errs["none"]
+
+
+def test_round_to_and_plan_roundtrip():
+    model, _, stats = _setup("llama")
+    _, plan = prune(model, stats, sparsity=0.3, targets=("mlp",), round_to=8, allocation="global")
+    assert all(w % 8 == 0 for w in plan.widths("mlp"))
+    again = PrunePlan.from_dict(plan.to_dict())
+    assert again.to_dict() == plan.to_dict()
+
+
+# ---- save / reload ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name,kw,stock", [
+    ("llama", {"head_mode": "query"}, True),
+    ("llama", {"head_mode": "kv", "compensation": "bias"}, True),
+    ("gpt2", {"targets": ("mlp",)}, True),
+    ("bert", {"targets": ("mlp",), "compensation": "bias+refit"}, True),
+    ("llama", {"allocation": "global"}, False),
+    ("gpt2", {}, False),
+])
+def test_save_reload(tmp_path, name, kw, stock):
+    from transformers import AutoModel
+
+    model, batch, stats = _setup(name)
+    prune(model, stats, sparsity=0.3, **kw)
+    assert model.config.geocomp_pruning["stock_loadable"] is stock
+    model.save_pretrained(tmp_path)
+    cls = type(model)
+    if stock:
+        again = cls.from_pretrained(tmp_path).eval()
+        torch.testing.assert_close(_out(again, batch), _out(model, batch), rtol=0, atol=0)
+    else:  # never loads silently wrong
+        with pytest.raises(RuntimeError, match="mismatch"):
+            AutoModel.from_pretrained(tmp_path) if name == "bert" else cls.from_pretrained(tmp_path)
+
+
+# ---- bad input ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kw,match", [
+    ({"sparsity": 1.0}, "sparsity"), ({"sparsity": -0.1}, "sparsity"), ({"criterion": "l2"}, "criterion"),
+    ({"targets": ("ffn",)}, "target"), ({"allocation": "layerwise"}, "allocation"),
+    ({"compensation": "ols"}, "compensation"), ({"min_keep": 0.0}, "min_keep"),
+])
+def test_bad_config(kw, match):
+    with pytest.raises(GeoCompError, match=match):
+        PruneConfig(**kw)
+
+
+def test_bad_inputs():
+    model, batch, stats = _setup("llama")
+    other, _, other_stats = _setup("gpt2")
+    with pytest.raises(GeoCompError, match="different model"):
+        prune(model, other_stats, sparsity=0.2)
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.mul_(2)
+    with pytest.raises(GeoCompError, match="stale"):
+        prune(model, stats, sparsity=0.2)
+    with pytest.raises(GeoCompError, match="statistics"):
+        prune(model, None, sparsity=0.2, criterion="variance")
+    groups = unit_groups(model)
+    cfg = PruneConfig(sparsity=0.2, criterion="magnitude")
+    from hf_geocomp.prune import score_groups
+    plan = allocate(groups, score_groups(model, groups, cfg), cfg, block_params(model))
+    plan.groups[0].keep = []
+    with pytest.raises(GeoCompError, match="removes every unit"):
+        apply_plan(model, groups, plan)
+
+    class Unknown(torch.nn.Module):
+        config = type("C", (), {"model_type": "t5"})()
+    with pytest.raises(GeoCompError, match="not supported"):
+        unit_groups(Unknown())
+
+
+def test_conditional_variance_spots_redundant_units():
+    """Two units carrying the same signal: plain variance keeps both, conditional variance drops one first."""
+    from hf_geocomp import arch
+
+    model, _, stats = _setup("llama")
+    group = unit_groups(model, ("mlp",))[0]
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(600, group.num_units, generator=g, dtype=torch.float64)
+    x[:, 4] = x[:, 3] = 3 * x[:, 3]  # the same large signal twice
+    stats[f"{group.consumer}:in"].__init__(x.sum(0), x.T @ x, torch.tensor(600.0, dtype=torch.float64))
+    with torch.no_grad():
+        W = arch.linear_weight(model.get_submodule(group.consumer))
+        W.copy_(torch.randn(W.shape, generator=g))
+        W[:, 4] = W[:, 3]
+    plain = get_scorer("variance").score(model, group, stats, None).argsort().tolist()
+    cond = get_scorer("variance_cond").score(model, group, stats, None).argsort().tolist()
+    assert plain.index(3) > 40 and plain.index(4) > 40  # both near the top
+    assert min(cond.index(3), cond.index(4)) == 0  # one is removed first: the other reproduces it
+    assert max(cond.index(3), cond.index(4)) > 40
+
+
+def test_cli_prune(tmp_path, tiny_llama_dir, text_file, capsys):
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from hf_geocomp.cli import main
+
+    out = tmp_path / "pruned"
+    argv = ["prune", "--model", tiny_llama_dir, "--data", f"file:{text_file}", "--tokens", "512", "--block-size",
+            "32", "--sparsity", "0.25", "--criterion", "variance_cond", "--compensation", "refit", "-o", str(out)]
+    assert main(argv) == 0
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["command"].startswith("hf-geocomp prune") and plan["block_params_after"] < plan["block_params_before"]
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.intermediate_size < 48
+    assert main(argv[:-2] + ["--criterion", "l3", "-o", str(tmp_path / "x")]) == 2
+    assert "criterion 'l3' does not exist" in capsys.readouterr().err

@@ -1,0 +1,97 @@
+"""The pruning callback in short Trainer runs: gradient accumulation, final surgery, save/reload, 2 processes."""
+
+import json
+
+import pytest
+import torch
+
+from hf_geocomp import GeoCompError
+from hf_geocomp.prune import VarianceWeightedPruningCallback, block_params
+
+from .conftest import random_batch, tiny_llama
+
+
+class LMData(torch.utils.data.Dataset):
+    def __init__(self, n, seed=0):
+        self.rows = [{k: v[0] for k, v in random_batch(batch=1, seq=16, seed=seed + i).items()} for i in range(n)]
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        row = dict(self.rows[i])
+        row["labels"] = row["input_ids"].clone()
+        return row
+
+
+def _train(out_dir, criterion="variance", n=32, **cb_kw):
+    from transformers import Trainer, TrainingArguments
+
+    model = tiny_llama()
+    cb = VarianceWeightedPruningCallback(0.3, criterion=criterion, update_every=2, end=0.6, **cb_kw)
+    args = TrainingArguments(str(out_dir), max_steps=6, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                             report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True,
+                             learning_rate=1e-3, disable_tqdm=True, dataloader_num_workers=0)
+    trainer = Trainer(model=model, args=args, train_dataset=LMData(n), callbacks=[cb])
+    trainer.train()
+    return trainer, cb
+
+
+@pytest.mark.parametrize("criterion,compensation", [("variance", "none"), ("taylor", "none"), ("variance_cond", "refit")])
+def test_callback_prunes_during_training(tmp_path, criterion, compensation):
+    from transformers import AutoModelForCausalLM
+
+    n0 = block_params(tiny_llama())
+    trainer, cb = _train(tmp_path, criterion, compensation=compensation)
+    model = trainer.model.eval()
+    assert block_params(model) == n0 - cb.plan.params_removed < 0.75 * n0
+    assert [h["step"] for h in cb.history] == [2, 3]  # every 2 steps, and at the end of the ramp (0.6 · 6)
+    assert cb.history[-1]["sparsity"] == pytest.approx(0.3)
+    if criterion == "variance":  # statistics came from every micro-batch: 2 steps × 2 accumulations × 2 × 16
+        assert cb.history[0]["tokens"] == 2 * 2 * 2 * 16
+    plan = json.loads((tmp_path / "prune_plan.json").read_text())
+    assert plan["params_removed"] == cb.plan.params_removed
+    trainer.save_model(str(tmp_path / "final"))  # what the Trainer saves is the pruned model
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "final").eval()
+    batch = random_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(again(**batch).logits, model(**batch).logits, rtol=0, atol=0)
+
+
+def test_callback_bad_input():
+    with pytest.raises(GeoCompError, match="schedule"):
+        VarianceWeightedPruningCallback(0.2, schedule="exp")
+    with pytest.raises(GeoCompError, match="sparsity"):
+        VarianceWeightedPruningCallback(1.2)
+    with pytest.raises(GeoCompError, match="start and end"):
+        VarianceWeightedPruningCallback(0.2, start=0.8, end=0.5)
+
+
+def _worker(rank, world_size, port, out_dir):
+    import os
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), ACCELERATE_USE_CPU="yes", GLOO_SOCKET_IFNAME="lo",
+                      OMP_NUM_THREADS="1")
+    from pathlib import Path
+
+    trainer, cb = _train(Path(out_dir) / f"rank{rank}", n=32)
+    keep = {gp.key: gp.keep for gp in cb.plan.groups}
+    (Path(out_dir) / f"keep{rank}.json").write_text(json.dumps({"keep": keep, "history": cb.history,
+                                                                "world": trainer.args.world_size}))
+
+
+def test_two_processes_prune_the_same_units(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (json.loads((tmp_path / f"keep{r}.json").read_text()) for r in (0, 1))
+    assert r0["world"] == 2
+    assert r0["keep"] == r1["keep"]
+    # statistics were summed: each rank saw half the micro-batches, the scores saw all of them
+    assert r0["history"][0]["tokens"] == r1["history"][0]["tokens"] == 2 * 2 * 2 * 2 * 16
