@@ -112,8 +112,22 @@ def load_model(name: str, task: str = "auto", dtype: torch.dtype = torch.float32
         hf_logging.set_verbosity(verbosity)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if gguf:
+        unflag_dequantized(model)
     model.eval()
     return model, tokenizer
+
+
+def unflag_dequantized(model):
+    """A GGUF checkpoint is dequantized to float on load but stays flagged as quantized, so
+    Trainer refuses to train it and ``save_pretrained`` to save it; the weights in memory are
+    plain float tensors, so drop the flag."""
+    if getattr(model, "is_quantized", False) and all(p.is_floating_point() for p in model.parameters()):
+        model.is_quantized = False
+        model.hf_quantizer = None
+        if getattr(model.config, "quantization_config", None) is not None:
+            del model.config.quantization_config
+    return model
 
 
 # ---- text -----------------------------------------------------------------------------------

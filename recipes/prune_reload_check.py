@@ -13,7 +13,6 @@ from hf_geocomp.data import calibration_loader, load_model
 from hf_geocomp.geometry import collect_stats
 from hf_geocomp.io import write_json
 from hf_geocomp.prune import block_params, prune, prune_taps
-from hf_geocomp.prune.api import unflag_dequantized
 
 rows = []
 model0, tok = load_model("smollm2-135m")
@@ -27,7 +26,7 @@ for alloc in ("uniform", "global"):
     with torch.no_grad():
         ref = model(input_ids=ids).logits
     with tempfile.TemporaryDirectory() as d:
-        unflag_dequantized(model).save_pretrained(d)
+        model.save_pretrained(d)
         try:
             again = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
             with torch.no_grad():

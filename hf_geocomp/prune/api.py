@@ -60,18 +60,6 @@ def update_config(model: nn.Module, plan: PrunePlan) -> bool:
     return stock
 
 
-def unflag_dequantized(model: nn.Module) -> nn.Module:
-    """A GGUF checkpoint is dequantized to float on load but stays flagged as quantized, so
-    Trainer refuses to train it and ``save_pretrained`` to save it; the weights in memory are
-    plain float tensors, so drop the flag."""
-    if getattr(model, "is_quantized", False) and all(p.is_floating_point() for p in model.parameters()):
-        model.is_quantized = False
-        model.hf_quantizer = None
-        if getattr(model.config, "quantization_config", None) is not None:
-            del model.config.quantization_config
-    return model
-
-
 def taylor_grads(model: nn.Module, batches, targets=TARGETS) -> dict[str, torch.Tensor]:
     """Σ over batches of w·∂L/∂w (language-model loss) for every module a unit group touches, (out, in)."""
     groups = unit_groups(model, targets)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..data import calibration_loader, load_model
 from ..geometry import collect_stats
 from ..io import output_dir, write_json
-from .api import prune, prune_taps, taylor_grads, unflag_dequantized
+from .api import prune, prune_taps, taylor_grads
 from .config import PruneConfig
 from .units import block_params
 
@@ -21,7 +21,7 @@ def prune_command(args) -> None:
     before = block_params(model)
     with output_dir(args.output, args.overwrite) as out:
         model, plan = prune(model, stats, grads=grads, config=cfg)
-        unflag_dequantized(model).save_pretrained(out)
+        model.save_pretrained(out)
         tok.save_pretrained(out)
         write_json(out / "plan.json", {"command": args.command_line, "model": args.model, "data": args.data,
                                        "block_params_before": before, "block_params_after": block_params(model),

@@ -16,7 +16,6 @@ import torch
 from ..data import calibration_loader, load_corpus, load_model, token_blocks
 from ..eval.perplexity import latency_ratio, perplexity
 from ..io import write_json
-from .api import unflag_dequantized
 from .callback import VarianceWeightedPruningCallback
 from .units import block_params
 
@@ -36,7 +35,6 @@ class _LMRows(torch.utils.data.Dataset):
 def _finetune(model, rows, args, callbacks) -> float:
     from transformers import Trainer, TrainingArguments
 
-    unflag_dequantized(model)
     targs = TrainingArguments("runs/prune-recovery-trainer", max_steps=args.steps, learning_rate=args.lr,
                               per_device_train_batch_size=args.batch_size,
                               gradient_accumulation_steps=args.grad_accum, warmup_steps=0.1,
