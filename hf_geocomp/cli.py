@@ -6,9 +6,24 @@ User mistakes end with one sentence on stderr and exit status 2, never a traceba
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib
 import sys
 
 from .errors import GeoCompError
+
+
+def _run_lazy(target: str, args) -> None:
+    module, _, name = target.partition(":")
+    getattr(importlib.import_module(module, __package__), name)(args)
+
+
+def _lazy(target: str):
+    """A handler that imports ``.module:function`` only when its subcommand runs (light start-up).
+
+    A ``partial`` of a module-level function, so ``args`` stays picklable for spawned workers.
+    """
+    return functools.partial(_run_lazy, target)
 
 
 def _add_model_data(p: argparse.ArgumentParser, tokens: int) -> None:
@@ -38,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_data(b, tokens=8192)
     b.add_argument("--repeats", type=int, default=3, help="timed repetitions of each pass (default 3)")
     b.add_argument("--output", "-o", default="recipes/results/geometry_overhead.json", help="results JSON")
-    b.set_defaults(handler=_bench_overhead)
+    b.set_defaults(handler=_lazy(".eval.overhead:run_overhead"))
     lb = sub.add_parser("lora-bench", help="H2 study: uniform LoRA vs SpectralLoRA vs EVA at one parameter budget")
     _add_model_data(lb, tokens=4096)
     lb.set_defaults(model="minilm-l6", block_size=128)
@@ -55,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     lb.add_argument("--test-per-class", type=int, default=100, help="test passages per genre (default 100)")
     lb.add_argument("--threads", type=int, default=1, help="torch threads (default 1: fastest on a shared CPU)")
     lb.add_argument("--output", "-o", default="recipes/results/lora_minilm_genre.json", help="results JSON")
-    lb.set_defaults(handler=_lora_bench)
+    lb.set_defaults(handler=_lazy(".lora.bench:run_genre_bench"))
 
     k = sub.add_parser("bench-kv", help="coded KV caches vs QuantizedCache vs DynamicCache: continuation perplexity")
     _add_model_data(k, tokens=4096)
@@ -76,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="greedy tokens generated from each window's context, compared with the uncompressed cache")
     k.add_argument("--output", "-o", default="recipes/results/kv_smollm2_continuation.json", help="results JSON")
     k.add_argument("--plot", default=None, help="also plot perplexity against cache bytes to this PNG")
-    k.set_defaults(handler=_bench_kv)
+    k.set_defaults(handler=_lazy(".eval.kv_bench:run_kv_bench"))
 
     _add_prune_parsers(sub)
 
@@ -145,7 +160,7 @@ def _add_prune_parsers(sub) -> None:
     p.add_argument("--compensation", default="none", help="none, bias, refit, bias+refit")
     p.add_argument("--output", "-o", required=True, help="output model folder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    p.set_defaults(handler=_prune)
+    p.set_defaults(handler=_lazy(".prune.cli:prune_command"))
 
     b = sub.add_parser("bench-prune", help="perplexity, parameters and latency of every criterion and budget")
     _add_model_data(b, tokens=16384)
@@ -160,7 +175,7 @@ def _add_prune_parsers(sub) -> None:
     b.add_argument("--latency-tokens", type=int, default=512, help="tokens of the batch-1 latency input")
     b.add_argument("--latency-repeats", type=int, default=5)
     b.add_argument("--output", "-o", default="recipes/results/prune_smollm2_oneshot.json", help="results JSON")
-    b.set_defaults(handler=_bench_prune)
+    b.set_defaults(handler=_lazy(".prune.bench:run_prune_bench"))
 
     r = sub.add_parser("bench-prune-recovery", help="prune during a short fine-tune with the callback")
     r.add_argument("--model", default="smollm2-135m")
@@ -184,7 +199,7 @@ def _add_prune_parsers(sub) -> None:
     r.add_argument("--latency-tokens", type=int, default=512)
     r.add_argument("--latency-repeats", type=int, default=5)
     r.add_argument("--output", "-o", default="recipes/results/prune_smollm2_recovery.json")
-    r.set_defaults(handler=_bench_prune_recovery)
+    r.set_defaults(handler=_lazy(".prune.recovery:run_recovery"))
 
     h = sub.add_parser("bench-prune-h1", help="H1: pruning criteria on a fine-tuned genre classifier, over seeds")
     h.add_argument("--model", default="minilm-l6", help="encoder (default minilm-l6)")
@@ -200,31 +215,11 @@ def _add_prune_parsers(sub) -> None:
     h.add_argument("--lr", type=float, default=5e-5)
     h.add_argument("--batch-size", type=int, default=16)
     h.add_argument("--output", "-o", default="recipes/results/prune_h1_minilm.json", help="results JSON")
-    h.set_defaults(handler=_bench_prune_h1)
+    h.set_defaults(handler=_lazy(".prune.h1:run_h1"))
 
 
-def _prune(args) -> None:
-    from .prune.cli import prune_command
-
-    prune_command(args)
 
 
-def _bench_prune(args) -> None:
-    from .prune.bench import run_prune_bench
-
-    run_prune_bench(args)
-
-
-def _bench_prune_recovery(args) -> None:
-    from .prune.recovery import run_recovery
-
-    run_recovery(args)
-
-
-def _bench_prune_h1(args) -> None:
-    from .prune.h1 import run_h1
-
-    run_h1(args)
 
 
 def _analyze(args) -> None:
@@ -265,22 +260,7 @@ def _analyze(args) -> None:
               f"  (dim {v['median_dim']:.0f}){extra}")
 
 
-def _bench_overhead(args) -> None:
-    from .eval.overhead import run_overhead
 
-    run_overhead(args)
-
-
-def _lora_bench(args) -> None:
-    from .lora.bench import run_genre_bench
-
-    run_genre_bench(args)
-
-
-def _bench_kv(args) -> None:
-    from .eval.kv_bench import run_kv_bench
-
-    run_kv_bench(args)
 
 
 def main(argv: list[str] | None = None) -> int:
