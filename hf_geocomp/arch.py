@@ -158,6 +158,18 @@ def o_proj_head_weights(model: nn.Module, layer: int) -> torch.Tensor:
     return w.reshape(w.shape[0], heads.num_heads, heads.head_dim).transpose(0, 1)
 
 
+def _rotary(model: nn.Module):
+    if get_spec(model).family in ("gpt2", "bert"):
+        return None
+    return next((m for n, m in model.named_modules() if n.endswith("rotary_emb")), None)
+
+
+def rope_scale(model: nn.Module) -> float:
+    """The factor RoPE multiplies cos and sin by (``attention_scaling``; 1.0 without RoPE)."""
+    rotary = _rotary(model)
+    return float(getattr(rotary, "attention_scaling", 1.0)) if rotary is not None else 1.0
+
+
 def rope_average(model: nn.Module, matrix: torch.Tensor, positions: int) -> torch.Tensor:
     """``mean_p R_p · matrix · R_pᵀ`` over positions ``0..positions-1``: a pre-RoPE second moment seen after RoPE.
 
@@ -166,11 +178,11 @@ def rope_average(model: nn.Module, matrix: torch.Tensor, positions: int) -> torc
     half swap), so the average is four Hadamard products with position-averaged cos/sin
     outer products, exact and O(P·d²).
     """
-    rotary = next((m for n, m in model.named_modules() if n.endswith("rotary_emb")), None)
-    if rotary is None or get_spec(model).family in ("gpt2", "bert"):
+    rotary = _rotary(model)
+    if rotary is None:
         return matrix
     inv_freq = rotary.inv_freq.detach().to(torch.float64)  # (d/2,)
-    scale = float(getattr(rotary, "attention_scaling", 1.0))
+    scale = rope_scale(model)
     angle = torch.arange(positions, dtype=torch.float64)[:, None] * inv_freq  # (P, d/2)
     cos = (angle.cos() * scale).repeat(1, 2)  # (P, d)
     sin = (angle.sin() * scale).repeat(1, 2)

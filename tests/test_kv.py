@@ -116,7 +116,8 @@ def test_crop_and_reorder(setup):
     full.crop(-6)
     assert full.get_seq_length() == 10
     for a, b in zip(full.layers, short.layers):  # tokens are coded independently: crop == shorter prefill
-        assert all(torch.equal(x, y) for pa, pb in zip(a.codes, b.codes) for x, y in zip(pa, pb))
+        assert all(torch.equal(x, y) for sa, sb in zip(a.segments, b.segments)
+                   for pa, pb in zip(sa.parts, sb.parts) for x, y in zip(pa, pb))
     idx = torch.tensor([2, 0, 1])
     permuted = plan.cache(model)
     model(**{k: v[idx, :10] for k, v in batch.items()}, past_key_values=permuted)
@@ -192,3 +193,45 @@ def test_quantizer_and_rope_average():
         rs.append(rotated[0, 0].T)
     r = torch.stack(rs)  # (P, 8, 8)
     assert torch.allclose(arch.rope_average(model, c, 9), (r @ c @ r.transpose(1, 2)).mean(0), atol=1e-5)
+
+
+@pytest.fixture(scope="module", params=sorted(DECODERS))
+def fisher_setup(request):
+    from hf_geocomp.kv import collect_kv_stats
+
+    model = DECODERS[request.param]()
+    return model, collect_kv_stats(model, [random_batch(4, 32, seed=s) for s in range(3)], "fisher")
+
+
+def test_fisher_basis_exact_at_full_precision_and_budget_respected(fisher_setup):
+    model, stats = fisher_setup
+    plan = build_plan(model, stats, KVConfig(budget=0.5, method="fisher"))
+    assert plan.config.k_scale == 1.0 and plan.ratio <= 0.5
+    batch = random_batch(2, 20, seed=6)
+    ref = _reference(model, batch)
+    assert torch.isfinite(_two_step_logits(model, plan.cache(model), batch)).all()
+    d = plan.num_kv_heads * plan.head_dim
+    plan.groups = {k: [(FULL, list(range(d)))] for k in plan.groups}
+    plan._codecs = None
+    assert torch.allclose(_two_step_logits(model, plan.cache(model), batch), ref, atol=1e-4)
+    with pytest.raises(GeoCompError, match="k_grad"):
+        build_plan(model, collect_stats(model, [random_batch(2, 8)], required_taps(model)), KVConfig(method="fisher"))
+
+
+def test_sink_tokens_exact_counted_and_cropped(setup):
+    model, stats = setup
+    plan = build_plan(model, stats, KVConfig(budget=0.25, group_size=8, sink_tokens=3, reference_tokens=16))
+    assert plan.ratio <= 0.25 and plan.cache_bytes(16) <= 0.25 * plan.cache_bytes(16, full=True)
+    batch = random_batch(2, 20, seed=12)
+    cache = plan.cache(model)
+    _two_step_logits(model, cache, batch, split=2)  # the sink fills across two updates
+    assert tensor_bytes(cache) == plan.cache_bytes(20, batch=2)
+    dyn = DynamicCache(config=model.config)
+    model(**batch, past_key_values=dyn)
+    for layer, ref in zip(cache.layers, dyn.layers):  # the first 3 tokens are stored exactly
+        sink = layer.segments[0].parts[0][0]  # (batch, 3, kv_heads, d)
+        assert torch.allclose(sink, ref.keys[:, :, :3].transpose(1, 2), atol=1e-6)
+    cache.crop(2)
+    assert cache.get_seq_length() == 2 and tensor_bytes(cache) == plan.cache_bytes(2, batch=2)
+    with pytest.raises(GeoCompError, match="sink_tokens"):
+        KVConfig(budget=0.1, sink_tokens=200, reference_tokens=1024)

@@ -173,3 +173,31 @@ def test_block_triangular_gram_equals_full_product(d):
     x = torch.randn(40, d, dtype=torch.float64, generator=torch.Generator().manual_seed(d))
     torch.testing.assert_close(_gram(x), x.T @ x, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(_gram(x, block=64), x.T @ x, rtol=1e-12, atol=1e-12)
+
+
+def test_gradient_taps_equal_autograd():
+    """output_grad taps hold Σ g gᵀ of the summed next-token loss w.r.t. k_proj outputs, padding excluded."""
+    from hf_geocomp.geometry import collect_gradient_stats, kv_grad_taps
+
+    model = tiny_llama()
+    batch = random_batch(2, 12, seed=3)
+    batch["attention_mask"][1, :4] = 0
+    taps = [t for t in kv_grad_taps(model) if t.name.endswith(":k_grad")][:1]
+    stats = collect_gradient_stats(model, [batch], taps)
+    assert all(p.grad is None for p in model.parameters()) and all(p.requires_grad for p in model.parameters())
+    grads = {}
+    module = model.get_submodule(taps[0].module)
+    def keep_grad(mod, args, out):
+        out.register_hook(lambda g: grads.setdefault("g", g))
+
+    handle = module.register_forward_hook(keep_grad)
+    try:
+        logits = model(**batch).logits
+        labels = batch["input_ids"][:, 1:].masked_fill(batch["attention_mask"][:, 1:] == 0, -100)
+        torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels.flatten(), ignore_index=-100,
+                                          reduction="sum").backward()
+    finally:
+        handle.remove()
+    g = grads["g"][batch["attention_mask"].bool()].double().reshape(-1, 2, 8)  # (tokens, kv_heads, head_dim)
+    expect = torch.einsum("nhi,nhj->hij", g, g)
+    assert torch.allclose(stats[taps[0].key].outer, expect, rtol=1e-5, atol=1e-9)

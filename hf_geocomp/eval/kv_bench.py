@@ -17,11 +17,23 @@ import time
 import torch
 
 from ..data import calibration_loader, load_corpus, token_blocks
+from ..errors import GeoCompError
 from ..io import write_json
 from .memory import tensor_bytes
 
 
-def cache_factories(model, stats, budgets, quant_backends):
+VARIANTS = ("fisher-bits", "aware-bits", "pca-bits", "fisher-rank", "aware-rank", "pca-rank", "aware-bits-rope_none")
+
+
+def parse_variant(name: str) -> dict:
+    """``"<method>-<bits|rank>[-rope_none]"`` → KVConfig fields."""
+    parts = name.split("-")
+    if len(parts) not in (2, 3) or parts[1] not in ("bits", "rank") or parts[2:] not in ([], ["rope_none"]):
+        raise GeoCompError(f"KV variant {name!r} is not <method>-<bits|rank>[-rope_none], e.g. 'fisher-bits'.")
+    return {"method": parts[0], "bits": parts[1] == "bits", "rope": "none" if parts[2:] else "average"}
+
+
+def cache_factories(model, stats, budgets, quant_backends, variants=VARIANTS, **options):
     """(method, budget, make_cache, extra) for every cache in the study."""
     from transformers import DynamicCache, QuantizedCache
 
@@ -33,17 +45,15 @@ def cache_factories(model, stats, budgets, quant_backends):
         nominal = nbits / (8 * next(model.parameters()).element_size())
         out.append((f"quantized-{backend}-int{nbits}", nominal,
                     lambda b=backend, n=nbits: QuantizedCache(backend=b, config=model.config, nbits=n), {}))
-    variants = [("aware", True, "average"), ("pca", True, "average"), ("aware", False, "average"),
-                ("pca", False, "average"), ("aware", True, "none")]
-    for method, bits, rope in variants:
+    for i, variant in enumerate(variants):
+        fields = parse_variant(variant)
         for budget in budgets:
-            if budget >= 1 and (method, bits, rope) != variants[0]:
+            if budget >= 1 and i > 0:
                 continue  # budget 1.0 stores keys and values as given: one row covers every variant
-            if not bits and budget < 0.25 or rope == "none" and budget not in (0.25, 0.125):
+            if not fields["bits"] and budget < 0.25 or fields["rope"] == "none" and budget not in (0.25, 0.125):
                 continue  # rank alone at these budgets, and the RoPE ablation elsewhere, are not informative
-            plan = build_plan(model, stats, KVConfig(budget=budget, method=method, bits=bits, rope=rope))
-            name = f"geocomp-{method}-{'bits' if bits else 'rank'}" + ("" if rope == "average" else "-rope_none")
-            out.append((name, budget, lambda p=plan: p.cache(model),
+            plan = build_plan(model, stats, KVConfig(budget=budget, **fields, **options))
+            out.append((f"geocomp-{variant}", budget, lambda p=plan: p.cache(model),
                         {"plan_bytes_ratio": plan.ratio, "allocation": describe(plan)}))
     return out
 
@@ -87,13 +97,16 @@ def greedy_agreement(model, prompts: torch.Tensor, new_tokens: int, make_cache) 
 
 def run_kv_bench(args) -> dict:
     from ..data import load_model
-    from ..kv import required_taps
-    from ..geometry import collect_stats
+    from ..kv import collect_kv_stats
 
     dtype = getattr(torch, args.dtype)
     model, tok = load_model(args.model, dtype=dtype)
     loader = calibration_loader(model, tok, args.data, args.tokens, args.block_size, args.batch_size)
-    stats = collect_stats(model, loader, required_taps(model))
+    args.variants = args.variants or list(VARIANTS)
+    for v in args.variants:
+        parse_variant(v)  # bad names fail before the long calibration
+    methods = {parse_variant(v)["method"] for v in args.variants}
+    stats = collect_kv_stats(model, loader, "fisher" if "fisher" in methods else "aware")
     blocks = token_blocks(tok, load_corpus(args.eval_data), args.prefill + args.score,
                           max_tokens=args.windows * (args.prefill + args.score))
     windows = torch.stack([b["input_ids"] for b in blocks])[: args.windows]  # (windows, prefill + score)
@@ -101,7 +114,9 @@ def run_kv_bench(args) -> dict:
     for spec in args.quant:
         backend, nbits = spec.split(":")
         backends.append((backend, int(nbits)))
-    factories = cache_factories(model, stats, args.budgets, backends)
+    factories = cache_factories(model, stats, args.budgets, backends, args.variants, widths=tuple(args.widths),
+                                group_size=args.group_size, sink_tokens=args.sink_tokens,
+                                reference_tokens=args.prefill)
 
     rows, base = [], None
     for method, budget, make, extra in factories:
@@ -125,7 +140,7 @@ def run_kv_bench(args) -> dict:
     greedy = []
     if args.greedy_tokens > 0:
         for m, b, f, _ in factories:
-            if m.startswith("geocomp-aware-bits"):
+            if m == f"geocomp-{args.variants[0]}":
                 same, frac = greedy_agreement(model, windows[:, : args.prefill], args.greedy_tokens, f)
                 greedy.append({"method": m, "budget": b, "new_tokens": args.greedy_tokens, "prompts": int(windows.shape[0]),
                                "identical": same, "token_agreement": frac})

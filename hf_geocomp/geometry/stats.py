@@ -23,13 +23,18 @@ from .. import arch
 from ..errors import GeoCompError
 
 
+WHERE = {"input": "in", "output": "out", "output_grad": "grad"}  # where → default key suffix
+
+
 @dataclass(frozen=True)
 class Tap:
     """One tensor to measure.
 
     Args:
         module: dotted module name.
-        where: ``"input"`` (first positional input) or ``"output"``.
+        where: ``"input"`` (first positional input), ``"output"``, or ``"output_grad"`` (the
+            gradient of the loss with respect to the output, during a backward pass; see
+            :func:`collect_gradient_stats`).
         head_dim: split the last dimension into heads of this size and keep one statistic
             per head (leading dimension of the sums).
         offset, width: measure only ``x[..., offset:offset + width]`` (a fused projection's
@@ -45,12 +50,12 @@ class Tap:
     name: str | None = None
 
     def __post_init__(self):
-        if self.where not in ("input", "output"):
-            raise GeoCompError(f"Tap.where must be 'input' or 'output', got {self.where!r}.")
+        if self.where not in WHERE:
+            raise GeoCompError(f"Tap.where must be one of {', '.join(WHERE)}, got {self.where!r}.")
 
     @property
     def key(self) -> str:
-        return self.name or f"{self.module}:{'in' if self.where == 'input' else 'out'}"
+        return self.name or f"{self.module}:{WHERE[self.where]}"
 
     @property
     def selection(self) -> tuple:
@@ -250,6 +255,15 @@ class ActivationStats:
         return stats
 
 
+def _select(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Rows of real tokens: (B, T, d) → (N, d) using the attention mask."""
+    if x.dim() == 2:
+        return x
+    if mask is not None and x.dim() == 3 and x.shape[0] == mask.shape[0]:
+        return x[mask[:, -x.shape[1]:].bool()]  # with a cache, the mask covers past tokens too
+    return x.reshape(-1, x.shape[-1])
+
+
 class StatsCollector:
     """Context manager that accumulates :class:`ActivationStats` over forward passes.
 
@@ -303,15 +317,6 @@ class StatsCollector:
         self._seen.clear()  # dedup groups are fixed by the first batch
         self.batches += 1
 
-    def _select(self, x: torch.Tensor) -> torch.Tensor:
-        """Rows of real tokens: (B, T, d) → (N, d) using the attention mask."""
-        if x.dim() == 2:
-            return x
-        if self._mask is not None and x.dim() == 3 and x.shape[0] == self._mask.shape[0]:
-            mask = self._mask[:, -x.shape[1]:].bool()  # with a cache, the mask covers past tokens too
-            return x[mask]
-        return x.reshape(-1, x.shape[-1])
-
     def _module_hook(self, name: str):
         def hook(module, args, output):
             if self._skip:
@@ -325,6 +330,11 @@ class StatsCollector:
                 key = tap.key
                 if key in self.stats.aliases:
                     continue
+                if tap.where == "output_grad":
+                    if x.requires_grad:  # measured when the backward pass reaches this tensor
+                        mask, batch = self._mask, self.batches
+                        x.register_hook(lambda g, tap=tap, mask=mask, batch=batch: self._add(tap, g, mask, batch))
+                    continue
                 if self.batches == 0 and tap.where == "input":
                     self._seen = [e for e in self._seen if e[0]() is not None]
                     leader = next((k for ref, s, k in self._seen if ref() is x and s == tap.selection), None)
@@ -332,18 +342,20 @@ class StatsCollector:
                         self.stats.aliases[key] = leader
                         continue
                     self._seen.append((weakref.ref(x), tap.selection, key))
-                rows = self._select(x)
-                rows = rows[..., tap.offset: None if tap.width is None else tap.offset + tap.width]
-                if tap.head_dim is not None:
-                    rows = rows.reshape(rows.shape[0], -1, tap.head_dim)  # (N, heads, head_dim)
-                if key not in self.stats.moments:
-                    self.stats.moments[key] = Moments.zeros(tuple(rows.shape[1:]))
-                batch_sum = self.stats.moments[key].update(rows, self.compute_dtype)
-                if not torch.isfinite(batch_sum).all():
-                    raise GeoCompError(
-                        f"non-finite activations (NaN or Inf) at the {tap.where} of {name!r} in batch {self.batches}."
-                    )
+                self._add(tap, x, self._mask, self.batches)
         return hook
+
+    def _add(self, tap: Tap, x: torch.Tensor, mask: torch.Tensor | None, batch: int) -> None:
+        rows = _select(x, mask)
+        rows = rows[..., tap.offset: None if tap.width is None else tap.offset + tap.width]
+        if tap.head_dim is not None:
+            rows = rows.reshape(rows.shape[0], -1, tap.head_dim)  # (N, heads, head_dim)
+        if tap.key not in self.stats.moments:
+            self.stats.moments[tap.key] = Moments.zeros(tuple(rows.shape[1:]))
+        batch_sum = self.stats.moments[tap.key].update(rows, self.compute_dtype)
+        if not torch.isfinite(batch_sum).all():
+            what = "gradients" if tap.where == "output_grad" else "activations"
+            raise GeoCompError(f"non-finite {what} (NaN or Inf) at the {tap.where} of {tap.module!r} in batch {batch}.")
 
     def __enter__(self) -> "StatsCollector":
         try:
@@ -382,6 +394,12 @@ def kv_head_taps(model: nn.Module) -> list[Tap]:
                 name=f"{t.module}:{t.kind}") for t in arch.kv_taps(model)]
 
 
+def kv_grad_taps(model: nn.Module) -> list[Tap]:
+    """Per-KV-head gradients of the loss w.r.t. keys and values (before RoPE), keys ``"{module}:{k|v}_grad"``."""
+    return [Tap(t.module, "output_grad", head_dim=t.head_dim, offset=t.offset, width=t.width,
+                name=f"{t.module}:{t.kind}_grad") for t in arch.kv_taps(model)]
+
+
 def q_head_taps(model: nn.Module) -> list[Tap]:
     """Per-query-head queries as they leave their projection (before RoPE), keys ``"{module}:q"``."""
     return [Tap(t.module, "output", head_dim=t.head_dim, offset=t.offset, width=t.width,
@@ -408,6 +426,48 @@ def collect_stats(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]
     with StatsCollector(model, taps, compute_dtype=compute_dtype) as col, torch.no_grad():
         for batch in tqdm(batches, total=total, disable=not progress, desc="calibration", unit="batch"):
             model(**{k: v.to(device) for k, v in batch.items()})
+    return _finish(col)
+
+
+def collect_gradient_stats(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], taps: Iterable[Tap], *,
+                           compute_dtype: torch.dtype = torch.float32) -> ActivationStats:
+    """Like :func:`collect_stats`, with a backward pass of the next-token loss after each forward.
+
+    Taps with ``where="output_grad"`` measure ``∂L/∂output`` per token, where ``L`` is the
+    *summed* (not averaged) next-token cross-entropy of the batch, so ``E[ggᵀ]`` is the
+    per-token empirical Fisher of that output — the second-order cost of perturbing it.
+    Parameters get no gradients (they are frozen for the pass and restored after).
+    """
+    taps = list(taps)
+    device = next(model.parameters()).device
+    frozen = [(p, p.requires_grad) for p in model.parameters()]
+    embeddings = model.get_input_embeddings()
+    handle = embeddings.register_forward_hook(lambda m, a, out: out.requires_grad_(True))
+    was_training = model.training
+    model.eval()
+    try:
+        for p, _ in frozen:
+            p.requires_grad_(False)
+        with StatsCollector(model, taps, compute_dtype=compute_dtype) as col, torch.enable_grad():
+            for batch in batches:
+                batch = {k: v.to(device) for k, v in batch.items()}
+                logits = model(**batch, use_cache=False).logits  # (B, T, vocab)
+                labels = batch["input_ids"][:, 1:]
+                if "attention_mask" in batch:
+                    labels = labels.masked_fill(batch["attention_mask"][:, 1:] == 0, -100)
+                loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
+                                                         ignore_index=-100, reduction="sum")
+                loss.backward()
+    finally:
+        handle.remove()
+        for p, flag in frozen:
+            p.requires_grad_(flag)
+        model.train(was_training)
+    return _finish(col)
+
+
+def _finish(col: StatsCollector) -> ActivationStats:
+    """Sum a collector's statistics over processes and record what they saw."""
     stats = col.stats.reduce_()
     if stats.tokens == 0:
         raise GeoCompError("calibration saw zero tokens; give it non-empty data.")

@@ -8,8 +8,8 @@ DESIGN.md; the cache layout follows KIVI (arXiv:2402.02750) as transformers' Qua
 """
 
 from .cache import GeoKVCache, GeoKVLayer
-from .compress import build_plan, compress, describe, required_taps
+from .compress import build_plan, collect_kv_stats, compress, describe, required_taps
 from .config import KVConfig
 from .plan import KVPlan
 
-__all__ = ["GeoKVCache", "GeoKVLayer", "KVConfig", "KVPlan", "build_plan", "compress", "describe", "required_taps"]
+__all__ = ["GeoKVCache", "GeoKVLayer", "KVConfig", "KVPlan", "build_plan", "collect_kv_stats", "compress", "describe", "required_taps"]

@@ -44,7 +44,7 @@ def allocate(bases: dict[tuple[int, str], Basis], config: KVConfig, elt: int) ->
     if config.max_rank is not None:  # components past max_rank in each head may only be dropped
         rank = torch.cat([torch.arange(n) % d for n in sizes])
         allowed[rank >= config.max_rank, 1:] = False
-    target = config.budget * sum(sizes) * elt
+    target = config.coded_fraction() * sum(sizes) * elt
 
     def layout(theta: float):
         total = weights[:, None] * distortion + theta * cost  # (N, options)

@@ -13,6 +13,12 @@ components are ordered and weighted by ``λ_j`` (reverse water-filling, Cover & 
   errors) are compared as they are (``k_units="scores"``), or with K weights multiplied by
   the first-order sensitivity of the output to a score error, ``mean_h E‖W_o,h (v − v̄)‖²``
   (``k_units="sensitivity"``).
+* ``fisher``: ``M`` is the empirical Fisher of the stored tensor itself, ``E[ggᵀ]`` with
+  ``g = ∂L/∂k`` (or ``∂L/∂v``) of the summed next-token loss on calibration text
+  (:func:`hf_geocomp.geometry.collect_gradient_stats`). A latent error ``e`` then costs
+  ``½·λ_j e²`` of loss to second order (Gauss–Newton), in the same units for K and V, every
+  layer and head, so no K/V exchange rate is needed and depth and attention patterns are
+  accounted for (what the ``aware`` metric approximates from the first consumer only).
 * RoPE: the cache holds post-RoPE keys and queries meet them post-RoPE, so with
   ``rope="average"`` both ``C_K`` and ``M_K`` are the pre-RoPE second moments averaged over
   RoPE rotations of positions ``0..P-1`` (:func:`hf_geocomp.arch.rope_average`).
@@ -67,7 +73,7 @@ def weighted_basis(c: torch.Tensor, m: torch.Tensor, scale: torch.Tensor | float
 
 def _moment(stats: ActivationStats, key: str) -> torch.Tensor:
     if key not in stats:
-        raise GeoCompError(f"the statistics have no {key!r}; collect them with kv.required_taps(model).")
+        raise GeoCompError(f"the statistics have no {key!r}; collect them with kv.collect_kv_stats(model, batches, method).")
     return stats[key].second_moment()
 
 
@@ -85,6 +91,14 @@ def fit_bases(model: nn.Module, stats: ActivationStats, config: KVConfig) -> dic
         if config.method == "pca":
             eye = torch.eye(heads.head_dim, dtype=torch.float64).expand_as(c_k)
             bases[layer, "k"], bases[layer, "v"] = weighted_basis(c_k, eye, config.k_scale), weighted_basis(c_v, eye)
+            continue
+        if config.method == "fisher":
+            g_k = _moment(stats, f"{taps[layer, 'k'].module}:k_grad")  # (kv_heads, d, d), pre-RoPE
+            g_v = _moment(stats, f"{taps[layer, 'v'].module}:v_grad")
+            if config.rope == "average":  # post-RoPE g' = R g / s when k' = s R k
+                g_k = arch.rope_average(model, g_k, config.rope_positions) / arch.rope_scale(model) ** 4
+            bases[layer, "k"] = weighted_basis(c_k, g_k, config.k_scale)
+            bases[layer, "v"] = weighted_basis(c_v, g_v)
             continue
         q = _moment(stats, f"{taps[layer, 'q'].module}:q")  # (heads, d, d)
         if config.rope == "average":

@@ -37,7 +37,7 @@ class Codec:
 
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
         if self.enc is None:
-            return [x.transpose(1, 2)]  # (batch, seq, heads, d): stored as given
+            return [x.transpose(1, 2).clone(memory_format=torch.contiguous_format)]  # (batch, seq, heads, d), own storage
         b, h, t, d = x.shape
         z = torch.einsum("bhtd,hdk->bthk", x.float(), self.enc.to(x.device)).reshape(b, t, h * d)
         out = []
@@ -64,14 +64,42 @@ class Codec:
         return x.to(like.dtype)  # (batch, heads, seq, d)
 
 
-class GeoKVLayer(DynamicLayer):
-    """One layer's coded cache (see module docstring)."""
+class _Segment:
+    """Consecutive cached tokens stored by one pair of codecs: K parts and V parts, token axis at dim 1."""
 
-    def __init__(self, k_codec: Codec, v_codec: Codec):
-        super().__init__()
-        self.codecs = (k_codec, v_codec)
-        self.codes: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
+    def __init__(self, codecs: tuple[Codec, Codec], capacity: int | None):
+        self.codecs, self.capacity = codecs, capacity  # capacity None: unbounded
+        self.parts: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
         self.length = 0
+
+    def room(self, n: int) -> int:
+        return n if self.capacity is None else max(0, min(n, self.capacity - self.length))
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        new = tuple(c.encode(x) for c, x in zip(self.codecs, (keys, values)))
+        self.parts = new if self.parts is None else tuple(
+            [torch.cat([a, b], dim=1) for a, b in zip(old, fresh)] for old, fresh in zip(self.parts, new))
+        self.length += keys.shape[-2]
+
+    def decode(self, like: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        return tuple(c.decode(p, x, self.length) for c, p, x in zip(self.codecs, self.parts, like))
+
+    def map(self, fn) -> None:
+        if self.parts is not None:
+            self.parts = tuple([fn(t) for t in part] for part in self.parts)
+
+
+class GeoKVLayer(DynamicLayer):
+    """One layer's coded cache: the first ``sink`` tokens exact, every later token coded (module docstring)."""
+
+    def __init__(self, k_codec: Codec, v_codec: Codec, sink: int = 0):
+        super().__init__()
+        exact = Codec([], None, None, k_codec.group_size)
+        self.segments = ([_Segment((exact, exact), sink)] if sink else []) + [_Segment((k_codec, v_codec), None)]
+
+    @property
+    def length(self) -> int:
+        return sum(seg.length for seg in self.segments)
 
     def lazy_initialization(self, key_states, value_states) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -82,20 +110,21 @@ class GeoKVLayer(DynamicLayer):
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        new = (self.codecs[0].encode(key_states), self.codecs[1].encode(value_states))
-        if self.codes is None or self.length == 0:
-            self.codes, self.length = new, key_states.shape[-2]
+        past = [seg.decode((key_states, value_states)) for seg in self.segments if seg.length]
+        start = 0
+        for seg in self.segments:  # new tokens fill the exact sink first, the rest is coded
+            n = seg.room(key_states.shape[-2] - start)
+            if n:
+                seg.append(key_states[..., start: start + n, :], value_states[..., start: start + n, :])
+                start += n
+        if not past:
             return key_states, value_states
-        past_k = self.codecs[0].decode(self.codes[0], key_states, self.length)
-        past_v = self.codecs[1].decode(self.codes[1], value_states, self.length)
-        self.codes = tuple([torch.cat([a, b], dim=1) for a, b in zip(old, fresh)]
-                           for old, fresh in zip(self.codes, new))
-        self.length += key_states.shape[-2]
-        return torch.cat([past_k, key_states], dim=-2), torch.cat([past_v, value_states], dim=-2)
+        return (torch.cat([k for k, _ in past] + [key_states], dim=-2),
+                torch.cat([v for _, v in past] + [value_states], dim=-2))
 
     def _map(self, fn) -> None:
-        if self.codes is not None:
-            self.codes = tuple([fn(t) for t in part] for part in self.codes)
+        for seg in self.segments:
+            seg.map(fn)
 
     def get_seq_length(self) -> int:
         return self.length
@@ -104,17 +133,19 @@ class GeoKVLayer(DynamicLayer):
         return self.length + query_length, 0
 
     def reset(self) -> None:
-        self.codes, self.length = None, 0
+        for seg in self.segments:
+            seg.parts, seg.length = None, 0
         super().reset()
 
-    def crop(self, tokens_to_remove: int) -> None:
-        if tokens_to_remove > 0:
-            raise GeoCompError(f"crop takes a negative number of tokens to remove, got {tokens_to_remove}.")
-        if tokens_to_remove == 0 or self.codes is None:
-            return
-        keep = max(0, self.length + tokens_to_remove)
-        self._map(lambda t: t[:, :keep])
-        self.length = keep
+    def crop(self, max_length: int) -> None:
+        """Keep the first ``max_length`` tokens; a negative value removes that many from the end."""
+        keep = self.length + max_length if max_length < 0 else max_length
+        for seg in self.segments:
+            n = max(0, min(seg.length, keep))
+            if n < seg.length:  # copies, so that the dropped tokens' memory is released
+                seg.map(lambda t: t[:, :n].clone())
+                seg.parts, seg.length = (seg.parts if n else None), n
+            keep -= n
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
@@ -139,7 +170,7 @@ class GeoKVCache(Cache):
         plan.check(model)
         check_supported(model)
         codecs = plan_codecs(plan)
-        layers = [GeoKVLayer(codecs[i, "k"], codecs[i, "v"]) for i in range(plan.num_layers)]
+        layers = [GeoKVLayer(codecs[i, "k"], codecs[i, "v"], plan.config.sink_tokens) for i in range(plan.num_layers)]
         super().__init__(layers=layers)
 
 

@@ -17,11 +17,20 @@ from .config import KVConfig
 from .plan import KVPlan
 
 
-def required_taps(model: nn.Module) -> list[Tap]:
-    """The engine taps KV coding needs: per-KV-head K and V and per-query-head Q, before RoPE."""
-    from ..geometry import kv_head_taps, q_head_taps
+def required_taps(model: nn.Module, method: str = "aware") -> list[Tap]:
+    """The engine taps KV coding needs: per-KV-head K and V and per-query-head Q, before RoPE;
+    for ``fisher`` also the per-KV-head gradients of the loss w.r.t. K and V."""
+    from ..geometry import kv_grad_taps, kv_head_taps, q_head_taps
 
-    return kv_head_taps(model) + q_head_taps(model)
+    return kv_head_taps(model) + q_head_taps(model) + (kv_grad_taps(model) if method == "fisher" else [])
+
+
+def collect_kv_stats(model: nn.Module, batches: Iterable, method: str = "aware") -> ActivationStats:
+    """Calibration statistics for ``method`` (``fisher`` adds one backward pass per batch)."""
+    from ..geometry import collect_gradient_stats
+
+    taps = required_taps(model, method)
+    return (collect_gradient_stats if method == "fisher" else collect_stats)(model, batches, taps)
 
 
 def build_plan(model: nn.Module, stats: ActivationStats, config: KVConfig) -> KVPlan:
@@ -53,7 +62,7 @@ def compress(model: nn.Module, stats_or_dataloader: ActivationStats | Iterable, 
              method: str = "aware", **options) -> tuple[nn.Module, KVPlan]:
     """Plan a transform-coded KV cache for ``model`` within ``budget`` of the uncompressed cache bytes.
 
-    ``stats_or_dataloader``: statistics with :func:`required_taps`, or batches to collect them
+    ``stats_or_dataloader``: statistics with :func:`required_taps` of ``method``, or batches to collect them
     from. ``options`` are the other :class:`KVConfig` fields. Returns the model (its weights
     untouched; the plan is also set as ``model.geocomp_kv_plan``) and the plan; generate with
     ``model.generate(..., past_key_values=plan.cache(model))``.
@@ -63,7 +72,7 @@ def compress(model: nn.Module, stats_or_dataloader: ActivationStats | Iterable, 
     if isinstance(stats_or_dataloader, ActivationStats):
         stats = stats_or_dataloader
     else:
-        stats = collect_stats(model, stats_or_dataloader, required_taps(model))
+        stats = collect_kv_stats(model, stats_or_dataloader, method)
     plan = build_plan(model, stats, config)
     model.geocomp_kv_plan = plan
     return model, plan

@@ -31,14 +31,22 @@ class KVPlan:
     head_dim: int
     dtype: str  # storage dtype of full-precision components (the model's)
     groups: dict[str, list[tuple]]  # "{layer}.{k|v}" → [(bits | "full", [column, ...])], columns = head·d + j
-    bytes_per_token: int  # of the coded cache, batch 1
+    bytes_per_token: int  # of a coded token, batch 1 (the first config.sink_tokens are stored exact)
     full_bytes_per_token: int  # of the uncompressed cache
     identity: bool = False  # budget 1.0: stored exactly as given
     tensors: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
     def ratio(self) -> float:
-        return self.bytes_per_token / self.full_bytes_per_token
+        """Cache bytes over uncompressed bytes at ``config.reference_tokens`` tokens."""
+        return self.cache_bytes(self.config.reference_tokens) / self.cache_bytes(self.config.reference_tokens, full=True)
+
+    def cache_bytes(self, tokens: int, batch: int = 1, full: bool = False) -> int:
+        """Bytes the cache's tensors hold for ``tokens`` tokens (``full``: the uncompressed cache)."""
+        if full or self.identity:
+            return self.full_bytes_per_token * tokens * batch
+        sink = min(tokens, self.config.sink_tokens)
+        return (sink * self.full_bytes_per_token + (tokens - sink) * self.bytes_per_token) * batch
 
     # ---- JSON ----------------------------------------------------------------------------
     def to_dict(self) -> dict:

@@ -2,8 +2,10 @@
 
 Mid-rise uniform quantiser over ``[-a, a]`` with ``a`` the absolute maximum of each group of
 ``group`` consecutive components of one token (one float16 scale per group): ``2^b`` levels,
-no wasted code for zero, which matters at 2 bits. Codes are packed ``8 // b`` to a byte, so
-the bytes held are the bytes reported.
+no wasted code for zero, which matters at 2 bits. At 1 bit the code is the sign and the
+scale is the group's mean ``|z|``, the least-squares level for a sign code (relative MSE
+1 − 2/π ≈ 0.36 on Gaussian latents, against 0.53 for a uniform ±a/2). Codes are packed
+``8 // b`` to a byte, so the bytes held are the bytes reported.
 """
 
 from __future__ import annotations
@@ -28,9 +30,15 @@ def quantize(z: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torc
     n = z.shape[-1]
     ng, per, levels = math.ceil(n / group), 8 // bits, 2 ** bits
     zg = _pad(z.float(), ng * group).reshape(*z.shape[:-1], ng, group)  # (..., groups, group)
-    amax = zg.abs().amax(-1, keepdim=True).to(torch.float16)  # (..., groups, 1)
-    a = amax.float().clamp_min(1e-12)
-    codes = ((zg + a) * (levels / (2 * a))).floor().clamp_(0, levels - 1).to(torch.uint8)
+    if bits == 1:  # sign code, least-squares level: mean |z| over the group's real components
+        width = torch.full((ng, 1), float(group), device=z.device)
+        width[-1] = n - (ng - 1) * group
+        amax = (zg.abs().sum(-1, keepdim=True) / width).to(torch.float16)  # (..., groups, 1)
+        codes = (zg > 0).to(torch.uint8)
+    else:
+        amax = zg.abs().amax(-1, keepdim=True).to(torch.float16)  # (..., groups, 1)
+        a = amax.float().clamp_min(1e-12)
+        codes = ((zg + a) * (levels / (2 * a))).floor().clamp_(0, levels - 1).to(torch.uint8)
     codes = _pad(codes.reshape(*z.shape[:-1], ng * group)[..., :n], math.ceil(n / per) * per)
     codes = codes.reshape(*z.shape[:-1], -1, per)  # (..., bytes, per)
     shifts = torch.arange(per, dtype=torch.uint8, device=z.device) * bits
@@ -46,7 +54,7 @@ def dequantize(packed: torch.Tensor, scales: torch.Tensor, bits: int, group: int
     ng = scales.shape[-1]
     a = scales.float().unsqueeze(-1)  # (..., groups, 1)
     cg = _pad(codes.float(), ng * group).reshape(*codes.shape[:-1], ng, group)
-    z = (cg + 0.5) * (2 * a / levels) - a
+    z = (2 * cg - 1) * a if bits == 1 else (cg + 0.5) * (2 * a / levels) - a
     return z.reshape(*codes.shape[:-1], ng * group)[..., :n]
 
 
