@@ -86,8 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--widths", type=int, nargs="+", default=[8, 4, 2, 1],
                    help="quantised widths the allocator may use besides full precision and 0 (default 8 4 2 1)")
     k.add_argument("--group-size", type=int, default=64, help="latent components per float16 scale (default 64)")
-    k.add_argument("--sink-tokens", type=int, default=0,
-                   help="first tokens kept exact, counted in the budget at a --prefill-token cache (default 0)")
+    k.add_argument("--sink-tokens", type=int, default=4,
+                   help="first tokens kept exact, counted in the budget at a --prefill-token cache (default 4)")
     k.add_argument("--windows", type=int, default=4, help="evaluation windows (default 4)")
     k.add_argument("--prefill", type=int, default=1024, help="context tokens per window (default 1024)")
     k.add_argument("--score", type=int, default=256, help="scored tokens per window (default 256)")

@@ -3,7 +3,7 @@
 Based on the weighted projector (reduced-rank regression) and reverse water-filling of
 DESIGN.md; the cache layout follows KIVI (arXiv:2402.02750) as transformers' QuantizedCache does.
 
->>> model, plan = compress(model, loader, budget=0.25, method="aware")
+>>> model, plan = compress(model, loader, budget=0.25, method="fisher")
 >>> model.generate(**inputs, past_key_values=plan.cache(model))
 """
 

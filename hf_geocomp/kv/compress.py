@@ -59,7 +59,7 @@ def build_plan(model: nn.Module, stats: ActivationStats, config: KVConfig) -> KV
 
 
 def compress(model: nn.Module, stats_or_dataloader: ActivationStats | Iterable, budget: float = 0.25,
-             method: str = "aware", **options) -> tuple[nn.Module, KVPlan]:
+             method: str = "fisher", **options) -> tuple[nn.Module, KVPlan]:
     """Plan a transform-coded KV cache for ``model`` within ``budget`` of the uncompressed cache bytes.
 
     ``stats_or_dataloader``: statistics with :func:`required_taps` of ``method``, or batches to collect them

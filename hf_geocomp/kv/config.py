@@ -41,7 +41,7 @@ class KVConfig:
     """
 
     budget: float = field(default=0.25, metadata={"help": "fraction of the uncompressed cache bytes, in (0, 1]"})
-    method: str = field(default="aware", metadata={"help": "basis: aware | pca"})
+    method: str = field(default="fisher", metadata={"help": "basis: fisher | aware | pca"})
     bits: bool = field(default=True, metadata={"help": "allocate bit widths (True) or ranks only (False)"})
     widths: tuple[int, ...] = field(default=QUANT_WIDTHS, metadata={"help": "quantised widths among 8, 4, 2, 1"})
     group_size: int = field(default=64, metadata={"help": "components per float16 scale, per token"})
@@ -52,7 +52,7 @@ class KVConfig:
     k_scale: float | None = field(default=None, metadata={"help": "multiplier of K weights against V (> 0); "
                                                                   "None: 1 for fisher, 4 otherwise"})
 
-    sink_tokens: int = field(default=0, metadata={"help": "first tokens kept exact, counted in the budget"})
+    sink_tokens: int = field(default=4, metadata={"help": "first tokens kept exact, counted in the budget"})
     reference_tokens: int = field(default=1024, metadata={"help": "cache length at which the budget is exact"})
 
     def __post_init__(self):
