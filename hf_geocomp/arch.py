@@ -196,10 +196,15 @@ def rope_average(model: nn.Module, matrix: torch.Tensor, positions: int) -> torc
     return c * acc + (c @ j.T) * acs + (j @ c) * acs.T + (j @ c @ j.T) * ass
 
 
-def attention_layer_types(model: nn.Module) -> list[str]:
-    """``full_attention`` / ``sliding_attention`` / ... per block, as the config declares them."""
-    types = getattr(model.config, "layer_types", None)
-    return list(types) if types else ["full_attention"] * len(block_prefixes(model))
+def attention_layer_types(model: nn.Module) -> list[tuple[str, dict]]:
+    """(``full_attention`` / ``sliding_attention`` / ..., cache-layer kwargs such as ``sliding_window``)
+    per block, as transformers' own caches read them from the config."""
+    from transformers.cache_utils import get_layer_types_and_kwargs
+
+    config = model.config.get_text_config(decoder=True)
+    if getattr(config, "is_encoder_decoder", False) or get_spec(model).family == "bert":
+        return [("full_attention", {})] * len(block_prefixes(model))
+    return list(zip(*get_layer_types_and_kwargs(config)))
 
 
 def is_linear(module: nn.Module) -> bool:

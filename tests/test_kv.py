@@ -169,11 +169,33 @@ def test_bad_inputs(setup):
         build_plan(other, stats, KVConfig())
 
 
-def test_sliding_window_layers_refused():
-    model = tiny_llama()
-    model.config.layer_types = ["sliding_attention", "full_attention"]
-    with pytest.raises(GeoCompError, match="sliding_attention"):
-        compress(model, [random_batch(2, 8)])
+def _tiny_qwen2_sliding():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=300, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=8, use_sliding_window=True, sliding_window=6, max_window_layers=1)
+    return Qwen2ForCausalLM(cfg).eval()
+
+
+def test_sliding_window_layers():
+    """A model with a full and a sliding-window layer: exact at budget 1, coded below it, the window bounds memory."""
+    model = _tiny_qwen2_sliding()
+    assert [kind for kind, _ in arch.attention_layer_types(model)] == ["full_attention", "sliding_attention"]
+    stats = collect_kv_stats(model, [random_batch(2, 16)], "fisher")
+    batch = random_batch(2, 14, seed=13)
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    exact = build_plan(model, stats, KVConfig(budget=1.0))
+    assert torch.allclose(_two_step_logits(model, exact.cache(model), batch, split=9), _reference(model, batch),
+                          atol=1e-5)
+    assert torch.equal(model.generate(**batch, past_key_values=exact.cache(model), **kw), model.generate(**batch, **kw))
+    plan = build_plan(model, stats, KVConfig(budget=0.25, group_size=8, sink_tokens=2, reference_tokens=16))
+    cache = plan.cache(model)
+    out = model.generate(**batch, past_key_values=cache, **kw)
+    assert out.shape == (2, 22) and cache.layers[1].segments[0].length == 5  # sliding_window - 1 tokens kept
+    assert cache.get_seq_length(1) == cache.get_seq_length(0) == 21
+    with pytest.raises(GeoCompError, match="cannot be cropped"):
+        cache.crop(-2)
 
 
 def test_quantizer_and_rope_average():

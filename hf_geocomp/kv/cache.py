@@ -163,6 +163,49 @@ class GeoKVLayer(DynamicLayer):
         self._map(lambda t: t.to(self.device, non_blocking=True))
 
 
+class GeoKVSlidingLayer(GeoKVLayer):
+    """A sliding-window layer's coded cache: only the last ``sliding_window - 1`` tokens are kept
+    (as transformers' ``DynamicSlidingWindowLayer``), all coded; no sink, the window drops it anyway."""
+
+    is_sliding = True
+
+    def __init__(self, k_codec: Codec, v_codec: Codec, sliding_window: int):
+        super().__init__(k_codec, v_codec, sink=0)
+        self.sliding_window, self.cumulative_length = sliding_window, 0
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        keys, values = super().update(key_states, value_states)
+        self.cumulative_length += key_states.shape[-2]
+        seg, keep = self.segments[0], self.sliding_window - 1
+        if seg.length > keep:  # copies, so that tokens leaving the window release their memory
+            seg.map(lambda t: t[:, -keep:].clone())
+            seg.length = keep
+        return keys, values
+
+    def get_seq_length(self) -> int:
+        return self.cumulative_length
+
+    def get_max_length(self) -> int:
+        return self.sliding_window
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        offset = max(self.cumulative_length - self.sliding_window + 1, 0)
+        if self.cumulative_length >= self.sliding_window:
+            return self.sliding_window - 1 + query_length, offset
+        return self.cumulative_length + query_length, offset
+
+    def reset(self) -> None:
+        self.cumulative_length = 0
+        super().reset()
+
+    def crop(self, max_length: int) -> None:
+        if self.cumulative_length >= self.sliding_window:
+            raise GeoCompError("a sliding-window layer that has filled its window cannot be cropped: the tokens "
+                               "before the window are gone.")
+        super().crop(max_length)
+        self.cumulative_length = self.length
+
+
 class GeoKVCache(Cache):
     """A cache of :class:`GeoKVLayer` built from a :class:`~hf_geocomp.kv.plan.KVPlan` for ``model``."""
 
@@ -170,7 +213,9 @@ class GeoKVCache(Cache):
         plan.check(model)
         check_supported(model)
         codecs = plan_codecs(plan)
-        layers = [GeoKVLayer(codecs[i, "k"], codecs[i, "v"], plan.config.sink_tokens) for i in range(plan.num_layers)]
+        layers = [GeoKVSlidingLayer(codecs[i, "k"], codecs[i, "v"], kw["sliding_window"]) if kind == "sliding_attention"
+                  else GeoKVLayer(codecs[i, "k"], codecs[i, "v"], plan.config.sink_tokens)
+                  for i, (kind, kw) in enumerate(arch.attention_layer_types(model))]
         super().__init__(layers=layers)
 
 
@@ -189,12 +234,12 @@ def plan_codecs(plan) -> dict[tuple[int, str], Codec]:
 
 
 def check_supported(model: nn.Module) -> None:
-    """Raise unless ``model`` is a decoder whose every attention layer has a full KV cache we can code."""
+    """Raise unless ``model`` is a decoder whose every attention layer has a KV cache we can code."""
     spec = arch.get_spec(model)
     if spec.family == "bert":
         raise GeoCompError(f"{spec.family} is an encoder without a KV cache; KV coding supports decoders "
                            "(Llama-like with GQA and RoPE, GPT-2).")
-    other = sorted(set(arch.attention_layer_types(model)) - {"full_attention"})
+    other = sorted({kind for kind, _ in arch.attention_layer_types(model)} - {"full_attention", "sliding_attention"})
     if other:
-        raise GeoCompError(f"attention layer types {other} are not supported yet by the coded KV cache; "
-                           "only full_attention layers are.")
+        raise GeoCompError(f"attention layer types {other} are not supported by the coded KV cache; "
+                           "full_attention and sliding_attention layers are.")
