@@ -159,8 +159,10 @@ def test_bad_inputs(setup):
         build_plan(model, stats, KVConfig(max_rank=arch.head_layout(model).head_dim + 1))
     with pytest.raises(GeoCompError, match="no 'model|no 'transformer"):
         compress(model, collect_stats(model, [random_batch(2, 8)], linear_input_taps(model)[:1]))
+    with pytest.raises(GeoCompError, match="next-token loss"):
+        compress(tiny_bert(), [random_batch(2, 8)])
     with pytest.raises(GeoCompError, match="encoder"):
-        compress(tiny_bert(), stats)
+        build_plan(tiny_bert(), stats, KVConfig(budget=1.0)).cache(tiny_bert())
     other = tiny_gpt2() if model.config.model_type == "llama" else tiny_llama()
     plan = build_plan(model, stats, KVConfig(budget=0.5))
     with pytest.raises(GeoCompError, match="was made for"):
@@ -243,3 +245,26 @@ def test_sink_tokens_exact_counted_and_cropped(setup):
     assert cache.get_seq_length() == 2 and tensor_bytes(cache) == plan.cache_bytes(2, batch=2)
     with pytest.raises(GeoCompError, match="sink_tokens"):
         KVConfig(budget=0.1, sink_tokens=200, reference_tokens=1024)
+
+
+def test_encoder_projection_in_place():
+    """BERT has no cache: the plan codes its keys and values in place; exact at full precision, removable."""
+    from hf_geocomp.kv import project
+
+    model = tiny_bert()
+    stats = collect_kv_stats(model, [random_batch(4, 16, seed=s) for s in range(2)], "aware")
+    batch = random_batch(2, 12, seed=14)
+    ref = model(**batch).last_hidden_state
+    plan = build_plan(model, stats, KVConfig(budget=0.25, method="aware", group_size=8))
+    handle = project(model, plan)
+    coded = model(**batch).last_hidden_state
+    handle.remove()
+    assert torch.isfinite(coded).all() and not torch.allclose(coded, ref, atol=1e-4)
+    assert torch.equal(model(**batch).last_hidden_state, ref)
+    d = plan.num_kv_heads * plan.head_dim
+    plan.groups = {k: [(FULL, list(range(d)))] for k in plan.groups}
+    plan._codecs = None
+    with torch.no_grad():
+        handle = project(model, plan)
+        assert torch.allclose(model(**batch).last_hidden_state, ref, atol=1e-4)
+        handle.remove()

@@ -11,5 +11,6 @@ from .cache import GeoKVCache, GeoKVLayer
 from .compress import build_plan, collect_kv_stats, compress, describe, required_taps
 from .config import KVConfig
 from .plan import KVPlan
+from .project import KVProjection, project
 
-__all__ = ["GeoKVCache", "GeoKVLayer", "KVConfig", "KVPlan", "build_plan", "collect_kv_stats", "compress", "describe", "required_taps"]
+__all__ = ["GeoKVCache", "GeoKVLayer", "KVConfig", "KVPlan", "KVProjection", "build_plan", "collect_kv_stats", "compress", "describe", "project", "required_taps"]

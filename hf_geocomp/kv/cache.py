@@ -233,12 +233,13 @@ def plan_codecs(plan) -> dict[tuple[int, str], Codec]:
     return cached
 
 
-def check_supported(model: nn.Module) -> None:
-    """Raise unless ``model`` is a decoder whose every attention layer has a KV cache we can code."""
+def check_supported(model: nn.Module, cache: bool = True) -> None:
+    """Raise unless we can code ``model``'s keys and values: in a cache (decoders whose every attention
+    layer is full or sliding-window), or with ``cache=False`` in place (also encoders, see :mod:`.project`)."""
     spec = arch.get_spec(model)
-    if spec.family == "bert":
-        raise GeoCompError(f"{spec.family} is an encoder without a KV cache; KV coding supports decoders "
-                           "(Llama-like with GQA and RoPE, GPT-2).")
+    if spec.family == "bert" and cache:
+        raise GeoCompError(f"{spec.family} is an encoder without a KV cache; code its keys and values in place "
+                           "with hf_geocomp.kv.project(model, plan).")
     other = sorted({kind for kind, _ in arch.attention_layer_types(model)} - {"full_attention", "sliding_attention"})
     if other:
         raise GeoCompError(f"attention layer types {other} are not supported by the coded KV cache; "

@@ -33,9 +33,15 @@ def collect_kv_stats(model: nn.Module, batches: Iterable, method: str = "aware")
     return (collect_gradient_stats if method == "fisher" else collect_stats)(model, batches, taps)
 
 
+def _check(model: nn.Module, config: KVConfig) -> None:
+    check_supported(model, cache=False)
+    if config.method == "fisher" and arch.get_spec(model).family == "bert":
+        raise GeoCompError("method 'fisher' needs a next-token loss; use method='aware' or 'pca' for encoders.")
+
+
 def build_plan(model: nn.Module, stats: ActivationStats, config: KVConfig) -> KVPlan:
     """Fit bases and allocate widths under ``config.budget`` (no change to ``model``)."""
-    check_supported(model)
+    _check(model, config)
     heads = arch.head_layout(model)
     if config.max_rank is not None and config.max_rank > heads.head_dim:
         raise GeoCompError(f"max_rank {config.max_rank} is above head_dim {heads.head_dim}.")
@@ -65,10 +71,11 @@ def compress(model: nn.Module, stats_or_dataloader: ActivationStats | Iterable, 
     ``stats_or_dataloader``: statistics with :func:`required_taps` of ``method``, or batches to collect them
     from. ``options`` are the other :class:`KVConfig` fields. Returns the model (its weights
     untouched; the plan is also set as ``model.geocomp_kv_plan``) and the plan; generate with
-    ``model.generate(..., past_key_values=plan.cache(model))``.
+    ``model.generate(..., past_key_values=plan.cache(model))``; encoders have no cache: apply
+    the coding in place with :func:`hf_geocomp.kv.project`.
     """
     config = KVConfig(budget=budget, method=method, **options)
-    check_supported(model)
+    _check(model, config)
     if isinstance(stats_or_dataloader, ActivationStats):
         stats = stats_or_dataloader
     else:
