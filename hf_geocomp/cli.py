@@ -81,13 +81,17 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--quant", nargs="*", default=["quanto:4", "quanto:2"],
                    help="QuantizedCache baselines as backend:bits (quanto:4 quanto:2 hqq:4 ...)")
     k.add_argument("--variants", nargs="+", default=None,
-                   help="geocomp caches as <basis>-<bits|rank>[-rope_none] (default: every basis, bits and rank, "
+                   help="geocomp caches as <basis>-<bits|rank>[-rope_none][-refined] (default: every basis, bits and rank, "
                         "and the RoPE ablation); the first is also checked by greedy decoding")
     k.add_argument("--widths", type=int, nargs="+", default=[8, 4, 2, 1],
                    help="quantised widths the allocator may use besides full precision and 0 (default 8 4 2 1)")
     k.add_argument("--group-size", type=int, default=64, help="latent components per float16 scale (default 64)")
     k.add_argument("--sink-tokens", type=int, default=4,
                    help="first tokens kept exact, counted in the budget at a --prefill-token cache (default 4)")
+    k.add_argument("--refine-steps", type=int, default=30, help="optimizer steps of *-refined variants (default 30)")
+    k.add_argument("--refine-windows", type=int, default=16,
+                   help="calibration windows (prefill + 128 scored) for *-refined variants (default 16)")
+    k.add_argument("--refine-prefill", type=int, default=512, help="prefill tokens of a refinement window")
     k.add_argument("--windows", type=int, default=4, help="evaluation windows (default 4)")
     k.add_argument("--prefill", type=int, default=1024, help="context tokens per window (default 1024)")
     k.add_argument("--score", type=int, default=256, help="scored tokens per window (default 256)")

@@ -26,18 +26,22 @@ VARIANTS = ("fisher-bits", "aware-bits", "pca-bits", "fisher-rank", "aware-rank"
 
 
 def parse_variant(name: str) -> dict:
-    """``"<method>-<bits|rank>[-rope_none]"`` → KVConfig fields."""
+    """``"<basis>-<bits|rank>[-rope_none][-refined]"`` → KVConfig fields (and ``refined``)."""
     parts = name.split("-")
-    if len(parts) not in (2, 3) or parts[1] not in ("bits", "rank") or parts[2:] not in ([], ["rope_none"]):
-        raise GeoCompError(f"KV variant {name!r} is not <method>-<bits|rank>[-rope_none], e.g. 'fisher-bits'.")
-    return {"method": parts[0], "bits": parts[1] == "bits", "rope": "none" if parts[2:] else "average"}
+    extra = parts[2:]
+    if len(parts) < 2 or parts[1] not in ("bits", "rank") or not set(extra) <= {"rope_none", "refined"} \
+            or len(set(extra)) != len(extra):
+        raise GeoCompError(f"KV variant {name!r} is not <basis>-<bits|rank>[-rope_none][-refined], e.g. 'fisher-bits'.")
+    return {"method": parts[0], "bits": parts[1] == "bits", "rope": "none" if "rope_none" in extra else "average",
+            "refined": "refined" in extra}
 
 
-def cache_factories(model, stats, budgets, quant_backends, variants=VARIANTS, **options):
+def cache_factories(model, stats, budgets, quant_backends, variants=VARIANTS, refine_windows=None, refine_steps=0,
+                    refine_prefill=512, **options):
     """(method, budget, make_cache, extra) for every cache in the study."""
     from transformers import DynamicCache, QuantizedCache
 
-    from ..kv import build_plan, describe
+    from ..kv import build_plan, describe, refine
     from ..kv.config import KVConfig
 
     out = [("dynamic", 1.0, lambda: DynamicCache(config=model.config), {})]
@@ -47,14 +51,19 @@ def cache_factories(model, stats, budgets, quant_backends, variants=VARIANTS, **
                     lambda b=backend, n=nbits: QuantizedCache(backend=b, config=model.config, nbits=n), {}))
     for i, variant in enumerate(variants):
         fields = parse_variant(variant)
+        refined = fields.pop("refined")
         for budget in budgets:
             if budget >= 1 and i > 0:
                 continue  # budget 1.0 stores keys and values as given: one row covers every variant
             if not fields["bits"] and budget < 0.25 or fields["rope"] == "none" and budget not in (0.25, 0.125):
                 continue  # rank alone at these budgets, and the RoPE ablation elsewhere, are not informative
             plan = build_plan(model, stats, KVConfig(budget=budget, **fields, **options))
+            if refined and not plan.identity:
+                refine(model, plan, refine_windows, refine_prefill, steps=refine_steps)
+                print(f"refined {variant} @ {budget}: {plan.refinement}", flush=True)
             out.append((f"geocomp-{variant}", budget, lambda p=plan: p.cache(model),
-                        {"plan_bytes_ratio": plan.ratio, "allocation": describe(plan)}))
+                        {"plan_bytes_ratio": plan.ratio, "allocation": describe(plan),
+                         **({"refinement": plan.refinement} if plan.refinement else {})}))
     return out
 
 
@@ -114,7 +123,14 @@ def run_kv_bench(args) -> dict:
     for spec in args.quant:
         backend, nbits = spec.split(":")
         backends.append((backend, int(nbits)))
-    factories = cache_factories(model, stats, args.budgets, backends, args.variants, widths=tuple(args.widths),
+    refine_windows = None
+    if any(parse_variant(v)["refined"] for v in args.variants):  # calibration text, never the evaluation split
+        refine_blocks = token_blocks(tok, load_corpus(args.data), args.refine_prefill + 128,
+                                     max_tokens=args.refine_windows * (args.refine_prefill + 128))
+        refine_windows = torch.stack([b["input_ids"] for b in refine_blocks])[: args.refine_windows]
+    factories = cache_factories(model, stats, args.budgets, backends, args.variants, refine_windows=refine_windows,
+                                refine_steps=args.refine_steps, refine_prefill=args.refine_prefill,
+                                widths=tuple(args.widths),
                                 group_size=args.group_size, sink_tokens=args.sink_tokens,
                                 reference_tokens=args.prefill)
 

@@ -12,5 +12,6 @@ from .compress import build_plan, collect_kv_stats, compress, describe, required
 from .config import KVConfig
 from .plan import KVPlan
 from .project import KVProjection, project
+from .refine import refine
 
-__all__ = ["GeoKVCache", "GeoKVLayer", "KVConfig", "KVPlan", "KVProjection", "build_plan", "collect_kv_stats", "compress", "describe", "project", "required_taps"]
+__all__ = ["GeoKVCache", "GeoKVLayer", "KVConfig", "KVPlan", "KVProjection", "build_plan", "collect_kv_stats", "compress", "describe", "project", "refine", "required_taps"]

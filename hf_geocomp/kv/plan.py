@@ -34,6 +34,7 @@ class KVPlan:
     bytes_per_token: int  # of a coded token, batch 1 (the first config.sink_tokens are stored exact)
     full_bytes_per_token: int  # of the uncompressed cache
     identity: bool = False  # budget 1.0: stored exactly as given
+    refinement: dict | None = None  # settings and KL of kv.refine, when the decoders were refined
     tensors: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property

@@ -1,0 +1,79 @@
+"""Learned refinement of a plan's decoders: a short optimisation against the uncompressed model.
+
+The bases are fitted in closed form from second moments; the quantiser then adds errors the
+fit never saw. Refinement keeps the encoders and the stored codes as they are and fits the
+decoders (``x̂ = z·dec``, per layer, KV head, K and V) by gradient descent on calibration
+windows: prefill ``prefill`` tokens into a coded cache, score the rest through it, and
+minimise the KL divergence from the uncompressed model's next-token distribution. The
+prefill pass does not read the cache (it attends to its own exact states), so only the
+scoring pass is differentiated: a step costs about one forward and backward of the scored tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import GeoCompError
+from .cache import plan_codecs
+
+
+def refine(model: nn.Module, plan, windows: torch.Tensor, prefill: int, steps: int = 30, lr: float = 1e-3,
+           batch_size: int = 4, seed: int = 0):
+    """Fit ``plan``'s decoders on ``windows`` (n, prefill + scored) of calibration token ids; returns ``plan``.
+
+    The refined decoders replace ``plan.tensors["{layer}.{k|v}.dec"]``; ``plan.refinement``
+    records the settings and the KL before and after on the same windows.
+    """
+    if plan.identity:
+        raise GeoCompError("a budget-1.0 plan stores keys and values exactly: there is nothing to refine.")
+    if not 0 < prefill < windows.shape[1]:
+        raise GeoCompError(f"prefill must be between 0 and the window length {windows.shape[1]}, got {prefill}.")
+    from transformers import DynamicCache
+
+    plan._codecs = None
+    codecs = plan_codecs(plan)
+    decoders = {}
+    for (layer, kind), codec in codecs.items():
+        codec.dec = nn.Parameter(codec.dec.detach().clone())  # (kv_heads, d, d)
+        decoders[f"{layer}.{kind}.dec"] = codec.dec
+    frozen = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in frozen:
+        p.requires_grad_(False)
+    optim = torch.optim.Adam(decoders.values(), lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+
+    def kl(batch: torch.Tensor, grad: bool) -> torch.Tensor:
+        with torch.no_grad():
+            ref_cache = DynamicCache(config=model.config)
+            model(input_ids=batch[:, :prefill], past_key_values=ref_cache)
+            ref = model(input_ids=batch[:, prefill:], past_key_values=ref_cache).logits.float().log_softmax(-1)
+            cache = plan.cache(model)
+            model(input_ids=batch[:, :prefill], past_key_values=cache)
+        with torch.set_grad_enabled(grad):
+            out = model(input_ids=batch[:, prefill:], past_key_values=cache).logits.float().log_softmax(-1)
+            return torch.nn.functional.kl_div(out.flatten(0, 1), ref.flatten(0, 1), log_target=True,
+                                              reduction="batchmean")
+
+    def mean_kl() -> float:
+        return float(sum(kl(b, False) * len(b) for b in windows.split(batch_size)) / len(windows))
+
+    try:
+        before = mean_kl()
+        for _ in range(steps):
+            idx = torch.randperm(len(windows), generator=gen)[:batch_size]
+            loss = kl(windows[idx], True)
+            optim.zero_grad()
+            loss.backward()
+            optim.step()
+        after = mean_kl()
+    finally:
+        for p, flag in frozen:
+            p.requires_grad_(flag)
+        for key, dec in decoders.items():
+            plan.tensors[key] = dec.detach().clone()
+        plan._codecs = None
+    plan.refinement = {"steps": steps, "lr": lr, "batch_size": batch_size, "windows": int(len(windows)),
+                       "prefill": prefill, "scored": int(windows.shape[1] - prefill), "kl_before": before,
+                       "kl_after": after}
+    return plan
