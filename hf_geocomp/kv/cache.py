@@ -47,21 +47,34 @@ class Codec:
         return out
 
     def decode(self, codes: list[torch.Tensor], like: torch.Tensor, length: int) -> torch.Tensor:
-        """Stored tensors of ``length`` tokens → (batch, heads, length, d) in the dtype of ``like``."""
+        """Stored tensors of ``length`` tokens → (batch, heads, length, d) in the dtype of ``like``.
+
+        Each width group is decoded head by head, (batch, length, n_h) @ (n_h, d) with the
+        decoder rows of that head's components: no scatter into a full latent tensor, and
+        only the kept components are multiplied.
+        """
         if self.enc is None:
             return codes[0].transpose(1, 2)
         b, heads, _, d = like.shape
-        z = torch.zeros(b, length, heads * d, device=like.device)
+        x = torch.zeros(b, length, heads, d, device=like.device)
         i = 0
-        for bits, cols in self.groups:
+        for (bits, _), per_head in zip(self.groups, self._heads):
             if bits == FULL:
-                z[..., cols] = codes[i].float()
-                i += 1
+                z, i = codes[i].float(), i + 1
             else:
-                z[..., cols] = dequantize(codes[i], codes[i + 1], bits, self.group_size, len(cols))
-                i += 2
-        x = torch.einsum("bthk,hkd->bhtd", z.reshape(b, length, heads, d), self.dec.to(z.device))
-        return x.to(like.dtype)  # (batch, heads, seq, d)
+                z, i = dequantize(codes[i], codes[i + 1], bits, self.group_size, len(_)), i + 2
+            for h, pos, comp in per_head:  # positions in the group, component indices in head h
+                x[:, :, h] += z.index_select(-1, pos) @ self.dec[h].index_select(0, comp)
+        return x.transpose(1, 2).to(like.dtype)  # (batch, heads, seq, d)
+
+    @property
+    def _heads(self) -> list[list[tuple[int, torch.Tensor, torch.Tensor]]]:
+        """Per group: (head, positions of its columns in the group, their component index in the head)."""
+        if getattr(self, "_head_index", None) is None:
+            d = self.dec.shape[-1]
+            self._head_index = [[(int(h), torch.nonzero(cols // d == h).flatten(), cols[cols // d == h] % d)
+                                 for h in torch.unique(cols // d)] for _, cols in self.groups]
+        return self._head_index
 
 
 class _Segment:
