@@ -97,8 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--score", type=int, default=256, help="scored tokens per window (default 256)")
     k.add_argument("--speed-steps", type=int, default=0, help="decode steps timed per cache (0: no speed test)")
     k.add_argument("--speed-contexts", type=int, nargs="+", default=[1024, 4096], help="contexts for decode speed")
-    k.add_argument("--speed-methods", nargs="*", default=["quantized-quanto-int4@0.25", "geocomp-aware-bits@0.25"],
-                   help="method@budget timed beside dynamic")
+    k.add_argument("--speed-methods", nargs="*", default=["quantized-quanto-int4@0.25", "geocomp-fisher-bits@0.25",
+                                                         "geocomp-fisher-bits+reduced@0.25"],
+                   help="method@budget timed beside dynamic; geocomp-...+reduced@budget: attention on the latents")
     k.add_argument("--greedy-tokens", type=int, default=0,
                    help="greedy tokens generated from each window's context, compared with the uncompressed cache")
     k.add_argument("--output", "-o", default="recipes/results/kv_smollm2_continuation.json", help="results JSON")

@@ -268,3 +268,35 @@ def test_encoder_projection_in_place():
         handle = project(model, plan)
         assert torch.allclose(model(**batch).last_hidden_state, ref, atol=1e-4)
         handle.remove()
+
+
+def test_reduced_attention_equals_attention_on_decoded_cache(setup):
+    """Scores and values computed on the stored latents equal attention on the decoded keys and values."""
+    from hf_geocomp.kv import use_reduced_attention
+
+    model, stats = setup
+    plan = build_plan(model, stats, KVConfig(budget=0.25, group_size=8, sink_tokens=3, reference_tokens=16))
+    batch = random_batch(2, 20, seed=3)
+    batch["attention_mask"][1, :4] = 0
+    real = batch["attention_mask"].bool()
+
+    def run(cache):
+        with torch.no_grad():
+            parts = [model(**{k: v[:, :12] for k, v in batch.items()}, past_key_values=cache).logits]
+            for a, b in ((12, 16), (16, 17)):  # a chunk, then one decode step
+                parts.append(model(input_ids=batch["input_ids"][:, a:b], attention_mask=batch["attention_mask"][:, :b],
+                                   past_key_values=cache).logits)
+        return torch.cat(parts, 1)[real[:, :17]]  # padded positions carry no prediction
+
+    with pytest.raises(GeoCompError, match="use_reduced_attention"):
+        plan.cache(model, reduced=True)
+    ref = run(plan.cache(model))
+    plain = model.config._attn_implementation
+    use_reduced_attention(model)
+    try:
+        assert torch.allclose(run(plan.cache(model, reduced=True)), ref, atol=1e-5)
+        kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+        out = model.generate(**_left_padded(), past_key_values=plan.cache(model, reduced=True), **kw)
+    finally:
+        model.set_attn_implementation(plain)
+    assert torch.equal(out, model.generate(**_left_padded(), past_key_values=plan.cache(model), **kw))

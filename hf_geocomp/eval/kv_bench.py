@@ -11,6 +11,7 @@ ratios to the uncompressed cache, measured in alternation in one process.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 
@@ -61,7 +62,7 @@ def cache_factories(model, stats, budgets, quant_backends, variants=VARIANTS, re
             if refined and not plan.identity:
                 refine(model, plan, refine_windows, refine_prefill, steps=refine_steps)
                 print(f"refined {variant} @ {budget}: {plan.refinement}", flush=True)
-            out.append((f"geocomp-{variant}", budget, lambda p=plan: p.cache(model),
+            out.append((f"geocomp-{variant}", budget, lambda reduced=False, p=plan: p.cache(model, reduced),
                         {"plan_bytes_ratio": plan.ratio, "allocation": describe(plan),
                          **({"refinement": plan.refinement} if plan.refinement else {})}))
     return out
@@ -164,16 +165,30 @@ def run_kv_bench(args) -> dict:
 
     speed = []
     if args.speed_steps > 0:
-        wanted = {(s.split("@")[0], float(s.split("@")[1])) for s in args.speed_methods}
-        chosen = {m: (m, b, f) for m, b, f, _ in factories if m == "dynamic"}
-        for m, b, f, _ in factories:
-            if (m, b) in wanted:
-                chosen[f"{m}@{b}"] = (m, b, f)
+        from ..kv import use_reduced_attention
+
+        plain = model.config._attn_implementation
+        chosen = {m: (m, b, f, False) for m, b, f, _ in factories if m == "dynamic"}
+        for spec in args.speed_methods:  # method@budget; a "+reduced" geocomp method attends to the latents
+            name, budget = spec.split("@")
+            base, reduced = name.removesuffix("+reduced"), name.endswith("+reduced")
+            match = [f for m, b, f, _ in factories if m == base and b == float(budget)]
+            if not match:
+                raise GeoCompError(f"--speed-methods {spec!r} names no cache of this run.")
+            chosen[spec] = (name, float(budget), functools.partial(match[0], reduced=True) if reduced else match[0],
+                            reduced)
         corpus_ids = torch.cat(list(windows.reshape(-1).split(args.prefill + args.score)))
         for ctx in args.speed_contexts:
             context = corpus_ids.repeat(math.ceil(ctx / corpus_ids.numel()))[:ctx][None]
-            rates = {k: decode_tokens_per_s(model, context, f, args.speed_steps) for k, (_, _, f) in chosen.items()}
-            for k, (m, b, _) in chosen.items():
+            rates = {}
+            for k, (_, _, f, reduced) in chosen.items():
+                if reduced:
+                    use_reduced_attention(model)
+                try:
+                    rates[k] = decode_tokens_per_s(model, context, f, args.speed_steps)
+                finally:
+                    model.set_attn_implementation(plain)
+            for k, (m, b, _, _) in chosen.items():
                 speed.append({"method": m, "budget": b, "context": ctx, "tokens_per_s": rates[k],
                               "tokens_per_s_ratio": rates[k] / rates["dynamic"]})
                 print(f"decode @ {ctx:5d}: {m:34s} {b:6.4f}  {rates[k]:.2f} tok/s  "

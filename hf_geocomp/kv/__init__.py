@@ -7,6 +7,7 @@ DESIGN.md; the cache layout follows KIVI (arXiv:2402.02750) as transformers' Qua
 >>> model.generate(**inputs, past_key_values=plan.cache(model))
 """
 
+from .attention import use_reduced_attention
 from .cache import GeoKVCache, GeoKVLayer
 from .compress import build_plan, collect_kv_stats, compress, describe, required_taps
 from .config import KVConfig
@@ -14,4 +15,4 @@ from .plan import KVPlan
 from .project import KVProjection, project
 from .refine import refine
 
-__all__ = ["GeoKVCache", "GeoKVLayer", "KVConfig", "KVPlan", "KVProjection", "build_plan", "collect_kv_stats", "compress", "describe", "project", "refine", "required_taps"]
+__all__ = ["GeoKVCache", "GeoKVLayer", "KVConfig", "KVPlan", "KVProjection", "build_plan", "collect_kv_stats", "compress", "describe", "project", "refine", "required_taps", "use_reduced_attention"]

@@ -57,15 +57,21 @@ class Codec:
             return codes[0].transpose(1, 2)
         b, heads, _, d = like.shape
         x = torch.zeros(b, length, heads, d, device=like.device)
-        i = 0
-        for (bits, _), per_head in zip(self.groups, self._heads):
-            if bits == FULL:
-                z, i = codes[i].float(), i + 1
-            else:
-                z, i = dequantize(codes[i], codes[i + 1], bits, self.group_size, len(_)), i + 2
+        for z, per_head in self.latents(codes):
             for h, pos, comp in per_head:  # positions in the group, component indices in head h
                 x[:, :, h] += z.index_select(-1, pos) @ self.dec[h].index_select(0, comp)
         return x.transpose(1, 2).to(like.dtype)  # (batch, heads, seq, d)
+
+    def latents(self, codes: list[torch.Tensor]) -> list[tuple[torch.Tensor, list]]:
+        """Per width group: its dequantised latents (batch, length, n) float32 and which head owns each column."""
+        out, i = [], 0
+        for (bits, cols), per_head in zip(self.groups, self._heads):
+            if bits == FULL:
+                z, i = codes[i].float(), i + 1
+            else:
+                z, i = dequantize(codes[i], codes[i + 1], bits, self.group_size, len(cols)), i + 2
+            out.append((z, per_head))
+        return out
 
     @property
     def _heads(self) -> list[list[tuple[int, torch.Tensor, torch.Tensor]]]:
@@ -105,10 +111,12 @@ class _Segment:
 class GeoKVLayer(DynamicLayer):
     """One layer's coded cache: the first ``sink`` tokens exact, every later token coded (module docstring)."""
 
-    def __init__(self, k_codec: Codec, v_codec: Codec, sink: int = 0):
+    def __init__(self, k_codec: Codec, v_codec: Codec, sink: int = 0, layer_idx: int | None = None,
+                 reduced: bool = False):
         super().__init__()
         exact = Codec([], None, None, k_codec.group_size)
         self.segments = ([_Segment((exact, exact), sink)] if sink else []) + [_Segment((k_codec, v_codec), None)]
+        self.layer_idx, self.reduced = layer_idx, reduced and k_codec.enc is not None
 
     @property
     def length(self) -> int:
@@ -123,6 +131,19 @@ class GeoKVLayer(DynamicLayer):
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        coded = self.segments[-1]
+        if self.reduced and coded.length:  # attention reads the latents (kv.attention): return exact tokens only
+            from .attention import hand_over
+
+            exact = self.segments[0] if len(self.segments) > 1 else None
+            (ck, cv) = coded.codecs
+            hand_over(self.layer_idx, exact.length if exact else 0, ck.latents(coded.parts[0]),
+                      cv.latents(coded.parts[1]), ck.dec, cv.dec)
+            coded.append(key_states, value_states)  # the sink is full once coded tokens exist
+            if exact is None:
+                return key_states, value_states
+            sink_k, sink_v = exact.decode((key_states, value_states))
+            return torch.cat([sink_k, key_states], dim=-2), torch.cat([sink_v, value_states], dim=-2)
         past = [seg.decode((key_states, value_states)) for seg in self.segments if seg.length]
         start = 0
         for seg in self.segments:  # new tokens fill the exact sink first, the rest is coded
@@ -183,7 +204,7 @@ class GeoKVSlidingLayer(GeoKVLayer):
     is_sliding = True
 
     def __init__(self, k_codec: Codec, v_codec: Codec, sliding_window: int):
-        super().__init__(k_codec, v_codec, sink=0)
+        super().__init__(k_codec, v_codec, sink=0)  # attention on decoded keys and values (not reduced)
         self.sliding_window, self.cumulative_length = sliding_window, 0
 
     def update(self, key_states, value_states, *args, **kwargs):
@@ -222,12 +243,18 @@ class GeoKVSlidingLayer(GeoKVLayer):
 class GeoKVCache(Cache):
     """A cache of :class:`GeoKVLayer` built from a :class:`~hf_geocomp.kv.plan.KVPlan` for ``model``."""
 
-    def __init__(self, model: nn.Module, plan):
+    def __init__(self, model: nn.Module, plan, reduced: bool = False):
         plan.check(model)
         check_supported(model)
+        if reduced:
+            from .attention import NAME
+
+            if model.config._attn_implementation != NAME:
+                raise GeoCompError(f"a reduced-space cache needs the model to run attention_implementation={NAME!r}; "
+                                   f"call hf_geocomp.kv.use_reduced_attention(model) first.")
         codecs = plan_codecs(plan)
         layers = [GeoKVSlidingLayer(codecs[i, "k"], codecs[i, "v"], kw["sliding_window"]) if kind == "sliding_attention"
-                  else GeoKVLayer(codecs[i, "k"], codecs[i, "v"], plan.config.sink_tokens)
+                  else GeoKVLayer(codecs[i, "k"], codecs[i, "v"], plan.config.sink_tokens, i, reduced)
                   for i, (kind, kw) in enumerate(arch.attention_layer_types(model))]
         super().__init__(layers=layers)
 

@@ -98,8 +98,12 @@ class KVPlan:
             if missing:
                 raise GeoCompError(f"this KV plan lacks its basis tensors (first missing: {missing[0]!r}).")
 
-    def cache(self, model: nn.Module):
-        """A fresh compressed cache for ``model.generate(..., past_key_values=plan.cache(model))``."""
+    def cache(self, model: nn.Module, reduced: bool = False):
+        """A fresh compressed cache for ``model.generate(..., past_key_values=plan.cache(model))``.
+
+        ``reduced``: attention reads the stored latents directly (needs
+        :func:`hf_geocomp.kv.use_reduced_attention` on the model); otherwise on decoded keys and values.
+        """
         from .cache import GeoKVCache
 
-        return GeoKVCache(model, self)
+        return GeoKVCache(model, self, reduced)

@@ -1,0 +1,73 @@
+"""Attention in the reduced space: scores and values computed on the stored latents.
+
+With a coded key ``k̂ = Σ_j z_j·dec_j`` (per KV head), ``q·k̂ = Σ_j (q·dec_j)·z_j``: the query is
+projected into the latent space once (``n`` numbers per head instead of lifting every cached
+key back to ``d``), and scores are products with the latents. Values are lifted after the
+weighted sum: ``Σ_t p_t v̂_t = (Σ_t p_t z_t)·dec``. Both are exact rewrites of attention on
+the decoded cache. The exact tokens (attention sinks, and the tokens of the current forward)
+go through ordinary products.
+
+Registered as ``attn_implementation="geocomp_reduced"`` with transformers'
+``AttentionInterface`` and, for its masks, ``AttentionMaskInterface`` (additive float masks,
+never skipped). A layer whose cache is not a reduced :class:`~hf_geocomp.kv.cache.GeoKVCache`
+runs plain SDPA.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+NAME = "geocomp_reduced"
+_PENDING: dict[int, tuple] = {}  # layer_idx → what the cache handed over for this forward
+
+
+def hand_over(layer_idx: int, sink: int, latents_k, latents_v, dec_k, dec_v) -> None:
+    """Called by the cache in ``update``: the coded past of ``layer_idx`` as latents for this forward."""
+    _PENDING[layer_idx] = (sink, latents_k, latents_v, dec_k, dec_v)
+
+
+def reduced_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """``query`` (b, H, q, d); ``key``/``value`` (b, kv_heads, s + q, d): exact sink tokens then the new ones."""
+    pending = _PENDING.pop(getattr(module, "layer_idx", None), None)
+    if pending is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    sink, latents_k, latents_v, dec_k, dec_v = pending
+    b, heads, q, d = query.shape
+    kv_heads = key.shape[1]
+    group = heads // kv_heads
+    scaling = d ** -0.5 if scaling is None else scaling
+    qf = query.float().reshape(b, kv_heads, group * q, d)  # the queries of each KV head's group together
+    kf, vf = key.float(), value.float()
+    coded = [(z, per_head) for z, per_head in latents_k]
+    length = coded[0][0].shape[1] if coded else (latents_v[0][0].shape[1] if latents_v else 0)
+    scores_coded = qf.new_zeros(b, kv_heads, group * q, length)
+    for z, per_head in coded:  # z (b, L, n_g) float
+        for h, pos, comp in per_head:
+            q_lat = qf[:, h] @ dec_k[h].index_select(0, comp).T  # (b, G·q, n_h): the query in latent space
+            scores_coded[:, h] += q_lat @ z.index_select(-1, pos).transpose(1, 2)
+    scores = torch.cat([qf @ kf[:, :, :sink].transpose(-1, -2), scores_coded,
+                        qf @ kf[:, :, sink:].transpose(-1, -2)], dim=-1) * scaling  # (b, kv_heads, G·q, s+L+q)
+    scores = scores.reshape(b, heads, q, -1)
+    if attention_mask is not None:
+        scores = scores + attention_mask[..., : scores.shape[-1]].float()
+    probs = scores.softmax(-1).reshape(b, kv_heads, group * q, -1)
+    p_sink, p_coded, p_new = probs[..., :sink], probs[..., sink: sink + length], probs[..., sink + length:]
+    out = p_sink @ vf[:, :, :sink] + p_new @ vf[:, :, sink:]  # (b, kv_heads, G·q, d)
+    for z, per_head in latents_v:
+        for h, pos, comp in per_head:
+            out[:, h] += (p_coded[:, h] @ z.index_select(-1, pos)) @ dec_v[h].index_select(0, comp)
+    out = out.reshape(b, heads, q, d).transpose(1, 2).contiguous().to(query.dtype)  # (b, q, H, d)
+    return out, None
+
+
+AttentionInterface.register(NAME, reduced_attention)
+AttentionMaskInterface.register(NAME, eager_mask)
+
+
+def use_reduced_attention(model) -> None:
+    """Switch ``model`` to attention in the reduced space (``plan.cache(model, reduced=True)``)."""
+    model.set_attn_implementation(NAME)
