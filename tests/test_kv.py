@@ -300,3 +300,22 @@ def test_reduced_attention_equals_attention_on_decoded_cache(setup):
     finally:
         model.set_attn_implementation(plain)
     assert torch.equal(out, model.generate(**_left_padded(), past_key_values=plan.cache(model), **kw))
+
+
+def test_refine_never_worse_and_round_trips(setup):
+    from hf_geocomp.kv import refine
+
+    model, stats = setup
+    plan = build_plan(model, stats, KVConfig(budget=0.125, group_size=8, sink_tokens=0))
+    windows = torch.stack([random_batch(1, 24, seed=20 + i)["input_ids"][0] for i in range(4)])
+    before = {k: v.clone() for k, v in plan.tensors.items()}
+    refine(model, plan, windows, prefill=16, steps=4, lr=1e-2, batch_size=2, check_every=2)
+    r = plan.refinement
+    assert r["kl_after"] <= r["kl_before"] and all(p.requires_grad for p in model.parameters())
+    changed = any(not torch.equal(before[k], plan.tensors[k]) for k in before if k.endswith(".dec"))
+    assert changed == (r["best_step"] > 0)
+    assert all(torch.equal(before[k], plan.tensors[k]) for k in before if k.endswith(".enc"))
+    again = KVPlan.from_dict(json.loads(json.dumps(plan.to_dict())), plan.tensors)
+    assert again.refinement == r
+    with pytest.raises(GeoCompError, match="prefill"):
+        refine(model, plan, windows, prefill=24)

@@ -19,11 +19,13 @@ from .cache import plan_codecs
 
 
 def refine(model: nn.Module, plan, windows: torch.Tensor, prefill: int, steps: int = 30, lr: float = 1e-3,
-           batch_size: int = 4, seed: int = 0):
+           batch_size: int = 4, seed: int = 0, check_every: int = 10):
     """Fit ``plan``'s decoders on ``windows`` (n, prefill + scored) of calibration token ids; returns ``plan``.
 
-    The refined decoders replace ``plan.tensors["{layer}.{k|v}.dec"]``; ``plan.refinement``
-    records the settings and the KL before and after on the same windows.
+    Every ``check_every`` steps the mean KL over all ``windows`` is measured and the best
+    decoders so far are kept (the fitted ones if no step improves on them): they replace
+    ``plan.tensors["{layer}.{k|v}.dec"]``; ``plan.refinement`` records the settings, the KL
+    before and after, and the step kept.
     """
     if plan.identity:
         raise GeoCompError("a budget-1.0 plan stores keys and values exactly: there is nothing to refine.")
@@ -59,21 +61,26 @@ def refine(model: nn.Module, plan, windows: torch.Tensor, prefill: int, steps: i
         return float(sum(kl(b, False) * len(b) for b in windows.split(batch_size)) / len(windows))
 
     try:
-        before = mean_kl()
-        for _ in range(steps):
+        before = best = mean_kl()
+        kept = {k: d.detach().clone() for k, d in decoders.items()}
+        best_step = 0
+        for step in range(1, steps + 1):
             idx = torch.randperm(len(windows), generator=gen)[:batch_size]
             loss = kl(windows[idx], True)
             optim.zero_grad()
             loss.backward()
             optim.step()
-        after = mean_kl()
-    finally:
+            if step % check_every == 0 or step == steps:  # keep the best decoders seen, never worse than the fit
+                now = mean_kl()
+                if now < best:
+                    best, best_step = now, step
+                    kept = {k: d.detach().clone() for k, d in decoders.items()}
+    finally:  # on an error the plan keeps its fitted decoders (plan.tensors untouched)
         for p, flag in frozen:
             p.requires_grad_(flag)
-        for key, dec in decoders.items():
-            plan.tensors[key] = dec.detach().clone()
         plan._codecs = None
+    plan.tensors.update(kept)
     plan.refinement = {"steps": steps, "lr": lr, "batch_size": batch_size, "windows": int(len(windows)),
                        "prefill": prefill, "scored": int(windows.shape[1] - prefill), "kl_before": before,
-                       "kl_after": after}
+                       "kl_after": best, "best_step": best_step}
     return plan
