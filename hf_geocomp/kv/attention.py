@@ -24,9 +24,9 @@ NAME = "geocomp_reduced"
 _PENDING: dict[int, tuple] = {}  # layer_idx → what the cache handed over for this forward
 
 
-def hand_over(layer_idx: int, sink: int, latents_k, latents_v, dec_k, dec_v) -> None:
-    """Called by the cache in ``update``: the coded past of ``layer_idx`` as latents for this forward."""
-    _PENDING[layer_idx] = (sink, latents_k, latents_v, dec_k, dec_v)
+def hand_over(layer_idx: int, sink: int, length: int, latents_k, latents_v, dec_k, dec_v) -> None:
+    """Called by the cache in ``update``: the ``length`` coded past tokens of ``layer_idx`` as latents."""
+    _PENDING[layer_idx] = (sink, length, latents_k, latents_v, dec_k, dec_v)
 
 
 def reduced_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
@@ -35,20 +35,17 @@ def reduced_attention(module, query, key, value, attention_mask, dropout: float 
     if pending is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    sink, latents_k, latents_v, dec_k, dec_v = pending
+    sink, length, latents_k, latents_v, dec_k, dec_v = pending
     b, heads, q, d = query.shape
     kv_heads = key.shape[1]
     group = heads // kv_heads
     scaling = d ** -0.5 if scaling is None else scaling
     qf = query.float().reshape(b, kv_heads, group * q, d)  # the queries of each KV head's group together
     kf, vf = key.float(), value.float()
-    coded = [(z, per_head) for z, per_head in latents_k]
-    length = coded[0][0].shape[1] if coded else (latents_v[0][0].shape[1] if latents_v else 0)
     scores_coded = qf.new_zeros(b, kv_heads, group * q, length)
-    for z, per_head in coded:  # z (b, L, n_g) float
-        for h, pos, comp in per_head:
-            q_lat = qf[:, h] @ dec_k[h].index_select(0, comp).T  # (b, G·q, n_h): the query in latent space
-            scores_coded[:, h] += q_lat @ z.index_select(-1, pos).transpose(1, 2)
+    for (z, _), rows in zip(latents_k, _group_rows(latents_k, dec_k)):  # z (b, L, n) float; rows (kv_heads, n, d)
+        q_lat = torch.einsum("bkmd,knd->bkmn", qf, rows)  # the queries in latent space (0 on other heads' columns)
+        scores_coded += (q_lat.reshape(b, kv_heads * group * q, -1) @ z.transpose(1, 2)).reshape(scores_coded.shape)
     scores = torch.cat([qf @ kf[:, :, :sink].transpose(-1, -2), scores_coded,
                         qf @ kf[:, :, sink:].transpose(-1, -2)], dim=-1) * scaling  # (b, kv_heads, G·q, s+L+q)
     scores = scores.reshape(b, heads, q, -1)
@@ -57,11 +54,18 @@ def reduced_attention(module, query, key, value, attention_mask, dropout: float 
     probs = scores.softmax(-1).reshape(b, kv_heads, group * q, -1)
     p_sink, p_coded, p_new = probs[..., :sink], probs[..., sink: sink + length], probs[..., sink + length:]
     out = p_sink @ vf[:, :, :sink] + p_new @ vf[:, :, sink:]  # (b, kv_heads, G·q, d)
-    for z, per_head in latents_v:
-        for h, pos, comp in per_head:
-            out[:, h] += (p_coded[:, h] @ z.index_select(-1, pos)) @ dec_v[h].index_select(0, comp)
+    for (z, _), rows in zip(latents_v, _group_rows(latents_v, dec_v)):
+        y = (p_coded.reshape(b, kv_heads * group * q, length) @ z).reshape(b, kv_heads, group * q, -1)
+        out += torch.einsum("bkmn,knd->bkmd", y, rows)  # values lifted after the weighted sum
     out = out.reshape(b, heads, q, d).transpose(1, 2).contiguous().to(query.dtype)  # (b, q, H, d)
     return out, None
+
+
+def _group_rows(latents, dec: torch.Tensor) -> list[torch.Tensor]:
+    """Per width group, the decoder rows of its columns split by KV head: (kv_heads, n, d), zero off-head."""
+    kv_heads, d, _ = dec.shape
+    full = torch.block_diag(*dec)  # (kv_heads·d, kv_heads·d): latent column → output of its head
+    return [full[cols].reshape(len(cols), kv_heads, d).transpose(0, 1) for _, cols in latents]
 
 
 AttentionInterface.register(NAME, reduced_attention)

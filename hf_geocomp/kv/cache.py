@@ -62,15 +62,16 @@ class Codec:
                 x[:, :, h] += z.index_select(-1, pos) @ self.dec[h].index_select(0, comp)
         return x.transpose(1, 2).to(like.dtype)  # (batch, heads, seq, d)
 
-    def latents(self, codes: list[torch.Tensor]) -> list[tuple[torch.Tensor, list]]:
-        """Per width group: its dequantised latents (batch, length, n) float32 and which head owns each column."""
+    def latents(self, codes: list[torch.Tensor], by_column: bool = False) -> list[tuple[torch.Tensor, object]]:
+        """Per width group: its dequantised latents (batch, length, n) float32 and which head owns each
+        column (``(head, positions, components)`` per head, or with ``by_column`` the columns ``head·d + j``)."""
         out, i = [], 0
         for (bits, cols), per_head in zip(self.groups, self._heads):
             if bits == FULL:
                 z, i = codes[i].float(), i + 1
             else:
                 z, i = dequantize(codes[i], codes[i + 1], bits, self.group_size, len(cols)), i + 2
-            out.append((z, per_head))
+            out.append((z, cols.to(z.device) if by_column else per_head))
         return out
 
     @property
@@ -137,8 +138,8 @@ class GeoKVLayer(DynamicLayer):
 
             exact = self.segments[0] if len(self.segments) > 1 else None
             (ck, cv) = coded.codecs
-            hand_over(self.layer_idx, exact.length if exact else 0, ck.latents(coded.parts[0]),
-                      cv.latents(coded.parts[1]), ck.dec, cv.dec)
+            hand_over(self.layer_idx, exact.length if exact else 0, coded.length, ck.latents(coded.parts[0], by_column=True),
+                      cv.latents(coded.parts[1], by_column=True), ck.dec, cv.dec)
             coded.append(key_states, value_states)  # the sink is full once coded tokens exist
             if exact is None:
                 return key_states, value_states
