@@ -130,7 +130,7 @@ def test_crop_and_reorder(setup):
 
 def test_plan_round_trips(setup, tmp_path):
     model, stats = setup
-    _, plan = compress(model, stats, budget=0.25, method="pca")
+    _, plan = compress(model, stats, budget=0.25, method="pca", reduced_attention=False)
     again = KVPlan.from_dict(json.loads(json.dumps(plan.to_dict())), plan.tensors)
     assert again.to_dict() == plan.to_dict()
     plan.save(str(tmp_path))
@@ -144,6 +144,8 @@ def test_compress_from_dataloader():
     model = tiny_llama()
     _, plan = compress(model, [random_batch(2, 16)], budget=0.5, bits=False)  # fisher: a backward pass per batch
     assert model.geocomp_kv_plan is plan and plan.ratio <= 0.5
+    assert model.config._attn_implementation == "geocomp_reduced"  # exact, and what plan.cache(model) then uses
+    assert plan.cache(model).layers[0].reduced
 
 
 @pytest.mark.parametrize("bad", [dict(budget=0), dict(budget=1.5), dict(budget=-0.1), dict(method="svd"),
@@ -275,6 +277,7 @@ def test_reduced_attention_equals_attention_on_decoded_cache(setup):
     from hf_geocomp.kv import use_reduced_attention
 
     model, stats = setup
+    model.set_attn_implementation("sdpa")
     plan = build_plan(model, stats, KVConfig(budget=0.25, group_size=8, sink_tokens=3, reference_tokens=16))
     batch = random_batch(2, 20, seed=3)
     batch["attention_mask"][1, :4] = 0

@@ -65,14 +65,16 @@ def build_plan(model: nn.Module, stats: ActivationStats, config: KVConfig) -> KV
 
 
 def compress(model: nn.Module, stats_or_dataloader: ActivationStats | Iterable, budget: float = 0.25,
-             method: str = "fisher", **options) -> tuple[nn.Module, KVPlan]:
+             method: str = "fisher", reduced_attention: bool = True, **options) -> tuple[nn.Module, KVPlan]:
     """Plan a transform-coded KV cache for ``model`` within ``budget`` of the uncompressed cache bytes.
 
     ``stats_or_dataloader``: statistics with :func:`required_taps` of ``method``, or batches to collect them
     from. ``options`` are the other :class:`KVConfig` fields. Returns the model (its weights
     untouched; the plan is also set as ``model.geocomp_kv_plan``) and the plan; generate with
     ``model.generate(..., past_key_values=plan.cache(model))``; encoders have no cache: apply
-    the coding in place with :func:`hf_geocomp.kv.project`.
+    the coding in place with :func:`hf_geocomp.kv.project`. With ``reduced_attention`` (decoders)
+    the model is switched to attention on the stored latents (:mod:`hf_geocomp.kv.attention`,
+    exact and faster than decoding the cache every step).
     """
     config = KVConfig(budget=budget, method=method, **options)
     _check(model, config)
@@ -82,6 +84,10 @@ def compress(model: nn.Module, stats_or_dataloader: ActivationStats | Iterable, 
         stats = collect_kv_stats(model, stats_or_dataloader, method)
     plan = build_plan(model, stats, config)
     model.geocomp_kv_plan = plan
+    if reduced_attention and arch.get_spec(model).family != "bert":
+        from .attention import use_reduced_attention
+
+        use_reduced_attention(model)
     return model, plan
 
 

@@ -98,12 +98,17 @@ class KVPlan:
             if missing:
                 raise GeoCompError(f"this KV plan lacks its basis tensors (first missing: {missing[0]!r}).")
 
-    def cache(self, model: nn.Module, reduced: bool = False):
+    def cache(self, model: nn.Module, reduced: bool | None = None):
         """A fresh compressed cache for ``model.generate(..., past_key_values=plan.cache(model))``.
 
         ``reduced``: attention reads the stored latents directly (needs
-        :func:`hf_geocomp.kv.use_reduced_attention` on the model); otherwise on decoded keys and values.
+        :func:`hf_geocomp.kv.use_reduced_attention` on the model), else it runs on decoded keys
+        and values; ``None``: reduced exactly when the model already uses it.
         """
+        if reduced is None:
+            from .attention import NAME
+
+            reduced = model.config._attn_implementation == NAME
         from .cache import GeoKVCache
 
         return GeoKVCache(model, self, reduced)
