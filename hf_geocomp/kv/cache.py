@@ -49,39 +49,28 @@ class Codec:
     def decode(self, codes: list[torch.Tensor], like: torch.Tensor, length: int) -> torch.Tensor:
         """Stored tensors of ``length`` tokens → (batch, heads, length, d) in the dtype of ``like``.
 
-        Each width group is decoded head by head, (batch, length, n_h) @ (n_h, d) with the
-        decoder rows of that head's components: no scatter into a full latent tensor, and
-        only the kept components are multiplied.
+        The latents of every group are written into one (batch, length, heads·d) tensor and
+        lifted by one batched product per head (attention in the reduced space avoids this).
         """
         if self.enc is None:
             return codes[0].transpose(1, 2)
         b, heads, _, d = like.shape
-        x = torch.zeros(b, length, heads, d, device=like.device)
-        for z, per_head in self.latents(codes):
-            for h, pos, comp in per_head:  # positions in the group, component indices in head h
-                x[:, :, h] += z.index_select(-1, pos) @ self.dec[h].index_select(0, comp)
-        return x.transpose(1, 2).to(like.dtype)  # (batch, heads, seq, d)
+        z = torch.zeros(b, length, heads * d, device=like.device)
+        for (zg, cols) in self.latents(codes):
+            z[..., cols] = zg
+        x = torch.einsum("bthk,hkd->bhtd", z.reshape(b, length, heads, d), self.dec.to(z.device))
+        return x.to(like.dtype)  # (batch, heads, seq, d)
 
-    def latents(self, codes: list[torch.Tensor], by_column: bool = False) -> list[tuple[torch.Tensor, object]]:
-        """Per width group: its dequantised latents (batch, length, n) float32 and which head owns each
-        column (``(head, positions, components)`` per head, or with ``by_column`` the columns ``head·d + j``)."""
+    def latents(self, codes: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per width group: its dequantised latents (batch, length, n) float32 and its columns ``head·d + j``."""
         out, i = [], 0
-        for (bits, cols), per_head in zip(self.groups, self._heads):
+        for bits, cols in self.groups:
             if bits == FULL:
                 z, i = codes[i].float(), i + 1
             else:
                 z, i = dequantize(codes[i], codes[i + 1], bits, self.group_size, len(cols)), i + 2
-            out.append((z, cols.to(z.device) if by_column else per_head))
+            out.append((z, cols.to(z.device)))
         return out
-
-    @property
-    def _heads(self) -> list[list[tuple[int, torch.Tensor, torch.Tensor]]]:
-        """Per group: (head, positions of its columns in the group, their component index in the head)."""
-        if getattr(self, "_head_index", None) is None:
-            d = self.dec.shape[-1]
-            self._head_index = [[(int(h), torch.nonzero(cols // d == h).flatten(), cols[cols // d == h] % d)
-                                 for h in torch.unique(cols // d)] for _, cols in self.groups]
-        return self._head_index
 
 
 class _Segment:
@@ -138,8 +127,8 @@ class GeoKVLayer(DynamicLayer):
 
             exact = self.segments[0] if len(self.segments) > 1 else None
             (ck, cv) = coded.codecs
-            hand_over(self.layer_idx, exact.length if exact else 0, coded.length, ck.latents(coded.parts[0], by_column=True),
-                      cv.latents(coded.parts[1], by_column=True), ck.dec, cv.dec)
+            hand_over(self.layer_idx, exact.length if exact else 0, coded.length, ck.latents(coded.parts[0]),
+                      cv.latents(coded.parts[1]), ck.dec, cv.dec)
             coded.append(key_states, value_states)  # the sink is full once coded tokens exist
             if exact is None:
                 return key_states, value_states
