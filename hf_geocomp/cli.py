@@ -186,7 +186,11 @@ def _add_prune_parsers(sub) -> None:
     b.add_argument("--allocations", nargs="+", default=["uniform"])
     b.add_argument("--taylor-batches", type=int, default=4, help="calibration batches for Taylor gradients")
     b.add_argument("--latency-tokens", type=int, default=512, help="tokens of the batch-1 latency input")
-    b.add_argument("--latency-repeats", type=int, default=5)
+    b.add_argument("--latency-repeats", type=int, default=5, help="0 skips latency (recorded as null)")
+    b.add_argument("--sweep", nargs="+", default=None, metavar="SPEC",
+                   help="rows as BUDGETS:CRITERIA:COMPENSATIONS:ALLOCATIONS[:TARGETS] products (comma lists, "
+                        "targets joined by +), several allowed; replaces --sparsities/--criteria/...")
+    b.add_argument("--threads", type=int, default=1, help="torch threads (default 1: fastest on a shared CPU)")
     b.add_argument("--output", "-o", default="recipes/results/prune_smollm2_oneshot.json", help="results JSON")
     b.set_defaults(handler=_lazy(".prune.bench:run_prune_bench"))
 
@@ -210,7 +214,8 @@ def _add_prune_parsers(sub) -> None:
     r.add_argument("--grad-accum", type=int, default=2)
     r.add_argument("--dense-control", action="store_true", help="also fine-tune without pruning")
     r.add_argument("--latency-tokens", type=int, default=512)
-    r.add_argument("--latency-repeats", type=int, default=5)
+    r.add_argument("--latency-repeats", type=int, default=5, help="0 skips latency (recorded as null)")
+    r.add_argument("--threads", type=int, default=1, help="torch threads (default 1: fastest on a shared CPU)")
     r.add_argument("--output", "-o", default="recipes/results/prune_smollm2_recovery.json")
     r.set_defaults(handler=_lazy(".prune.recovery:run_recovery"))
 

@@ -196,6 +196,8 @@ def test_save_reload(tmp_path, name, kw, stock):
     ({"sparsity": 1.0}, "sparsity"), ({"sparsity": -0.1}, "sparsity"), ({"criterion": "l2"}, "criterion"),
     ({"targets": ("ffn",)}, "target"), ({"allocation": "layerwise"}, "allocation"),
     ({"compensation": "ols"}, "compensation"), ({"min_keep": 0.0}, "min_keep"),
+    ({"head_mode": "group"}, "head_mode"), ({"max_keep": 1.5}, "max_keep"), ({"round_to": 0}, "round_to"),
+    ({"targets": ()}, "target"), ({"refit_damp": -1.0}, "refit_damp"),
 ])
 def test_bad_config(kw, match):
     with pytest.raises(GeoCompError, match=match):
@@ -221,10 +223,43 @@ def test_bad_inputs():
     with pytest.raises(GeoCompError, match="removes every unit"):
         apply_plan(model, groups, plan)
 
+    # the same family with other widths is a different model too
+    cfg = model.config.__class__(**{**model.config.to_dict(), "intermediate_size": 64})
+    wide = type(model)(cfg).eval()
+    with pytest.raises(GeoCompError, match="different model"):
+        prune(wide, stats, sparsity=0.2)
+
     class Unknown(torch.nn.Module):
         config = type("C", (), {"model_type": "t5"})()
     with pytest.raises(GeoCompError, match="not supported"):
         unit_groups(Unknown())
+
+
+def test_bad_statistics_and_plans():
+    """Statistics without the needed taps, stale statistics at surgery, a plan made for other units."""
+    model, batch, _ = _setup("llama")
+    mlp_only = collect_stats(model, [batch], prune_taps(model, ("mlp",)), compute_dtype=torch.float64)
+    with pytest.raises(GeoCompError, match="no input of module"):
+        prune(model, mlp_only, sparsity=0.2, targets=("mlp", "heads"))
+    groups = unit_groups(model, ("mlp",))
+    cfg = PruneConfig(sparsity=0.2, criterion="magnitude", targets=("mlp",))
+    plan = allocate(groups, {g.key: get_scorer("magnitude").score(model, g, None, None) for g in groups}, cfg,
+                    block_params(model))
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight.add_(0.5)
+    with pytest.raises(GeoCompError, match="stale"):  # compensation would read the old activations
+        apply_plan(model, groups, plan, mlp_only, compensation="refit")
+    with pytest.raises(GeoCompError, match="stale"):
+        apply_plan(model, groups, plan, mlp_only, compensation="bias")
+    other = PrunePlan.from_dict(plan.to_dict())
+    other.groups[0].num_units += 1
+    other.groups[0].keep = list(range(other.groups[0].num_units - 2))
+    with pytest.raises(GeoCompError, match="does not match"):
+        apply_plan(model, groups, other)
+    shapes = [tuple(p.shape) for p in model.parameters()]
+    with pytest.raises(GeoCompError, match="needs activation statistics"):
+        apply_plan(model, groups, plan, None, compensation="bias+refit")
+    assert [tuple(p.shape) for p in model.parameters()] == shapes  # nothing was cut by the failed calls
 
 
 def test_conditional_variance_spots_redundant_units():
@@ -265,3 +300,29 @@ def test_cli_prune(tmp_path, tiny_llama_dir, text_file, capsys):
     assert model.config.intermediate_size < 48
     assert main(argv[:-2] + ["--criterion", "l3", "-o", str(tmp_path / "x")]) == 2
     assert "criterion 'l3' does not exist" in capsys.readouterr().err
+
+
+def test_cli_bench_prune_sweeps(tmp_path, tiny_llama_dir, text_file, capsys):
+    """Two sweeps in one run share the baseline; latency repeats 0 records null, not a number."""
+    import json
+
+    from hf_geocomp.cli import main
+
+    out = tmp_path / "bench.json"
+    data = ["--model", tiny_llama_dir, "--data", f"file:{text_file}", "--eval-data", f"file:{text_file}",
+            "--tokens", "256", "--eval-tokens", "128", "--block-size", "32", "--latency-repeats", "0"]
+    argv = ["bench-prune", *data, "--sweep", "0.2,0.3:variance,taylor:bias+refit:uniform:mlp",
+            "0.2:variance:none,bias+refit:uniform,global:mlp+heads", "0.2:variance:bias+refit:uniform:mlp",
+            "-o", str(out)]
+    assert main(argv) == 0
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert result["command"].startswith("hf-geocomp bench-prune") and len(rows) == 4 + 4  # the repeat is dropped
+    assert all(r["latency_ratio"] is None for r in rows) and "not measured" in result["latency"]
+    heads = [r for r in rows if r["targets"] == "mlp+heads"]
+    assert all(r["head_units"] for r in heads) and not any(r["head_units"] for r in rows if r["targets"] == "mlp")
+    assert all(0 < r["sparsity"] < 0.35 and r["ppl"] > 0 for r in rows)
+    assert main(["bench-prune", *data, "--sweep", "0.2:variance:bias", "-o", str(out)]) == 2
+    assert "BUDGETS:CRITERIA" in capsys.readouterr().err
+    assert main(["bench-prune", *data, "--sweep", "1.2:variance:none:uniform", "-o", str(out)]) == 2
+    assert "sparsity must be in [0, 1)" in capsys.readouterr().err

@@ -24,8 +24,15 @@ def perplexity(model, batches) -> float:
 
 
 @torch.no_grad()
-def latency_ratio(model, baseline, input_ids: torch.Tensor, repeats: int = 5) -> float:
-    """Median forward time of ``model`` over that of ``baseline`` on the same input, alternating runs."""
+def latency_ratio(model, baseline, input_ids: torch.Tensor, repeats: int = 5) -> float | None:
+    """Median forward time of ``model`` over that of ``baseline`` on the same input, alternating runs.
+
+    ``repeats=0`` measures nothing and returns None (latency not measured in this run).
+    """
+    if repeats < 0:
+        raise ValueError(f"latency repeats must be >= 0 (0 skips latency), got {repeats}.")
+    if repeats == 0:
+        return None
     times = {id(model): [], id(baseline): []}
     for m in (model, baseline):  # warm-up
         m.eval()(input_ids=input_ids)

@@ -47,6 +47,7 @@ def _finetune(model, rows, args, callbacks) -> float:
 
 def run_recovery(args) -> dict:
     torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
     base, tok = load_model(args.model)
     evals = list(calibration_loader(base, tok, args.eval_data, args.eval_tokens, args.block_size, 8))
     lat_ids = evals[0]["input_ids"].reshape(-1)[: args.latency_tokens].unsqueeze(0)
@@ -77,7 +78,7 @@ def run_recovery(args) -> dict:
                              "end": args.end, "compensation": args.compensation, "allocation": args.allocation},
                 "baseline": baseline, "rows": out_rows}
 
-    for sparsity in args.sparsities:
+    for i, sparsity in enumerate(args.sparsities):
         model = copy.deepcopy(base).train()
         cb = VarianceWeightedPruningCallback(sparsity, criterion=args.criterion, targets=args.targets,
                                              allocation=args.allocation, schedule=args.schedule, end=args.end,
@@ -86,7 +87,7 @@ def run_recovery(args) -> dict:
         record(f"callback/{args.criterion}/{args.compensation}", model.eval(), minutes,
                {"budget": sparsity, "mask_updates": cb.history})
         del model
-    if args.dense_control:  # after the pruned runs, so a cut-short run still has them
-        dense = copy.deepcopy(base).train()
-        record("finetune (no pruning)", dense.eval(), _finetune(dense, rows, args, []))
+        if i == 0 and args.dense_control:  # right after the first pruned run, so a cut-short run still has both
+            dense = copy.deepcopy(base).train()
+            record("finetune (no pruning)", dense.eval(), _finetune(dense, rows, args, []))
     return result()

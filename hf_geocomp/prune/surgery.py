@@ -59,6 +59,8 @@ def apply_plan(model: nn.Module, groups: list[UnitGroup], plan: PrunePlan, stats
     by_key = {gp.key: gp for gp in plan.groups}
     if (bias or refit) and stats is None:
         raise GeoCompError(f"compensation {compensation!r} needs activation statistics.")
+    if bias or refit:  # the refit reads these statistics: never from another model or older weights
+        stats.check_model(model)
     for kind in ("mlp", "heads"):
         if bias and any(by_key[g.key].removed for g in groups if g.kind == kind and g.key in by_key):
             if any(getattr(model.get_submodule(g.consumer), "bias", None) is None for g in groups if g.kind == kind):
