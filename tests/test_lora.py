@@ -331,3 +331,27 @@ def test_eva_baseline_builds_with_uniform_parameter_count():
     assert torch.allclose(a @ a.T, torch.eye(4), atol=1e-4)
     with pytest.raises(GeoCompError, match="did not converge within 2 forward passes"):
         build_eva(TINY_MODELS["llama"](), common, loader, tau=1.0, max_passes=2)
+
+
+def test_lm_bench_end_to_end(tiny_llama_dir, tmp_path):
+    from hf_geocomp.cli import main
+
+    out = tmp_path / "lora_lm.json"
+    argv = ["lora-lm-bench", "--model", tiny_llama_dir, "--data", "pydoc:calibration", "--tokens", "256",
+            "--block-size", "32", "--train-data", "pydoc:calibration", "--eval-data", "pydoc:evaluation",
+            "--eval-tokens", "256", "--eval-block", "32", "--train-block", "16", "--steps", "4", "--r", "2",
+            "--targets", "q_proj", "down_proj", "--seeds", "2", "--methods", "lora", "spectral-df", "eva", "adalora",
+            "-o", str(out)]
+    assert main(argv) == 0
+    result = json.loads(out.read_text())
+    assert result["command"] == "hf-geocomp " + " ".join(argv) and not result["partial"]
+    assert result["baseline"]["ppl"] > 1
+    rows = {(r["method"], r["seed"]): r for r in result["rows"]}
+    assert len(rows) == 8 and all(r["steps"] == 4 and r["ppl"] > 1 for r in rows.values())
+    lora = rows["lora", 0]["params"]
+    assert lora == 2 * 2 * ((32 + 32) + (48 + 32))  # 2 layers × rank 2 × (in + out) of q_proj and down_proj
+    assert 0.99 * lora <= rows["spectral-df", 0]["params"] <= lora and rows["eva", 0]["params"] == lora
+    assert sum(rows["adalora", 0]["ranks"]) == 2 * 4  # AdaLoRA: target_r × modules ranks at the end
+    summary = {s["method"]: s for s in result["summary"]}
+    assert set(summary["spectral-df"]) >= {"ppl_mean", "ppl_sd", "p_vs_lora", "p_vs_eva"}
+    assert main(argv[:-2] + ["--methods", "bogus"]) == 2
