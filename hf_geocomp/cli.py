@@ -71,6 +71,27 @@ def build_parser() -> argparse.ArgumentParser:
     lb.add_argument("--threads", type=int, default=1, help="torch threads (default 1: fastest on a shared CPU)")
     lb.add_argument("--output", "-o", default="recipes/results/lora_minilm_genre.json", help="results JSON")
     lb.set_defaults(handler=_lazy(".lora.bench:run_genre_bench"))
+    ll = sub.add_parser("lora-lm-bench", help="H2 study, causal LM: LoRA variants fine-tuned on some works, "
+                        "perplexity on held-out works")
+    _add_model_data(ll, tokens=4096)
+    ll.set_defaults(block_size=128)
+    ll.add_argument("--methods", nargs="+", default=["lora", "spectral-df", "eva", "adalora"],
+                    help="methods to compare (see hf_geocomp.lora.bench.METHODS)")
+    ll.add_argument("--seeds", type=int, default=5, help="seeds per method (default 5)")
+    ll.add_argument("--r", type=int, default=8, help="rank of the reference uniform LoRA; sets the budget (default 8)")
+    ll.add_argument("--targets", nargs="+", default=["q_proj", "v_proj", "up_proj", "down_proj"],
+                    help="target module names (default q_proj v_proj up_proj down_proj)")
+    ll.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
+    ll.add_argument("--steps", type=int, default=24, help="optimizer steps (default 24)")
+    ll.add_argument("--train-batch", type=int, default=4, help="training batch size (default 4)")
+    ll.add_argument("--train-block", type=int, default=64, help="tokens per training block (default 64)")
+    ll.add_argument("--train-data", default="shakespeare:train", help="training text (default shakespeare:train)")
+    ll.add_argument("--eval-data", default="shakespeare:evaluation", help="held-out text (default shakespeare:evaluation)")
+    ll.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens scored (default 4096)")
+    ll.add_argument("--eval-block", type=int, default=128, help="tokens per held-out block (default 128)")
+    ll.add_argument("--threads", type=int, default=1, help="torch threads (default 1: fastest on a shared CPU)")
+    ll.add_argument("--output", "-o", default="recipes/results/lora_smollm2_lm.json", help="results JSON")
+    ll.set_defaults(handler=_lazy(".lora.lm_bench:run_lm_bench"))
 
     k = sub.add_parser("bench-kv", help="coded KV caches vs QuantizedCache vs DynamicCache: continuation perplexity")
     _add_model_data(k, tokens=4096)

@@ -274,3 +274,84 @@ def test_bench_summary_and_cli_error(capsys):
     assert 0 < spectral["p_vs_lora"] < 0.05
     assert main(["lora-bench", "--methods", "bogus"]) == 2
     assert "unknown method 'bogus'" in capsys.readouterr().err
+
+
+def _lm_rows(n=12, seq=12):
+    return [{"input_ids": r["input_ids"][0], "attention_mask": r["attention_mask"][0], "labels": r["input_ids"][0]}
+            for r in (random_batch(batch=1, seq=seq, seed=i) for i in range(n))]
+
+
+def test_adalora_callback_reaches_target_budget(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    from hf_geocomp.lora.baselines import AdaLoraCallback, adalora_config, adalora_params, adalora_ranks
+
+    steps, target_r = 10, 2
+    pm = get_peft_model(TINY_MODELS["llama"](), adalora_config(target_r, steps, lora_alpha=4,
+                                                                   target_modules=["q_proj", "v_proj", "down_proj"]))
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=steps,
+                             learning_rate=1e-2, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True)
+    Trainer(model=pm, args=args, train_dataset=_lm_rows(), callbacks=[AdaLoraCallback()]).train()
+    ranks = adalora_ranks(pm)
+    assert len(ranks) == 6 and sum(ranks.values()) == target_r * 6  # the budget reached target_r on average
+    assert len(set(ranks.values())) > 1  # and was moved between modules
+    shapes = {"q_proj": 32 + 32, "v_proj": 32 + 16, "down_proj": 48 + 32}  # (in + out) of the tiny Llama
+    assert adalora_params(pm) == sum(r * (shapes[n.rsplit(".", 1)[1]] + 1) for n, r in ranks.items())
+    # masked ranks are zero in lora_E after training
+    for name, p in pm.named_parameters():
+        if ".lora_E." in name:
+            assert int((p != 0).sum()) <= ranks[name.split(".lora_E.")[0].replace("base_model.model.", "")]
+
+
+def test_adalora_callback_refuses_wrong_total_step(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    from hf_geocomp.lora.baselines import AdaLoraCallback, adalora_config
+
+    pm = get_peft_model(TINY_MODELS["llama"](), adalora_config(2, 20, target_modules=["q_proj"]))
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=5, report_to=[],
+                             save_strategy="no", use_cpu=True, disable_tqdm=True)
+    with pytest.raises(GeoCompError, match="total_step is 20 but this run has 5"):
+        Trainer(model=pm, args=args, train_dataset=_lm_rows(), callbacks=[AdaLoraCallback()]).train()
+    with pytest.raises(GeoCompError, match="at least 3 training steps"):
+        adalora_config(2, 2, target_modules=["q_proj"])
+
+
+def test_eva_baseline_builds_with_uniform_parameter_count():
+    from hf_geocomp.lora.baselines import build_eva
+
+    loader = [{**random_batch(batch=4, seq=16, seed=i)} for i in range(6)]
+    common = dict(r=4, lora_alpha=8, target_modules=TARGETS["llama"], lora_dropout=0.0)
+    pm, passes = build_eva(TINY_MODELS["llama"](), common, loader)
+    assert 1 < passes <= 200
+    shapes = {"q_proj": (32, 32), "k_proj": (32, 16), "v_proj": (32, 16), "o_proj": (32, 32),
+              "gate_proj": (32, 48), "up_proj": (32, 48), "down_proj": (48, 32)}
+    assert _lora_params(pm) == 2 * uniform_params(shapes, 4)  # rho=1: rank r everywhere, as uniform LoRA
+    a = pm.base_model.model.model.layers[0].mlp.down_proj.lora_A["default"].weight  # (4, 48): input directions
+    assert torch.allclose(a @ a.T, torch.eye(4), atol=1e-4)
+    with pytest.raises(GeoCompError, match="did not converge within 2 forward passes"):
+        build_eva(TINY_MODELS["llama"](), common, loader, tau=1.0, max_passes=2)
+
+
+def test_lm_bench_end_to_end(tiny_llama_dir, tmp_path):
+    from hf_geocomp.cli import main
+
+    out = tmp_path / "lora_lm.json"
+    argv = ["lora-lm-bench", "--model", tiny_llama_dir, "--data", "pydoc:calibration", "--tokens", "256",
+            "--block-size", "32", "--train-data", "pydoc:calibration", "--eval-data", "pydoc:evaluation",
+            "--eval-tokens", "256", "--eval-block", "32", "--train-block", "16", "--steps", "4", "--r", "2",
+            "--targets", "q_proj", "down_proj", "--seeds", "2", "--methods", "lora", "spectral-df", "eva", "adalora",
+            "-o", str(out)]
+    assert main(argv) == 0
+    result = json.loads(out.read_text())
+    assert result["command"] == "hf-geocomp " + " ".join(argv) and not result["partial"]
+    assert result["baseline"]["ppl"] > 1
+    rows = {(r["method"], r["seed"]): r for r in result["rows"]}
+    assert len(rows) == 8 and all(r["steps"] == 4 and r["ppl"] > 1 for r in rows.values())
+    lora = rows["lora", 0]["params"]
+    assert lora == 2 * 2 * ((32 + 32) + (48 + 32))  # 2 layers × rank 2 × (in + out) of q_proj and down_proj
+    assert 0.99 * lora <= rows["spectral-df", 0]["params"] <= lora and rows["eva", 0]["params"] == lora
+    assert sum(rows["adalora", 0]["ranks"]) == 2 * 4  # AdaLoRA: target_r × modules ranks at the end
+    summary = {s["method"]: s for s in result["summary"]}
+    assert set(summary["spectral-df"]) >= {"ppl_mean", "ppl_sd", "p_vs_lora", "p_vs_eva"}
+    assert main(argv[:-2] + ["--methods", "bogus"]) == 2

@@ -11,6 +11,7 @@ paired t-tests over seeds against uniform LoRA and against EVA.
 
 from __future__ import annotations
 
+import math
 import platform
 import statistics
 import time
@@ -23,7 +24,8 @@ from ..errors import GeoCompError
 METHODS = {
     "head-only": {"kind": "head"},
     "lora": {"kind": "lora"},
-    "eva": {"kind": "eva"},
+    "eva": {"kind": "eva"},  # baselines.EVA_SETTING: rho=1 (no redistribution), tau=0.9
+    "adalora": {"kind": "adalora"},  # target_r = r, init_r = 1.5 r (baselines.adalora_config)
     "spectral-df": {"kind": "spectral", "allocation": "effective_rank", "spectral_init": "standard"},
     "spectral-df-principal": {"kind": "spectral", "allocation": "effective_rank", "spectral_init": "principal"},
     "spectral-df-whitened": {"kind": "spectral", "allocation": "effective_rank", "spectral_init": "whitened"},
@@ -31,8 +33,6 @@ METHODS = {
     "uniform-principal": {"kind": "spectral", "allocation": "uniform", "spectral_init": "principal"},
 }
 BERT_TARGETS = r".*encoder.*\.(query|key|value|dense)"  # every dense layer of the blocks (not the pooler)
-
-
 def _encode(tok, passages, max_length):
     enc = tok([p.text for p in passages], truncation=True, max_length=max_length)
     return [{"input_ids": i, "attention_mask": m, "labels": p.label}
@@ -50,34 +50,66 @@ def _accuracy(model, rows, collator, batch_size=64) -> float:
     return right / len(rows)
 
 
-def _build(method: str, model, args, calib):
-    """The trainable model for one method, and its initialisation time in seconds."""
-    from peft import EvaConfig, LoraConfig, get_peft_model, initialize_lora_eva_weights
+def check_methods(methods) -> None:
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise GeoCompError(f"unknown method {unknown[0]!r}; methods: {', '.join(METHODS)}.")
+
+
+def build(method: str, model, common: dict, calib, tap_patterns, total_steps: int):
+    """The trainable model for one method, its initialisation time in seconds, and Trainer callbacks.
+
+    ``common``: LoRA keyword arguments shared by every method (r, lora_alpha, target_modules,
+    ...); ``tap_patterns``: the statistics engine's pattern for the target inputs.
+    """
+    from peft import LoraConfig, get_peft_model
 
     from ..geometry import collect_stats, linear_input_taps
+    from .baselines import AdaLoraCallback, adalora_config, build_eva
     from .config import SpectralLoraConfig
 
     spec = dict(METHODS[method])
     kind = spec.pop("kind")
-    common = dict(r=args.r, lora_alpha=2 * args.r, target_modules=BERT_TARGETS, lora_dropout=0.0,
-                  modules_to_save=["classifier"])
     t0 = time.perf_counter()
+    callbacks, extra = [], {}
     if kind == "head":
+        heads = tuple(common.get("modules_to_save") or ())
         for n, p in model.named_parameters():
-            p.requires_grad = n.startswith("classifier")
-        return model, 0.0
+            p.requires_grad = n.startswith(heads) if heads else False
+        return model, 0.0, callbacks, extra
     if kind == "lora":
         pm = get_peft_model(model, LoraConfig(**common))
     elif kind == "eva":
-        pm = get_peft_model(model, LoraConfig(**common, init_lora_weights="eva", eva_config=EvaConfig(rho=2.0)),
-                            low_cpu_mem_usage=True)
-        initialize_lora_eva_weights(pm, dataloader=calib, show_progress_bar=False)
+        pm, extra["eva_passes"] = build_eva(model, common, calib)
+    elif kind == "adalora":
+        kw = {k: v for k, v in common.items() if k != "r"}
+        pm = get_peft_model(model, adalora_config(common["r"], total_steps, **kw))
+        callbacks.append(AdaLoraCallback())
     else:
-        stats = collect_stats(model, calib, linear_input_taps(model, BERT_TARGETS.replace(".*", "re:.*", 1)))
+        stats = collect_stats(model, calib, linear_input_taps(model, tap_patterns))
         cfg = SpectralLoraConfig(**common, **spec)
         cfg.stats = stats
         pm = get_peft_model(model, cfg)
-    return pm, time.perf_counter() - t0
+    return pm, time.perf_counter() - t0, callbacks, extra
+
+
+def adapter_params(method: str, pm) -> dict:
+    """``params``: trainable adapter parameters (AdaLoRA: those of the ranks it kept at the end,
+    ``params_initial``: at the start), ``ranks`` per module where they differ by module."""
+    from .baselines import adalora_params, adalora_ranks
+
+    trainable = sum(p.numel() for n, p in pm.named_parameters() if p.requires_grad and "lora_" in n)
+    if METHODS[method]["kind"] == "adalora":
+        return {"params": adalora_params(pm), "params_initial": trainable,
+                "ranks": list(adalora_ranks(pm).values())}
+    out = {"params": trainable}
+    cfg = getattr(pm, "peft_config", {}).get("default")
+    if getattr(cfg, "spectral_allocation", None):
+        out["budget"] = cfg.spectral_allocation["budget"]
+        out["ranks"] = [m["rank"] for m in cfg.spectral_allocation["modules"]]
+    elif getattr(cfg, "rank_pattern", None):
+        out["ranks"] = list(cfg.rank_pattern.values())
+    return out
 
 
 def _paired(a: list[float], b: list[float]) -> float | None:
@@ -88,24 +120,24 @@ def _paired(a: list[float], b: list[float]) -> float | None:
     return float(ttest_rel(a, b).pvalue)
 
 
-def summarize(rows: list[dict]) -> list[dict]:
-    """Per method: mean ± sd of accuracy, params, init share; paired t-tests vs lora and eva."""
+def summarize(rows: list[dict], metric: str = "accuracy") -> list[dict]:
+    """Per method: mean ± sd of ``metric``, params, init share; paired t-tests vs lora and eva."""
     by: dict[str, dict[int, dict]] = {}
     for r in rows:
         by.setdefault(r["method"], {})[r["seed"]] = r
     out = []
     for method, runs in by.items():
         seeds = sorted(runs)
-        acc = [runs[s]["accuracy"] for s in seeds]
-        entry = {"method": method, "seeds": len(seeds), "accuracy_mean": statistics.mean(acc),
-                 "accuracy_sd": statistics.stdev(acc) if len(acc) > 1 else 0.0,
+        vals = [runs[s][metric] for s in seeds]
+        entry = {"method": method, "seeds": len(seeds), f"{metric}_mean": statistics.mean(vals),
+                 f"{metric}_sd": statistics.stdev(vals) if len(vals) > 1 else 0.0,
                  "params": runs[seeds[0]]["params"],
                  "init_share_mean": statistics.mean(runs[s]["init_share"] for s in seeds)}
         for ref in ("lora", "eva"):
             if ref in by and ref != method:
                 common = [s for s in seeds if s in by[ref]]
-                other = [by[ref][s]["accuracy"] for s in common]
-                mine = [runs[s]["accuracy"] for s in common]
+                other = [by[ref][s][metric] for s in common]
+                mine = [runs[s][metric] for s in common]
                 entry[f"diff_vs_{ref}"] = statistics.mean(m - o for m, o in zip(mine, other))
                 entry[f"p_vs_{ref}"] = _paired(mine, other)
         out.append(entry)
@@ -122,9 +154,7 @@ def run_genre_bench(args) -> dict:
     from ..eval.tasks import GENRE_LABELS, genre_passages
     from ..io import write_json
 
-    unknown = [m for m in args.methods if m not in METHODS]
-    if unknown:
-        raise GeoCompError(f"unknown method {unknown[0]!r}; methods: {', '.join(METHODS)}.")
+    check_methods(args.methods)
     hf_logging.set_verbosity_error()
     torch.set_num_threads(args.threads)  # on a shared, oversubscribed CPU one thread is several times faster
     train_p = genre_passages("train", words=args.words, per_class=args.train_per_class)
@@ -138,30 +168,26 @@ def run_genre_bench(args) -> dict:
             train_rows, test_rows = _encode(tok, train_p, args.max_length), _encode(tok, test_p, args.max_length)
             calib = calibration_loader(model, tok, args.data, args.tokens, args.block_size, args.batch_size)
             torch.manual_seed(seed)
-            pm, init_s = _build(method, model, args, calib)
-            params = sum(p.numel() for n, p in pm.named_parameters() if p.requires_grad and "lora_" in n)
+            common = dict(r=args.r, lora_alpha=2 * args.r, target_modules=BERT_TARGETS, lora_dropout=0.0,
+                          modules_to_save=["classifier"])
+            steps = math.ceil(args.epochs * math.ceil(len(train_rows) / args.train_batch))
+            pm, init_s, callbacks, extra = build(method, model, common, calib, "re:" + BERT_TARGETS, steps)
             targs = TrainingArguments(output_dir=f"/tmp/hf_geocomp_lora_bench_{method}", seed=seed, data_seed=seed,
                                       per_device_train_batch_size=args.train_batch, num_train_epochs=args.epochs,
                                       learning_rate=args.lr, weight_decay=0.0, warmup_steps=0, report_to=[],
                                       save_strategy="no", logging_strategy="no", disable_tqdm=True, use_cpu=True)
-            trainer = Trainer(model=pm, args=targs, train_dataset=train_rows, data_collator=collator)
+            trainer = Trainer(model=pm, args=targs, train_dataset=train_rows, data_collator=collator,
+                              callbacks=callbacks)
             t0 = time.perf_counter()
             result = trainer.train()
             train_s = time.perf_counter() - t0
             acc = _accuracy(pm, test_rows, collator)
-            row = {"method": method, "seed": seed, "accuracy": acc, "params": params, "budget": None,
+            row = {"method": method, "seed": seed, "accuracy": acc, "budget": None, **adapter_params(method, pm),
                    "train_loss": result.training_loss, "init_s": init_s, "train_s": train_s,
-                   "init_share": init_s / train_s}
-            cfg = getattr(pm, "peft_config", {}).get("default")
-            if getattr(cfg, "spectral_allocation", None):
-                alloc = cfg.spectral_allocation
-                row["budget"] = alloc["budget"]
-                row["ranks"] = [m["rank"] for m in alloc["modules"]]
-            elif getattr(cfg, "rank_pattern", None):
-                row["ranks"] = list(cfg.rank_pattern.values())
-            rows.append(row)
-            print(f"seed {seed} {method:22s} acc {acc:.4f} params {params} init {init_s:.2f}s "
+                   "init_share": init_s / train_s, "steps": result.global_step, **extra}
+            print(f"seed {seed} {method:22s} acc {acc:.4f} params {row['params']} init {init_s:.2f}s "
                   f"train {train_s:.1f}s", flush=True)
+            rows.append(row)
             write_json(args.output, _result(args, rows, __version__, transformers.__version__, partial=True))
     result = _result(args, rows, __version__, transformers.__version__, partial=False)
     write_json(args.output, result)
