@@ -112,6 +112,30 @@ def adapter_params(method: str, pm) -> dict:
     return out
 
 
+def train_adapter(pm, train_rows, collator, callbacks, *, method: str, seed: int, lr: float, batch: int,
+                  tag: str, **schedule):
+    """Train one adapted model with the study's fixed Trainer settings; ``schedule`` is ``num_train_epochs``
+    or ``max_steps`` (and any other TrainingArguments the task needs). Returns (TrainOutput, seconds)."""
+    from transformers import Trainer, TrainingArguments
+
+    targs = TrainingArguments(output_dir=f"/tmp/hf_geocomp_{tag}_{method}", seed=seed, data_seed=seed,
+                              per_device_train_batch_size=batch, learning_rate=lr, weight_decay=0.0, warmup_steps=0,
+                              report_to=[], save_strategy="no", logging_strategy="no", disable_tqdm=True,
+                              use_cpu=True, **schedule)
+    trainer = Trainer(model=pm, args=targs, train_dataset=train_rows, data_collator=collator, callbacks=callbacks)
+    t0 = time.perf_counter()
+    result = trainer.train()
+    return result, time.perf_counter() - t0
+
+
+def versions(hf_geocomp_version: str) -> dict:
+    """Library versions recorded beside every LoRA study."""
+    import transformers
+
+    return {"hf_geocomp": hf_geocomp_version, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
+
+
 def _paired(a: list[float], b: list[float]) -> float | None:
     from scipy.stats import ttest_rel
 
@@ -145,8 +169,7 @@ def summarize(rows: list[dict], metric: str = "accuracy") -> list[dict]:
 
 
 def run_genre_bench(args) -> dict:
-    import transformers
-    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
+    from transformers import DataCollatorWithPadding
     from transformers.utils import logging as hf_logging
 
     from .. import __version__
@@ -172,15 +195,8 @@ def run_genre_bench(args) -> dict:
                           modules_to_save=["classifier"])
             steps = math.ceil(args.epochs * math.ceil(len(train_rows) / args.train_batch))
             pm, init_s, callbacks, extra = build(method, model, common, calib, "re:" + BERT_TARGETS, steps)
-            targs = TrainingArguments(output_dir=f"/tmp/hf_geocomp_lora_bench_{method}", seed=seed, data_seed=seed,
-                                      per_device_train_batch_size=args.train_batch, num_train_epochs=args.epochs,
-                                      learning_rate=args.lr, weight_decay=0.0, warmup_steps=0, report_to=[],
-                                      save_strategy="no", logging_strategy="no", disable_tqdm=True, use_cpu=True)
-            trainer = Trainer(model=pm, args=targs, train_dataset=train_rows, data_collator=collator,
-                              callbacks=callbacks)
-            t0 = time.perf_counter()
-            result = trainer.train()
-            train_s = time.perf_counter() - t0
+            result, train_s = train_adapter(pm, train_rows, collator, callbacks, method=method, seed=seed, lr=args.lr,
+                                            batch=args.train_batch, tag="lora_bench", num_train_epochs=args.epochs)
             acc = _accuracy(pm, test_rows, collator)
             row = {"method": method, "seed": seed, "accuracy": acc, "budget": None, **adapter_params(method, pm),
                    "train_loss": result.training_loss, "init_s": init_s, "train_s": train_s,
@@ -188,13 +204,13 @@ def run_genre_bench(args) -> dict:
             print(f"seed {seed} {method:22s} acc {acc:.4f} params {row['params']} init {init_s:.2f}s "
                   f"train {train_s:.1f}s", flush=True)
             rows.append(row)
-            write_json(args.output, _result(args, rows, __version__, transformers.__version__, partial=True))
-    result = _result(args, rows, __version__, transformers.__version__, partial=False)
+            write_json(args.output, _result(args, rows, __version__, partial=True))
+    result = _result(args, rows, __version__, partial=False)
     write_json(args.output, result)
     return result
 
 
-def _result(args, rows, version, tf_version, partial):
+def _result(args, rows, version, partial):
     summary = summarize(rows)
     head = next((s for s in summary if s["method"] == "head-only"), None)
     return {"command": args.command_line, "model": args.model, "task": "genre",
@@ -207,5 +223,4 @@ def _result(args, rows, version, tf_version, partial):
                                 "targets": BERT_TARGETS, "head": "classifier trained (modules_to_save)"},
             "baseline": {"method": "head-only", "accuracy": head["accuracy_mean"]} if head else None,
             "partial": partial, "summary": summary, "rows": rows,
-            "versions": {"hf_geocomp": version, "torch": torch.__version__, "transformers": tf_version,
-                         "python": platform.python_version()}}
+            "versions": versions(version)}

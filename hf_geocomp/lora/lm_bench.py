@@ -13,12 +13,10 @@ initialisation time (calibration pass + allocation + init) and training time.
 from __future__ import annotations
 
 import copy
-import platform
-import time
 
 import torch
 
-from .bench import adapter_params, build, check_methods, summarize
+from .bench import adapter_params, build, check_methods, summarize, train_adapter, versions
 
 LLAMA_TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
 
@@ -30,8 +28,6 @@ def _collate(rows):
 
 
 def run_lm_bench(args) -> dict:
-    import transformers
-    from transformers import Trainer, TrainingArguments
     from transformers.utils import logging as hf_logging
 
     from .. import __version__
@@ -63,15 +59,9 @@ def run_lm_bench(args) -> dict:
             torch.manual_seed(seed)
             common = dict(r=args.r, lora_alpha=2 * args.r, target_modules=list(targets), lora_dropout=0.0)
             pm, init_s, callbacks, extra = build(method, model, common, calib, taps, args.steps)
-            targs = TrainingArguments(output_dir=f"/tmp/hf_geocomp_lora_lm_{method}", seed=seed, data_seed=seed,
-                                      per_device_train_batch_size=args.train_batch, max_steps=args.steps,
-                                      learning_rate=args.lr, weight_decay=0.0, warmup_steps=0, report_to=[],
-                                      save_strategy="no", logging_strategy="no", disable_tqdm=True, use_cpu=True,
-                                      remove_unused_columns=False)
-            trainer = Trainer(model=pm, args=targs, train_dataset=train, data_collator=_collate, callbacks=callbacks)
-            t0 = time.perf_counter()
-            result = trainer.train()
-            train_s = time.perf_counter() - t0
+            result, train_s = train_adapter(pm, train, _collate, callbacks, method=method, seed=seed, lr=args.lr,
+                                            batch=args.train_batch, tag="lora_lm", max_steps=args.steps,
+                                            remove_unused_columns=False)
             ppl = perplexity(pm, eval_batches)
             row = {"method": method, "seed": seed, "ppl": ppl, "ppl_ratio": ppl / baseline_ppl, "budget": None,
                    **adapter_params(method, pm), "train_loss": result.training_loss, "init_s": init_s,
@@ -79,14 +69,14 @@ def run_lm_bench(args) -> dict:
             rows.append(row)
             print(f"seed {seed} {method:14s} ppl {ppl:.3f} params {row['params']} init {init_s:.2f}s "
                   f"train {train_s:.1f}s", flush=True)
-            write_json(args.output, _result(args, rows, meta, __version__, transformers.__version__, partial=True))
-            del pm, model, trainer
-    result = _result(args, rows, meta, __version__, transformers.__version__, partial=False)
+            write_json(args.output, _result(args, rows, meta, __version__, partial=True))
+            del pm, model
+    result = _result(args, rows, meta, __version__, partial=False)
     write_json(args.output, result)
     return result
 
 
-def _result(args, rows, meta, version, tf_version, partial):
+def _result(args, rows, meta, version, partial):
     return {"command": args.command_line, "model": args.model, "task": "causal-lm",
             "data": {"train": args.train_data, "test": args.eval_data, "calibration": args.data,
                      "train_tokens": meta["train_blocks"] * args.train_block,
@@ -97,5 +87,4 @@ def _result(args, rows, meta, version, tf_version, partial):
                                 "targets": list(args.targets)},
             "baseline": {"method": "untuned", "ppl": meta["baseline_ppl"]},
             "partial": partial, "summary": summarize(rows, metric="ppl"), "rows": rows,
-            "versions": {"hf_geocomp": version, "torch": torch.__version__, "transformers": tf_version,
-                         "python": platform.python_version()}}
+            "versions": versions(version)}
