@@ -164,10 +164,13 @@ def _rotary(model: nn.Module):
     return next((m for n, m in model.named_modules() if n.endswith("rotary_emb")), None)
 
 
+def _scaling(rotary) -> float:
+    return float(getattr(rotary, "attention_scaling", 1.0))  # a module without the attribute (or None): 1.0
+
+
 def rope_scale(model: nn.Module) -> float:
     """The factor RoPE multiplies cos and sin by (``attention_scaling``; 1.0 without RoPE)."""
-    rotary = _rotary(model)
-    return float(getattr(rotary, "attention_scaling", 1.0)) if rotary is not None else 1.0
+    return _scaling(_rotary(model))
 
 
 def rope_average(model: nn.Module, matrix: torch.Tensor, positions: int) -> torch.Tensor:
@@ -182,7 +185,7 @@ def rope_average(model: nn.Module, matrix: torch.Tensor, positions: int) -> torc
     if rotary is None:
         return matrix
     inv_freq = rotary.inv_freq.detach().to(torch.float64)  # (d/2,)
-    scale = rope_scale(model)
+    scale = _scaling(rotary)
     angle = torch.arange(positions, dtype=torch.float64)[:, None] * inv_freq  # (P, d/2)
     cos = (angle.cos() * scale).repeat(1, 2)  # (P, d)
     sin = (angle.sin() * scale).repeat(1, 2)

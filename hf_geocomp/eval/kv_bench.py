@@ -113,10 +113,8 @@ def run_kv_bench(args) -> dict:
     model, tok = load_model(args.model, dtype=dtype)
     loader = calibration_loader(model, tok, args.data, args.tokens, args.block_size, args.batch_size)
     args.variants = args.variants or list(VARIANTS)
-    for v in args.variants:
-        parse_variant(v)  # bad names fail before the long calibration
-    methods = {parse_variant(v)["method"] for v in args.variants}
-    stats = collect_kv_stats(model, loader, "fisher" if "fisher" in methods else "aware")
+    parsed = [parse_variant(v) for v in args.variants]  # bad names fail before the long calibration
+    stats = collect_kv_stats(model, loader, "fisher" if any(p["method"] == "fisher" for p in parsed) else "aware")
     blocks = token_blocks(tok, load_corpus(args.eval_data), args.prefill + args.score,
                           max_tokens=args.windows * (args.prefill + args.score))
     windows = torch.stack([b["input_ids"] for b in blocks])[: args.windows]  # (windows, prefill + score)
@@ -125,7 +123,7 @@ def run_kv_bench(args) -> dict:
         backend, nbits = spec.split(":")
         backends.append((backend, int(nbits)))
     refine_windows = None
-    if any(parse_variant(v)["refined"] for v in args.variants):  # calibration text, never the evaluation split
+    if any(p["refined"] for p in parsed):  # calibration text, never the evaluation split
         refine_blocks = token_blocks(tok, load_corpus(args.data), args.refine_prefill + 128,
                                      max_tokens=args.refine_windows * (args.refine_prefill + 128))
         refine_windows = torch.stack([b["input_ids"] for b in refine_blocks])[: args.refine_windows]

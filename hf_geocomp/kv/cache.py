@@ -7,8 +7,9 @@ tensor has the token axis at dim 1 and the batch at dim 0, so crop, beam reorder
 selection are slices, and the bytes the cache holds are the bytes of these tensors.
 
 As in transformers' ``QuantizedLayer``, ``update`` returns the decoded past followed by the
-new states as given; the new states are stored coded. Attention therefore runs on decoded
-keys and values (attention in the reduced space is future work).
+new states as given; the new states are stored coded. A layer built with ``reduced=True``
+instead hands its latents to :mod:`.attention` and returns only the exact tokens (sinks and
+new states), so attention runs in the reduced space without decoding the past.
 """
 
 from __future__ import annotations
