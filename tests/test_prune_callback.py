@@ -95,3 +95,27 @@ def test_two_processes_prune_the_same_units(tmp_path):
     assert r0["keep"] == r1["keep"]
     # statistics were summed: each rank saw half the micro-batches, the scores saw all of them
     assert r0["history"][0]["tokens"] == r1["history"][0]["tokens"] == 2 * 2 * 2 * 2 * 16
+
+
+def test_recovery_bench_end_to_end(tiny_llama_dir, tmp_path):
+    """Several criteria in one run share the data and the dense control; each pruned row is set against it."""
+    from hf_geocomp.cli import main
+
+    out = tmp_path / "recovery.json"
+    argv = ["bench-prune-recovery", "--model", tiny_llama_dir, "--train-data", "pydoc:calibration",
+            "--eval-data", "pydoc:evaluation", "--eval-tokens", "128", "--block-size", "16", "--sparsities", "0.3",
+            "--criteria", "variance", "taylor", "--allocation", "global", "--compensation", "bias+refit",
+            "--steps", "4", "--batch-size", "2", "--grad-accum", "2", "--update-every", "1", "--dense-control",
+            "--latency-repeats", "0", "-o", str(out)]
+    assert main(argv) == 0
+    result = json.loads(out.read_text())
+    assert result["command"] == "hf-geocomp " + " ".join(argv) and not result["partial"]
+    assert [r["method"] for r in result["rows"]] == ["callback/variance/bias+refit", "finetune (no pruning)",
+                                                     "callback/taylor/bias+refit"]
+    control = result["rows"][1]
+    assert control["sparsity"] == 0 and "ppl_vs_control" not in control
+    for row in (result["rows"][0], result["rows"][2]):
+        assert 0.2 < row["sparsity"] < 0.4 and row["latency_ratio"] is None
+        assert row["ppl_vs_control"] == pytest.approx(row["ppl"] / control["ppl"])
+    assert main(argv[:-2] + ["--criteria", "variance", "bogus", "-o", str(tmp_path / "bad.json")]) == 2
+    assert not (tmp_path / "bad.json").exists()  # refused before any fine-tune

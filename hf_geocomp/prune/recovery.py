@@ -2,8 +2,10 @@
 
 Rows, all in one run and on the same held-out text: the unpruned model as loaded (the
 baseline), the same model fine-tuned for the same steps without pruning (control: how much
-the fine-tune alone changes perplexity), and the model pruned by
-:class:`VarianceWeightedPruningCallback`. CPU time of each fine-tune is recorded.
+the fine-tune alone changes perplexity), and one model pruned by
+:class:`VarianceWeightedPruningCallback` per sparsity and criterion. Every fine-tune sees the
+same blocks in the same order. CPU time of each fine-tune is recorded; with the control, each
+pruned row also records ``ppl_vs_control``, its perplexity over the control's.
 """
 
 from __future__ import annotations
@@ -46,6 +48,14 @@ def _finetune(model, rows, args, callbacks) -> float:
 
 
 def run_recovery(args) -> dict:
+    def callback(sparsity, criterion):
+        return VarianceWeightedPruningCallback(sparsity, criterion=criterion, targets=args.targets,
+                                               allocation=args.allocation, schedule=args.schedule, end=args.end,
+                                               compensation=args.compensation, update_every=args.update_every)
+
+    runs = [(s, c) for s in args.sparsities for c in args.criteria]
+    for sparsity, criterion in runs:  # every setting checked before the first fine-tune
+        callback(sparsity, criterion)
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     base, tok = load_model(args.model)
@@ -64,30 +74,35 @@ def run_recovery(args) -> dict:
                          "ppl": ppl, "ppl_ratio": ppl / baseline["ppl"],
                          "latency_ratio": latency_ratio(model, base, lat_ids, args.latency_repeats),
                          "train_cpu_minutes": minutes, **(extra or {})})
-        print(out_rows[-1], flush=True)
-        write_json(args.output, result())
+        print({k: v for k, v in out_rows[-1].items() if k != "mask_updates"}, flush=True)
+        write_json(args.output, result(partial=True))
 
-    def result():
+    def result(partial):
+        control = next((r["ppl"] for r in out_rows if r["method"] == "finetune (no pruning)"), None)
+        for r in out_rows:
+            if control is not None and "criterion" in r:
+                r["ppl_vs_control"] = r["ppl"] / control
         return {"command": args.command_line, "model": args.model,
                 "data": {"train": args.train_data, "train_tokens": len(rows) * args.block_size,
                          "evaluation": args.eval_data, "evaluation_tokens": args.eval_tokens,
                          "block_size": args.block_size},
                 "finetune": {"steps": args.steps, "lr": args.lr, "batch_size": args.batch_size,
                              "grad_accum": args.grad_accum},
-                "callback": {"criterion": args.criterion, "targets": args.targets, "schedule": args.schedule,
-                             "end": args.end, "compensation": args.compensation, "allocation": args.allocation},
-                "baseline": baseline, "rows": out_rows}
+                "callback": {"criteria": list(args.criteria), "targets": args.targets, "schedule": args.schedule,
+                             "end": args.end, "compensation": args.compensation, "allocation": args.allocation,
+                             "update_every": args.update_every},
+                "threads": args.threads, "partial": partial, "baseline": baseline, "rows": out_rows}
 
-    for i, sparsity in enumerate(args.sparsities):
+    for i, (sparsity, criterion) in enumerate(runs):
         model = copy.deepcopy(base).train()
-        cb = VarianceWeightedPruningCallback(sparsity, criterion=args.criterion, targets=args.targets,
-                                             allocation=args.allocation, schedule=args.schedule, end=args.end,
-                                             compensation=args.compensation, update_every=args.update_every)
+        cb = callback(sparsity, criterion)
         minutes = _finetune(model, rows, args, [cb])
-        record(f"callback/{args.criterion}/{args.compensation}", model.eval(), minutes,
-               {"budget": sparsity, "mask_updates": cb.history})
+        record(f"callback/{criterion}/{args.compensation}", model.eval(), minutes,
+               {"criterion": criterion, "budget": sparsity, "mask_updates": cb.history})
         del model
         if i == 0 and args.dense_control:  # right after the first pruned run, so a cut-short run still has both
             dense = copy.deepcopy(base).train()
             record("finetune (no pruning)", dense.eval(), _finetune(dense, rows, args, []))
-    return result()
+    out = result(partial=False)
+    write_json(args.output, out)
+    return out
