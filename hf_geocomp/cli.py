@@ -218,7 +218,8 @@ def _add_prune_parsers(sub) -> None:
     r = sub.add_parser("bench-prune-recovery", help="prune during a short fine-tune with the callback")
     r.add_argument("--model", default="smollm2-135m", help="bundled name, model folder, .gguf file or Hub id")
     r.add_argument("--train-data", default="shakespeare:train", help="fine-tune text (default shakespeare:train)")
-    r.add_argument("--eval-data", default="shakespeare:evaluation", help="held-out text (default shakespeare:evaluation)")
+    r.add_argument("--eval-data", default="shakespeare:evaluation",
+                   help="held-out text (default shakespeare:evaluation)")
     r.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens scored (default 4096)")
     r.add_argument("--block-size", type=int, default=256, help="tokens per training and held-out block")
     r.add_argument("--sparsities", type=float, nargs="+", default=[0.2],

@@ -315,6 +315,13 @@ def _select_blocks(blocks, max_tokens, block_size, seed, source):
     return blocks
 
 
+def causal_lm_collate(rows) -> dict:
+    """Stack full-length blocks from :func:`token_blocks` into a causal-LM batch: labels are the inputs
+    (the model shifts them), every position is attended and scored, so there is no padding to mask."""
+    ids = torch.stack([r["input_ids"] for r in rows])
+    return {"input_ids": ids, "attention_mask": torch.stack([r["attention_mask"] for r in rows]), "labels": ids.clone()}
+
+
 def calibration_loader(model, tokenizer, source: str, tokens: int, block_size: int = 256, batch_size: int = 8,
                        seed: int = 0):
     """A DataLoader of ``{input_ids, attention_mask}`` blocks from a text source."""

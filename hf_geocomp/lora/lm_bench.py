@@ -21,17 +21,11 @@ from .bench import adapter_params, build, check_methods, summarize, train_adapte
 LLAMA_TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
 
 
-def _collate(rows):
-    ids = torch.stack([r["input_ids"] for r in rows])  # (batch, block) — blocks are full, no padding
-    return {"input_ids": ids, "attention_mask": torch.stack([r["attention_mask"] for r in rows]),
-            "labels": ids.clone()}
-
-
 def run_lm_bench(args) -> dict:
     from transformers.utils import logging as hf_logging
 
     from .. import __version__
-    from ..data import calibration_loader, load_corpus, load_model, model_max_length, token_blocks
+    from ..data import calibration_loader, causal_lm_collate, load_corpus, load_model, model_max_length, token_blocks
     from ..eval.perplexity import perplexity
     from ..io import write_json
 
@@ -44,7 +38,7 @@ def run_lm_bench(args) -> dict:
                          max_tokens=args.steps * args.train_batch * args.train_block, max_length=max_len)
     held_out = token_blocks(tok, load_corpus(args.eval_data), args.eval_block, max_tokens=args.eval_tokens,
                             max_length=max_len)
-    eval_batches = [_collate([held_out[j] for j in range(i, min(i + 8, len(held_out)))])
+    eval_batches = [causal_lm_collate([held_out[j] for j in range(i, min(i + 8, len(held_out)))])
                     for i in range(0, len(held_out), 8)]
     calib = calibration_loader(base, tok, args.data, args.tokens, args.block_size, args.batch_size)
     baseline_ppl = perplexity(base, eval_batches)
@@ -59,8 +53,8 @@ def run_lm_bench(args) -> dict:
             torch.manual_seed(seed)
             common = dict(r=args.r, lora_alpha=2 * args.r, target_modules=list(targets), lora_dropout=0.0)
             pm, init_s, callbacks, extra = build(method, model, common, calib, taps, args.steps)
-            result, train_s = train_adapter(pm, train, _collate, callbacks, method=method, seed=seed, lr=args.lr,
-                                            batch=args.train_batch, tag="lora_lm", max_steps=args.steps,
+            result, train_s = train_adapter(pm, train, causal_lm_collate, callbacks, method=method, seed=seed,
+                                            lr=args.lr, batch=args.train_batch, tag="lora_lm", max_steps=args.steps,
                                             remove_unused_columns=False)
             ppl = perplexity(pm, eval_batches)
             row = {"method": method, "seed": seed, "ppl": ppl, "ppl_ratio": ppl / baseline_ppl, "budget": None,

@@ -15,23 +15,11 @@ import time
 
 import torch
 
-from ..data import calibration_loader, load_corpus, load_model, token_blocks
+from ..data import calibration_loader, causal_lm_collate, load_corpus, load_model, token_blocks
 from ..eval.perplexity import latency_ratio, perplexity
 from ..io import write_json
 from .callback import VarianceWeightedPruningCallback
 from .units import block_params
-
-
-class _LMRows(torch.utils.data.Dataset):
-    def __init__(self, blocks):
-        self.blocks = blocks
-
-    def __len__(self):
-        return len(self.blocks)
-
-    def __getitem__(self, i):
-        row = self.blocks[i]
-        return {"input_ids": row["input_ids"], "attention_mask": row["attention_mask"], "labels": row["input_ids"]}
 
 
 def _finetune(model, rows, args, callbacks) -> float:
@@ -43,7 +31,7 @@ def _finetune(model, rows, args, callbacks) -> float:
                               lr_scheduler_type="cosine", report_to=[], save_strategy="no", logging_steps=10,
                               use_cpu=True, disable_tqdm=True, seed=0)
     cpu = time.process_time()
-    Trainer(model=model, args=targs, train_dataset=rows, callbacks=callbacks).train()
+    Trainer(model=model, args=targs, train_dataset=rows, data_collator=causal_lm_collate, callbacks=callbacks).train()
     return (time.process_time() - cpu) / 60
 
 
@@ -62,7 +50,7 @@ def run_recovery(args) -> dict:
     evals = list(calibration_loader(base, tok, args.eval_data, args.eval_tokens, args.block_size, 8))
     lat_ids = evals[0]["input_ids"].reshape(-1)[: args.latency_tokens].unsqueeze(0)
     n_train = args.steps * args.batch_size * args.grad_accum * args.block_size
-    rows = _LMRows(token_blocks(tok, load_corpus(args.train_data), args.block_size, max_tokens=n_train))
+    rows = token_blocks(tok, load_corpus(args.train_data), args.block_size, max_tokens=n_train)
     n0 = block_params(base)
     baseline = {"ppl": perplexity(base, evals), "params": n0}
     print(f"baseline ppl {baseline['ppl']:.3f}", flush=True)
