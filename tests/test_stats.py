@@ -201,3 +201,21 @@ def test_gradient_taps_equal_autograd():
     g = grads["g"][batch["attention_mask"].bool()].double().reshape(-1, 2, 8)  # (tokens, kv_heads, head_dim)
     expect = torch.einsum("nhi,nhj->hij", g, g)
     assert torch.allclose(stats[taps[0].key].outer, expect, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2])
+def test_calibration_skips_logits_unless_a_tap_reads_the_head(build):
+    model = build().eval()
+    batch = random_batch(seq=12)
+    positions = []
+    model.get_output_embeddings().register_forward_hook(lambda m, a, out: positions.append(out.shape[1]))
+    taps = block_output_taps(model)
+    stats = collect_stats(model, [batch], taps)
+    assert positions == [1]  # the vocabulary projection ran for the last position only
+    direct = capture(model, [batch], taps)
+    for t in taps:
+        torch.testing.assert_close(stats.moments[t.key].outer, direct[t.key].T @ direct[t.key])
+    head = [n for n, m in model.named_modules() if m is model.get_output_embeddings()][0]
+    positions.clear()
+    stats = collect_stats(model, [batch], [Tap(head, "input")])
+    assert positions == [12] and stats.moments[f"{head}:in"].count == int(batch["attention_mask"].sum())
