@@ -73,15 +73,16 @@ def test_split_budget_random_cases():
         assert all(1 <= r <= h for r, h in zip(ranks, hi))
 
 
-def _constructed_stats(dfs, dim=64, n=1000):
+def _constructed_stats(dfs, dim=64, n=1000, names=None):
     """Inputs whose covariance is the identity on the first k dims: effective rank exactly k."""
     stats = ActivationStats()
     for i, k in enumerate(dfs):
-        diag = torch.zeros(dim, dtype=torch.float64)
+        d = dim[i] if isinstance(dim, list) else dim
+        diag = torch.zeros(d, dtype=torch.float64)
         diag[:k] = 1.0
-        name = f"m{i}"
+        name = names[i] if names else f"m{i}"
         stats.taps[f"{name}:in"] = Tap(name)
-        stats.moments[f"{name}:in"] = Moments(torch.zeros(dim, dtype=torch.float64), torch.diag(diag) * n,
+        stats.moments[f"{name}:in"] = Moments(torch.zeros(d, dtype=torch.float64), torch.diag(diag) * n,
                                               torch.tensor(float(n), dtype=torch.float64))
     return stats
 
@@ -98,6 +99,45 @@ def test_allocation_follows_the_spectrum(rule):
     # proportional: Σr = 4·8 = 32 over scores 4:8:16:32 → 2, 4, 8, 17 (the remainder to the furthest below)
     assert abs(ranks[-1] / ranks[0] - 8) <= 1
     assert all(m.alpha / m.rank == pytest.approx(2.0) for m in plan.modules)  # alpha rule: alpha/r kept
+
+
+def test_per_kind_scope_keeps_each_kinds_uniform_share():
+    # wide inputs ("down") have the larger Df: a global allocation hands them most of the budget,
+    # per_kind keeps uniform LoRA's split between kinds and moves rank between layers only
+    names = [f"layers.{i}.{kind}" for kind in ("q", "down") for i in range(4)]
+    dfs = [4, 8, 6, 2, 40, 60, 50, 30]
+    widths = [64] * 4 + [256] * 4
+    stats = _constructed_stats(dfs, dim=widths, names=names)
+    shapes = {n: (w, 64) for n, w in zip(names, widths)}
+    kw = dict(rule="effective_rank", r=8, lora_alpha=16)
+    plan = allocate(stats, shapes, scope="per_kind", **kw)
+    glob = allocate(stats, shapes, **kw)
+    budget = uniform_params(shapes, 8)
+    assert glob.budget == plan.budget == budget and plan.to_dict()["scope"] == "per_kind"
+    for kind in ("q", "down"):
+        mods = [m for m in plan.modules if m.name.endswith(kind)]
+        share = sum(8 * (m.in_features + m.out_features) for m in mods)
+        assert 0.99 * share <= sum(m.params for m in mods) <= share
+        by_score = sorted(mods, key=lambda m: m.score)
+        assert [m.rank for m in by_score] == sorted(m.rank for m in mods) and by_score[0].rank < by_score[-1].rank
+    q_global = sum(m.params for m in glob.modules if m.name.endswith(".q"))
+    assert q_global < 0.5 * sum(m.params for m in plan.modules if m.name.endswith(".q"))
+    with pytest.raises(GeoCompError, match="scope must be one of"):
+        allocate(stats, shapes, scope="layers", **kw)
+
+
+@pytest.mark.parametrize("name", sorted(TINY_MODELS))
+def test_per_kind_scope_on_tiny_models(name):
+    pm, cfg = _spectral(name, scope="per_kind")
+    mods = cfg.spectral_allocation["modules"]
+    assert cfg.spectral_allocation["scope"] == "per_kind"
+    assert 0.99 * cfg.spectral_allocation["budget"] <= _lora_params(pm) <= cfg.spectral_allocation["budget"]
+    from hf_geocomp.lora.allocate import kind_of
+
+    for kind in {kind_of(m["name"]) for m in mods}:
+        group = [m for m in mods if kind_of(m["name"]) == kind]
+        share = sum(4 * (m["in_features"] + m["out_features"]) for m in group)
+        assert 0.99 * share <= sum(m["rank"] * (m["in_features"] + m["out_features"]) for m in group) <= share
 
 
 @pytest.mark.parametrize("init", ["principal", "whitened"])

@@ -8,6 +8,13 @@ explained variance. Here the *parameter count* is matched: a rank of module m co
 c_m = in_m + out_m parameters, and the ranks r_m ∝ score_m are chosen so that
 Σ r_m c_m ≤ budget and ≥ 0.99·budget.
 
+Scope: ``"global"`` compares every target module with every other; ``"per_kind"`` first gives
+each kind of module (its name with the layer indices removed, e.g. ``model.layers.*.mlp.down_proj``)
+the share of the budget that uniform LoRA gives it, and lets the spectrum move rank between the
+layers of a kind only. Df is bounded by the input width, so a 1536-wide ``down_proj`` input and a
+576-wide ``q_proj`` input are not on one scale; ``per_kind`` keeps uniform LoRA's split between
+attention and MLP and asks only which layers need more.
+
 A scorer (one tiny class, one method) turns a module's input statistics into a positive
 number; :func:`allocate` does the budget arithmetic and returns an :class:`AllocationPlan`
 (what to build), which the tuner then applies (scoring is separate from surgery).
@@ -15,6 +22,7 @@ number; :func:`allocate` does the budget arithmetic and returns an :class:`Alloc
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import asdict, dataclass, field
@@ -154,12 +162,44 @@ def split_budget(scores: list[float], costs: list[int], lo: list[int], hi: list[
     return ranks
 
 
+SCOPES = ("global", "per_kind")
+
+
+def kind_of(name: str) -> str:
+    """A module's kind: its name with the layer indices replaced by ``*``."""
+    return re.sub(r"\.\d+(?=\.|$)", ".*", name)
+
+
+def _split_per_kind(names, scores, costs, lo, hi, budget: int) -> list[int]:
+    """:func:`split_budget` within each kind, on the kind's uniform-LoRA share of ``budget``."""
+    kinds: dict[str, list[int]] = {}
+    for i, n in enumerate(names):
+        kinds.setdefault(kind_of(n), []).append(i)
+    total_cost = sum(costs)
+    ranks = [0] * len(names)
+    for kind, idx in kinds.items():
+        share = budget * sum(costs[i] for i in idx) // total_cost
+        try:
+            sub = split_budget([scores[i] for i in idx], [costs[i] for i in idx], [lo[i] for i in idx],
+                               [hi[i] for i in idx], share)
+        except GeoCompError as e:
+            raise GeoCompError(f"modules {kind}: {e}") from None
+        for i, k in zip(idx, sub):
+            ranks[i] = k
+    used = sum(k * c for k, c in zip(ranks, costs))
+    if used < 0.99 * budget:
+        raise GeoCompError(f"cannot spend the budget of {budget} parameters within 1% per kind of module "
+                           f"(reached {used}); raise the budget or use scope='global'.")
+    return ranks
+
+
 def allocate(stats, shapes: dict[str, tuple[int, int]], *, rule: str, r: int, lora_alpha: float,
              budget: int | None = None, tau: float = 0.9, min_rank: int = 1,
-             max_rank: int | None = None) -> AllocationPlan:
+             max_rank: int | None = None, scope: str = "global") -> AllocationPlan:
     """Allocate ranks to the modules of ``shapes`` ({name: (in, out)}) from their input statistics.
 
-    ``budget=None`` means the parameter count of uniform LoRA at rank ``r``. Raises a
+    ``budget=None`` means the parameter count of uniform LoRA at rank ``r``; ``scope`` is
+    ``"global"`` or ``"per_kind"`` (module docstring). Raises a
     :class:`GeoCompError` for a statistic that is missing, a rank above min(in, out) or an
     impossible budget.
     """
@@ -185,10 +225,16 @@ def allocate(stats, shapes: dict[str, tuple[int, int]], *, rule: str, r: int, lo
     lo = [min_rank] * len(names)
     hi = [min(shapes[n]) if max_rank is None else min(max_rank, *shapes[n]) for n in names]
     budget = uniform_params(shapes, r) if budget is None else int(budget)
-    ranks = split_budget(scores, costs, lo, hi, budget)
+    if scope not in SCOPES:
+        raise GeoCompError(f"scope must be one of {', '.join(SCOPES)}, got {scope!r}.")
+    split = split_budget if scope == "global" else functools.partial(_split_per_kind, names)
+    ranks = split(scores, costs, lo, hi, budget)
     mods = [ModuleAllocation(n, shapes[n][0], shapes[n][1], s, k, lora_alpha * k / r, sp)
             for n, s, k, sp in zip(names, scores, ranks, summaries)]
-    return AllocationPlan(mods, budget, rule, r, extra={"tau": tau} if rule == "k_tau" else {})
+    extra = {"tau": tau} if rule == "k_tau" else {}
+    if scope != "global":
+        extra["scope"] = scope
+    return AllocationPlan(mods, budget, rule, r, extra=extra)
 
 
 def top_eigenvectors(matrix: torch.Tensor, k: int, exact_below: int = 512, iters: int = 10) -> tuple:

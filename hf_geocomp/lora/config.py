@@ -14,6 +14,7 @@ from peft import LoraConfig
 from peft.utils.peft_types import PeftType
 
 from ..errors import GeoCompError
+from .allocate import SCOPES
 from .peft_type import SAVED_TYPE, SPECTRAL_LORA, extend_peft_type
 
 extend_peft_type(SPECTRAL_LORA)
@@ -34,6 +35,9 @@ class SpectralLoraConfig(LoraConfig):
             ``"k_tau"`` (rank ∝ the fewest eigen-directions holding ``tau`` of the variance)
             or ``"uniform"`` (rank ∝ 1: uniform LoRA spread over the budget).
         tau: variance share for ``allocation="k_tau"``.
+        scope: ``"global"`` (every target module against every other) or ``"per_kind"``
+            (each kind of module, e.g. all ``down_proj``, keeps uniform LoRA's share of the
+            budget; the spectrum moves rank between layers only).
         min_rank, max_rank: bounds of every module's rank (``max_rank`` also never exceeds
             min(in, out) of the module).
         spectral_init: ``"standard"`` (PEFT's: A random, B = 0), ``"principal"`` (rows of A
@@ -52,6 +56,9 @@ class SpectralLoraConfig(LoraConfig):
     allocation: str = field(default="effective_rank", metadata={
         "help": f"Rank allocation rule, one of {', '.join(ALLOCATIONS)}."})
     tau: float = field(default=0.9, metadata={"help": "Variance share for allocation='k_tau', in (0, 1]."})
+    scope: str = field(default="global", metadata={
+        "help": f"Which modules compete for rank, one of {', '.join(SCOPES)}: all of them, or the layers "
+                "of one kind of module within the share uniform LoRA gives that kind."})
     min_rank: int = field(default=1, metadata={"help": "Smallest rank given to any target module (>= 1)."})
     max_rank: int | None = field(default=None, metadata={
         "help": "Largest rank given to any target module; None = min(in, out) of the module."})
@@ -68,6 +75,8 @@ class SpectralLoraConfig(LoraConfig):
         self.peft_type = PeftType.SPECTRAL_LORA
         if self.allocation not in ALLOCATIONS:
             raise GeoCompError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {self.allocation!r}.")
+        if self.scope not in SCOPES:
+            raise GeoCompError(f"scope must be one of {', '.join(SCOPES)}, got {self.scope!r}.")
         if self.spectral_init not in INITS:
             raise GeoCompError(f"spectral_init must be one of {', '.join(INITS)}, got {self.spectral_init!r}.")
         if not 0.0 < self.tau <= 1.0:

@@ -63,7 +63,8 @@ class SpectralLoraModel(LoraModel):
         shapes = target_shapes(model, config)
         stats = resolve_stats(config, model)
         plan = allocate(stats, shapes, rule=config.allocation, r=config.r, lora_alpha=config.lora_alpha,
-                        budget=config.budget, tau=config.tau, min_rank=config.min_rank, max_rank=config.max_rank)
+                        budget=config.budget, tau=config.tau, min_rank=config.min_rank, max_rank=config.max_rank,
+                        scope=config.scope)
         config.rank_pattern = plan.rank_pattern()
         config.alpha_pattern = plan.alpha_pattern()
         config.spectral_allocation = plan.to_dict()
