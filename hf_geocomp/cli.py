@@ -92,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     ll.add_argument("--threads", type=int, default=1, help="torch threads (default 1: fastest on a shared CPU)")
     ll.add_argument("--output", "-o", default="recipes/results/lora_smollm2_lm.json", help="results JSON")
     ll.set_defaults(handler=_lazy(".lora.lm_bench:run_lm_bench"))
+    lm = sub.add_parser("lora-merge", help="join H2 results files of one setting (rows by method and seed) "
+                        "and recompute mean ± sd and the paired tests vs LoRA and EVA")
+    lm.add_argument("results", nargs="+", help="results JSON files written by lora-bench or lora-lm-bench")
+    lm.add_argument("--output", "-o", required=True, help="merged results JSON")
+    lm.set_defaults(handler=_lazy(".lora.bench:run_merge"))
 
     k = sub.add_parser("bench-kv", help="coded KV caches vs QuantizedCache vs DynamicCache: continuation perplexity")
     _add_model_data(k, tokens=4096)

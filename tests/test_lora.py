@@ -373,7 +373,7 @@ def test_eva_baseline_builds_with_uniform_parameter_count():
         build_eva(TINY_MODELS["llama"](), common, loader, tau=1.0, max_passes=2)
 
 
-def test_lm_bench_end_to_end(tiny_llama_dir, tmp_path):
+def test_lm_bench_end_to_end(tiny_llama_dir, tmp_path, capsys):
     from hf_geocomp.cli import main
 
     out = tmp_path / "lora_lm.json"
@@ -395,3 +395,29 @@ def test_lm_bench_end_to_end(tiny_llama_dir, tmp_path):
     summary = {s["method"]: s for s in result["summary"]}
     assert set(summary["spectral-df"]) >= {"ppl_mean", "ppl_sd", "p_vs_lora", "p_vs_eva"}
     assert main(argv[:-2] + ["--methods", "bogus"]) == 2
+
+    # a second invocation of the same setting reproduces LoRA exactly, and lora-merge joins the two
+    methods_at = argv.index("--methods")
+    second = tmp_path / "lora_lm_kind.json"
+    argv2 = argv[:methods_at + 1] + ["lora", "spectral-df-kind", "-o", str(second)]
+    assert main(argv2) == 0
+    rows2 = {(r["method"], r["seed"]): r for r in json.loads(second.read_text())["rows"]}
+    assert [rows2["lora", s]["ppl"] for s in (0, 1)] == [rows["lora", s]["ppl"] for s in (0, 1)]
+    merged_path = tmp_path / "merged.json"
+    assert main(["lora-merge", str(out), str(second), "-o", str(merged_path)]) == 0
+    merged = json.loads(merged_path.read_text())
+    assert len(merged["rows"]) == 10 and merged["sources"] == [str(out), str(second)]
+    kind = {s["method"]: s for s in merged["summary"]}["spectral-df-kind"]
+    assert {"p_vs_lora", "p_vs_eva"} <= set(kind) and kind["seeds"] == 2
+
+    # files of different settings, or disagreeing rows, are refused
+    bad = json.loads(second.read_text())
+    bad["rows"][0]["ppl"] += 1.0
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    assert main(["lora-merge", str(out), str(tmp_path / "bad.json"), "-o", str(tmp_path / "m2.json")]) == 2
+    assert "are not one setting" in capsys.readouterr().err
+    bad = json.loads(second.read_text())
+    bad["hyperparameters"]["lr"] = 0.5
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    assert main(["lora-merge", str(out), str(tmp_path / "bad.json"), "-o", str(tmp_path / "m2.json")]) == 2
+    assert "differs from" in capsys.readouterr().err and not (tmp_path / "m2.json").exists()

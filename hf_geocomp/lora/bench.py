@@ -226,3 +226,60 @@ def _result(args, rows, version, partial):
             "baseline": {"method": "head-only", "accuracy": head["accuracy_mean"]} if head else None,
             "partial": partial, "summary": summary, "rows": rows,
             "versions": versions(version)}
+
+
+METRIC_OF_TASK = {"genre": "accuracy", "causal-lm": "ppl"}
+
+
+def merge_results(results: list[dict], sources: list[str]) -> dict:
+    """One H2 study from several benchmark files of one setting (rows joined by method and seed).
+
+    Files must agree on model, task, data and hyperparameters, and a (method, seed) present
+    in more than one file must have the same score in each (runs are deterministic per seed;
+    a difference means the files are not one setting). Timings are kept from the first file.
+    """
+    if len(results) < 2:
+        raise GeoCompError("merging needs at least two results files.")
+    first = results[0]
+    for res, src in zip(results, sources):
+        if res.get("partial"):
+            raise GeoCompError(f"{src} is a partial run (partial: true); finish it before merging.")
+        if res.get("task") not in METRIC_OF_TASK:
+            raise GeoCompError(f"{src} is not an H2 benchmark result (task {res.get('task')!r}).")
+        for key in ("model", "task", "data", "hyperparameters", "baseline"):
+            if res.get(key) != first.get(key):
+                raise GeoCompError(f"{src} differs from {sources[0]} in {key!r}: these are not one setting.")
+    metric = METRIC_OF_TASK[first["task"]]
+    rows: dict[tuple, dict] = {}
+    for res, src in zip(results, sources):
+        for row in res["rows"]:
+            key = (row["method"], row["seed"])
+            if key in rows and rows[key][metric] != row[metric]:
+                raise GeoCompError(f"{src}: {row['method']} seed {row['seed']} has {metric} {row[metric]!r}, "
+                                   f"another file {rows[key][metric]!r}; these are not one setting.")
+            rows.setdefault(key, row)
+    merged = list(rows.values())
+    return {"sources": sources, **{k: first[k] for k in ("model", "task", "data", "threads", "hyperparameters",
+                                                         "baseline")},
+            "partial": False, "summary": summarize(merged, metric), "rows": merged}
+
+
+def run_merge(args) -> dict:
+    import json
+
+    from ..io import write_json
+
+    results = []
+    for path in args.results:
+        try:
+            with open(path) as f:
+                results.append(json.load(f))
+        except (OSError, ValueError) as e:
+            raise GeoCompError(f"cannot read results file {path}: {e}") from None
+    merged = {"command": args.command_line, **merge_results(results, list(args.results))}
+    write_json(args.output, merged)
+    for s in merged["summary"]:
+        m = METRIC_OF_TASK[merged["task"]]
+        p = "  ".join(f"p vs {ref} {s[f'p_vs_{ref}']:.3g}" for ref in ("lora", "eva") if f"p_vs_{ref}" in s)
+        print(f"{s['method']:22s} {m} {s[f'{m}_mean']:.4f} ± {s[f'{m}_sd']:.4f}  params {s['params']}  {p}")
+    return merged
