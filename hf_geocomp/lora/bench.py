@@ -31,6 +31,8 @@ METHODS = {
     "spectral-df-whitened": {"kind": "spectral", "allocation": "effective_rank", "spectral_init": "whitened"},
     "spectral-df-kind": {"kind": "spectral", "allocation": "effective_rank", "scope": "per_kind",
                          "spectral_init": "standard"},
+    "spectral-df-kind-principal": {"kind": "spectral", "allocation": "effective_rank", "scope": "per_kind",
+                                   "spectral_init": "principal"},
     "spectral-k90": {"kind": "spectral", "allocation": "k_tau", "tau": 0.9, "spectral_init": "standard"},
     "uniform-principal": {"kind": "spectral", "allocation": "uniform", "spectral_init": "principal"},
 }
