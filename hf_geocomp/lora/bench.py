@@ -35,6 +35,7 @@ METHODS = {
                                    "spectral_init": "principal"},
     "spectral-k90": {"kind": "spectral", "allocation": "k_tau", "tau": 0.9, "spectral_init": "standard"},
     "uniform-principal": {"kind": "spectral", "allocation": "uniform", "spectral_init": "principal"},
+    "uniform-whitened": {"kind": "spectral", "allocation": "uniform", "spectral_init": "whitened"},
 }
 BERT_TARGETS = r".*encoder.*\.(query|key|value|dense)"  # every dense layer of the blocks (not the pooler)
 def _encode(tok, passages, max_length):
