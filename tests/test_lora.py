@@ -312,6 +312,15 @@ def test_bench_summary_and_cli_error(capsys):
     spectral = {s["method"]: s for s in summarize(rows)}["spectral-df"]
     assert spectral["diff_vs_lora"] == pytest.approx(0.1033333)
     assert 0 < spectral["p_vs_lora"] < 0.05
+    assert spectral["control"] == "lora" and spectral["p_vs_control"] == spectral["p_vs_lora"]
+    # a data-initialised variant is held against uniform ranks with the same initialisation
+    rows += [{"method": m, "seed": s, "accuracy": a, "params": 10, "init_share": 0.02}
+             for m, accs in {"uniform-whitened": [0.4, 0.5, 0.45], "spectral-df-whitened": [0.41, 0.52, 0.45]}.items()
+             for s, a in enumerate(accs)]
+    summary = {s["method"]: s for s in summarize(rows)}
+    assert summary["spectral-df-whitened"]["control"] == "uniform-whitened"
+    assert summary["spectral-df-whitened"]["diff_vs_control"] == pytest.approx(0.01)
+    assert "control" not in summary["uniform-whitened"] and "control" not in summary["lora"]
     assert main(["lora-bench", "--methods", "bogus"]) == 2
     assert "unknown method 'bogus'" in capsys.readouterr().err
 

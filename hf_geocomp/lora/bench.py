@@ -55,6 +55,16 @@ def _accuracy(model, rows, collator, batch_size=64) -> float:
     return right / len(rows)
 
 
+def allocation_control(method: str) -> str | None:
+    """The method with the same initialisation and uniform ranks: the control that isolates
+    what the spectral allocation itself does (H2). ``None`` for methods that allocate uniformly."""
+    spec = METHODS[method]
+    if spec["kind"] != "spectral" or spec["allocation"] == "uniform":
+        return None
+    init = spec["spectral_init"]
+    return "lora" if init == "standard" else f"uniform-{init}"
+
+
 def check_methods(methods) -> None:
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -150,7 +160,8 @@ def _paired(a: list[float], b: list[float]) -> float | None:
 
 
 def summarize(rows: list[dict], metric: str = "accuracy") -> list[dict]:
-    """Per method: mean ± sd of ``metric``, params, init share; paired t-tests vs lora and eva."""
+    """Per method: mean ± sd of ``metric``, params, init share; paired t-tests vs lora and eva,
+    and vs the method's :func:`allocation_control` when that ran too (``control``, ``p_vs_control``)."""
     by: dict[str, dict[int, dict]] = {}
     for r in rows:
         by.setdefault(r["method"], {})[r["seed"]] = r
@@ -162,13 +173,16 @@ def summarize(rows: list[dict], metric: str = "accuracy") -> list[dict]:
                  f"{metric}_sd": statistics.stdev(vals) if len(vals) > 1 else 0.0,
                  "params": runs[seeds[0]]["params"],
                  "init_share_mean": statistics.mean(runs[s]["init_share"] for s in seeds)}
-        for ref in ("lora", "eva"):
+        control = allocation_control(method) if method in METHODS else None
+        for ref, key in (("lora", "lora"), ("eva", "eva"), (control, "control")):
             if ref in by and ref != method:
                 common = [s for s in seeds if s in by[ref]]
                 other = [by[ref][s][metric] for s in common]
                 mine = [runs[s][metric] for s in common]
-                entry[f"diff_vs_{ref}"] = statistics.mean(m - o for m, o in zip(mine, other))
-                entry[f"p_vs_{ref}"] = _paired(mine, other)
+                if key == "control":
+                    entry["control"] = ref
+                entry[f"diff_vs_{key}"] = statistics.mean(m - o for m, o in zip(mine, other))
+                entry[f"p_vs_{key}"] = _paired(mine, other)
         out.append(entry)
     return out
 
@@ -283,6 +297,7 @@ def run_merge(args) -> dict:
     write_json(args.output, merged)
     for s in merged["summary"]:
         m = METRIC_OF_TASK[merged["task"]]
-        p = "  ".join(f"p vs {ref} {s[f'p_vs_{ref}']:.3g}" for ref in ("lora", "eva") if f"p_vs_{ref}" in s)
+        p = "  ".join(f"p vs {s.get('control') if ref == 'control' else ref} {s[f'p_vs_{ref}']:.3g}"
+                      for ref in ("lora", "eva", "control") if f"p_vs_{ref}" in s)
         print(f"{s['method']:22s} {m} {s[f'{m}_mean']:.4f} ± {s[f'{m}_sd']:.4f}  params {s['params']}  {p}")
     return merged
