@@ -297,7 +297,9 @@ def run_merge(args) -> dict:
     write_json(args.output, merged)
     for s in merged["summary"]:
         m = METRIC_OF_TASK[merged["task"]]
-        p = "  ".join(f"p vs {s.get('control') if ref == 'control' else ref} {s[f'p_vs_{ref}']:.3g}"
-                      for ref in ("lora", "eva", "control") if f"p_vs_{ref}" in s)
+        refs = {"lora": "lora", "eva": "eva", "control": s.get("control")}
+        if refs["control"] == "lora":  # the same test as p vs lora
+            del refs["control"]
+        p = "  ".join(f"p vs {name} {s[f'p_vs_{ref}']:.3g}" for ref, name in refs.items() if f"p_vs_{ref}" in s)
         print(f"{s['method']:22s} {m} {s[f'{m}_mean']:.4f} ± {s[f'{m}_sd']:.4f}  params {s['params']}  {p}")
     return merged
