@@ -154,6 +154,22 @@ def test_data_init_sets_eigenvectors_and_keeps_outputs(init):
     assert torch.allclose(cos, torch.ones_like(cos), atol=1e-5)
 
 
+@pytest.mark.parametrize("name, task_type, expected", [("llama", None, "whitened"), ("gpt2", None, "whitened"),
+                                                        ("bert", None, "standard"), ("llama", "SEQ_CLS", "standard"),
+                                                        ("llama", "CAUSAL_LM", "whitened")])
+def test_auto_init_is_whitened_for_causal_lms_only(name, task_type, expected, tmp_path):
+    pm, cfg = _spectral(name, task_type=task_type) if task_type else _spectral(name)
+    assert cfg.spectral_init == expected
+    if expected == "whitened":  # A really is the whitened eigenbasis
+        from hf_geocomp.lora.allocate import init_directions
+
+        m = cfg.spectral_allocation["modules"][0]
+        a = pm.base_model.model.get_submodule(m["name"]).lora_A["default"].weight
+        assert torch.allclose(a.double(), init_directions(cfg.stats.input_of(m["name"]), m["rank"], True), atol=1e-6)
+    pm.save_pretrained(tmp_path)  # saved resolved, so a reload never depends on how "auto" is defined
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["spectral_init"] == expected
+
+
 FRESH = r"""
 import json, sys, torch
 sys.path.insert(0, {tests!r})

@@ -20,7 +20,7 @@ from .peft_type import SAVED_TYPE, SPECTRAL_LORA, extend_peft_type
 extend_peft_type(SPECTRAL_LORA)
 
 ALLOCATIONS = ("effective_rank", "k_tau", "uniform")
-INITS = ("standard", "principal", "whitened")
+INITS = ("auto", "standard", "principal", "whitened")
 
 
 @dataclass
@@ -41,9 +41,11 @@ class SpectralLoraConfig(LoraConfig):
         min_rank, max_rank: bounds of every module's rank (``max_rank`` also never exceeds
             min(in, out) of the module).
         spectral_init: ``"standard"`` (PEFT's: A random, B = 0), ``"principal"`` (rows of A
-            are the top eigenvectors of the input's uncentred second moment, B = 0) or
+            are the top eigenvectors of the input's uncentred second moment, B = 0),
             ``"whitened"`` (the same directions scaled by 1/√λ, normalised so the mean row
-            norm is 1, B = 0).
+            norm is 1, B = 0) or ``"auto"`` (the default: ``whitened`` for a causal language
+            model, ``standard`` otherwise, the best measured choice on each task of the H2 study;
+            resolved by ``get_peft_model`` and saved resolved).
         stats_file: a statistics file saved by ``ActivationStats.save`` (input taps of every
             target module); alternatively set ``config.stats`` to an ``ActivationStats``.
         spectral_allocation: written by ``get_peft_model`` (ranks, scores, budget); leave unset.
@@ -62,8 +64,9 @@ class SpectralLoraConfig(LoraConfig):
     min_rank: int = field(default=1, metadata={"help": "Smallest rank given to any target module (>= 1)."})
     max_rank: int | None = field(default=None, metadata={
         "help": "Largest rank given to any target module; None = min(in, out) of the module."})
-    spectral_init: str = field(default="standard", metadata={
-        "help": f"Initialisation of the adapters, one of {', '.join(INITS)}."})
+    spectral_init: str = field(default="auto", metadata={
+        "help": f"Initialisation of the adapters, one of {', '.join(INITS)}; 'auto' = 'whitened' for a causal "
+                "language model (task_type CAUSAL_LM, or a decoder-only model that generates), else 'standard'."})
     stats_file: str | None = field(default=None, metadata={
         "help": "Saved ActivationStats with the input of every target module (or set config.stats)."})
     spectral_allocation: dict | None = field(default=None, metadata={

@@ -37,6 +37,22 @@ def target_shapes(model: nn.Module, config: SpectralLoraConfig) -> dict[str, tup
     return shapes
 
 
+def resolve_init(config: SpectralLoraConfig, model: nn.Module) -> str:
+    """``spectral_init`` with ``"auto"`` resolved: ``whitened`` for a causal language model, else
+    ``standard`` (in the H2 study whitened A won on causal-LM fine-tuning and sent a classifier's
+    seeds to chance; README, SpectralLoRA)."""
+    if config.spectral_init != "auto":
+        return config.spectral_init
+    task = str(getattr(config.task_type, "value", config.task_type or ""))
+    if task:
+        causal = task == "CAUSAL_LM"
+    else:
+        mcfg = getattr(model, "config", None)
+        generates = getattr(model, "can_generate", lambda: False)()
+        causal = bool(generates) and not getattr(mcfg, "is_encoder_decoder", False)
+    return "whitened" if causal else "standard"
+
+
 def resolve_stats(config: SpectralLoraConfig, model: nn.Module):
     from ..geometry import ActivationStats
 
@@ -60,6 +76,7 @@ class SpectralLoraModel(LoraModel):
         if config.spectral_allocation:  # a saved adapter: shapes are already in rank_pattern
             return
         config = self._prepare_adapter_config(config, self.get_model_config(model))
+        config.spectral_init = resolve_init(config, model)
         shapes = target_shapes(model, config)
         stats = resolve_stats(config, model)
         plan = allocate(stats, shapes, rule=config.allocation, r=config.r, lora_alpha=config.lora_alpha,
