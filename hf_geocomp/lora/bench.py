@@ -173,16 +173,16 @@ def summarize(rows: list[dict], metric: str = "accuracy") -> list[dict]:
                  f"{metric}_sd": statistics.stdev(vals) if len(vals) > 1 else 0.0,
                  "params": runs[seeds[0]]["params"],
                  "init_share_mean": statistics.mean(runs[s]["init_share"] for s in seeds)}
-        control = allocation_control(method) if method in METHODS else None
-        for ref, key in (("lora", "lora"), ("eva", "eva"), (control, "control")):
+        refs = {"lora": "lora", "eva": "eva", "control": allocation_control(method) if method in METHODS else None}
+        for key, ref in refs.items():
             if ref in by and ref != method:
                 common = [s for s in seeds if s in by[ref]]
                 other = [by[ref][s][metric] for s in common]
                 mine = [runs[s][metric] for s in common]
-                if key == "control":
-                    entry["control"] = ref
                 entry[f"diff_vs_{key}"] = statistics.mean(m - o for m, o in zip(mine, other))
                 entry[f"p_vs_{key}"] = _paired(mine, other)
+        if "p_vs_control" in entry:
+            entry["control"] = refs["control"]
         out.append(entry)
     return out
 

@@ -43,9 +43,8 @@ def resolve_init(config: SpectralLoraConfig, model: nn.Module) -> str:
     seeds to chance; README, SpectralLoRA)."""
     if config.spectral_init != "auto":
         return config.spectral_init
-    task = str(getattr(config.task_type, "value", config.task_type or ""))
-    if task:
-        causal = task == "CAUSAL_LM"
+    if config.task_type:  # PEFT's TaskType is a str enum
+        causal = config.task_type == "CAUSAL_LM"
     else:
         mcfg = getattr(model, "config", None)
         generates = getattr(model, "can_generate", lambda: False)()
