@@ -19,6 +19,7 @@ import time
 import torch
 
 from ..errors import GeoCompError
+from ..eval.significance import paired_t
 
 # method name → how its adapters are built (same r, alpha, targets, head for all)
 METHODS = {
@@ -152,11 +153,9 @@ def versions(hf_geocomp_version: str) -> dict:
 
 
 def _paired(a: list[float], b: list[float]) -> float | None:
-    from scipy.stats import ttest_rel
-
-    if len(a) != len(b) or len(a) < 2 or all(x == y for x, y in zip(a, b)):
+    if len(a) != len(b):
         return None
-    return float(ttest_rel(a, b).pvalue)
+    return paired_t(a, b)["p"]
 
 
 def summarize(rows: list[dict], metric: str = "accuracy") -> list[dict]:

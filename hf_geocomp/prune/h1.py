@@ -19,6 +19,7 @@ import statistics
 import torch
 
 from ..data import GENRE_OF, SHAKESPEARE_SPLITS, Corpus, _shakespeare_dir, load_model, read_text_file, token_blocks
+from ..eval.significance import paired_t
 from ..geometry import collect_stats
 from ..io import write_json
 from .api import prune, prune_taps
@@ -72,8 +73,6 @@ def finetune(model, rows, seed: int, epochs: int, lr: float, batch: int):
 
 
 def run_h1(args) -> dict:
-    from scipy import stats as sps
-
     test_works = SHAKESPEARE_SPLITS["calibration"] + SHAKESPEARE_SPLITS["evaluation"]
     train_works = SHAKESPEARE_SPLITS["train"]
     rows, baseline_acc = [], []
@@ -98,11 +97,11 @@ def run_h1(args) -> dict:
                              "params": block_params(pruned), "accuracy": acc, "accuracy_drop": base - acc,
                              "baseline_accuracy": base, "seed": seed})
                 print(f"  {criterion:14s} budget {sparsity:.2f} accuracy {acc:.4f}", flush=True)
-        write_json(args.output, _result(args, rows, baseline_acc, train_works, test_works, sps))
-    return _result(args, rows, baseline_acc, train_works, test_works, sps)
+        write_json(args.output, _result(args, rows, baseline_acc, train_works, test_works))
+    return _result(args, rows, baseline_acc, train_works, test_works)
 
 
-def _result(args, rows, baseline_acc, train_works, test_works, sps) -> dict:
+def _result(args, rows, baseline_acc, train_works, test_works) -> dict:
     summary, tests = [], []
     for sparsity in args.sparsities:
         accs = {c: [r["accuracy"] for r in rows if r["method"] == c and r["budget"] == sparsity]
@@ -116,7 +115,7 @@ def _result(args, rows, baseline_acc, train_works, test_works, sps) -> dict:
                 a, b = accs.get(mine, []), accs.get(other, [])
                 if len(a) >= 2 and len(a) == len(b):
                     diff = [x - y for x, y in zip(a, b)]
-                    p = float(sps.ttest_rel(a, b).pvalue) if any(diff) else 1.0
+                    p = paired_t(a, b)["p"] if any(diff) else 1.0
                     tests.append({"method": f"{mine} vs {other}", "budget": sparsity, "n": len(a),
                                   "mean_difference": statistics.mean(diff), "p_value": p,
                                   "h1_margin_met": statistics.mean(diff) >= 0.02 and p < 0.05})
