@@ -320,7 +320,7 @@ def test_two_processes_allocate_identically(tmp_path):
 
 def test_bench_summary_and_cli_error(capsys):
     from hf_geocomp.cli import main
-    from hf_geocomp.lora.bench import summarize
+    from hf_geocomp.studies.lora_bench import summarize
 
     rows = [{"method": m, "seed": s, "accuracy": a, "params": 10, "init_share": 0.01}
             for m, accs in {"lora": [0.5, 0.6, 0.55], "spectral-df": [0.6, 0.7, 0.66]}.items()
@@ -349,7 +349,7 @@ def _lm_rows(n=12, seq=12):
 def test_adalora_callback_reaches_target_budget(tmp_path):
     from transformers import Trainer, TrainingArguments
 
-    from hf_geocomp.lora.baselines import AdaLoraCallback, adalora_config, adalora_params, adalora_ranks
+    from hf_geocomp.studies.lora_baselines import AdaLoraCallback, adalora_config, adalora_params, adalora_ranks
 
     steps, target_r = 10, 2
     pm = get_peft_model(TINY_MODELS["llama"](), adalora_config(target_r, steps, lora_alpha=4,
@@ -371,7 +371,7 @@ def test_adalora_callback_reaches_target_budget(tmp_path):
 def test_adalora_callback_refuses_wrong_total_step(tmp_path):
     from transformers import Trainer, TrainingArguments
 
-    from hf_geocomp.lora.baselines import AdaLoraCallback, adalora_config
+    from hf_geocomp.studies.lora_baselines import AdaLoraCallback, adalora_config
 
     pm = get_peft_model(TINY_MODELS["llama"](), adalora_config(2, 20, target_modules=["q_proj"]))
     args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=5, report_to=[],
@@ -383,7 +383,7 @@ def test_adalora_callback_refuses_wrong_total_step(tmp_path):
 
 
 def test_eva_baseline_builds_with_uniform_parameter_count():
-    from hf_geocomp.lora.baselines import build_eva
+    from hf_geocomp.studies.lora_baselines import build_eva
 
     loader = [{**random_batch(batch=4, seq=16, seed=i)} for i in range(6)]
     common = dict(r=4, lora_alpha=8, target_modules=TARGETS["llama"], lora_dropout=0.0)

@@ -6,7 +6,7 @@ import pytest
 
 from hf_geocomp.data import GENRE_OF
 from hf_geocomp.errors import GeoCompError
-from hf_geocomp.eval.tasks import GENRE_LABELS, genre_passages
+from hf_geocomp.studies.tasks import GENRE_LABELS, genre_passages
 
 
 def test_genre_task_is_balanced_deterministic_and_disjoint():

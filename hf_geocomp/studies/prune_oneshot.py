@@ -24,9 +24,9 @@ from ..errors import GeoCompError
 from ..eval.perplexity import latency_ratio, perplexity
 from ..geometry import collect_stats
 from ..io import write_json
-from .api import prune, prune_taps, score_groups, taylor_grads
-from .config import PruneConfig
-from .units import block_params, unit_groups
+from ..prune.api import prune, prune_taps, score_groups, taylor_grads
+from ..prune.config import PruneConfig
+from ..prune.units import block_params, unit_groups
 
 
 def parse_sweep(spec: str, default_targets: str) -> list[tuple[float, str, str, str, str]]:

@@ -22,8 +22,8 @@ from ..data import GENRE_OF, SHAKESPEARE_SPLITS, Corpus, _shakespeare_dir, load_
 from ..eval.significance import paired_t
 from ..geometry import collect_stats
 from ..io import write_json
-from .api import prune, prune_taps
-from .units import block_params
+from ..prune.api import prune, prune_taps
+from ..prune.units import block_params
 
 LABELS = ["comedy", "tragedy", "history"]
 

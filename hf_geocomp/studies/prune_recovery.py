@@ -18,8 +18,8 @@ import torch
 from ..data import calibration_loader, causal_lm_collate, load_corpus, load_model, token_blocks
 from ..eval.perplexity import latency_ratio, perplexity
 from ..io import write_json
-from .callback import VarianceWeightedPruningCallback
-from .units import block_params
+from ..prune.callback import VarianceWeightedPruningCallback
+from ..prune.units import block_params
 
 
 def _finetune(model, rows, args, callbacks) -> float:

@@ -20,7 +20,7 @@ import torch
 from ..data import calibration_loader, load_corpus, token_blocks
 from ..errors import GeoCompError
 from ..io import write_json
-from .memory import tensor_bytes
+from ..eval.memory import tensor_bytes
 
 
 VARIANTS = ("fisher-bits", "aware-bits", "pca-bits", "fisher-rank", "aware-rank", "pca-rank", "aware-bits-rope_none")

@@ -2,7 +2,7 @@
 
 Every method adapts the same copy of the model (loaded once), with the same targets, rank,
 alpha, learning rate, steps, training blocks and seeds; only the adapters differ
-(:data:`hf_geocomp.lora.bench.METHODS`). Training blocks come from ``--train-data``
+(:data:`hf_geocomp.studies.lora_bench.METHODS`). Training blocks come from ``--train-data``
 (default the ``train`` plays), perplexity from ``--eval-data`` (the ``evaluation`` plays),
 statistics for SpectralLoRA and EVA from ``--data`` (the ``calibration`` plays): three
 disjoint sets of works. The untuned model's perplexity on the same evaluation blocks is the
@@ -16,7 +16,7 @@ import copy
 
 import torch
 
-from .bench import adapter_params, build, check_methods, summarize, train_adapter, versions
+from .lora_bench import adapter_params, build, check_methods, summarize, train_adapter, versions
 
 LLAMA_TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
 

@@ -2,7 +2,7 @@
 
 Every method fine-tunes the same model with the same hyperparameters, data order and
 seeds; only the adapters differ. Task ``genre``: MiniLM-L6 (or any encoder) classifies
-Shakespeare passages by genre (:mod:`hf_geocomp.eval.tasks`), train and test plays disjoint;
+Shakespeare passages by genre (:mod:`hf_geocomp.studies.tasks`), train and test plays disjoint;
 statistics for SpectralLoRA and EVA come from the ``calibration`` plays, never the test plays.
 Per run it records accuracy, trainable adapter parameters, the initialisation time
 (calibration pass + allocation + init) and the training time; per method mean ± sd and
@@ -81,8 +81,8 @@ def build(method: str, model, common: dict, calib, tap_patterns, total_steps: in
     from peft import LoraConfig, get_peft_model
 
     from ..geometry import collect_stats, linear_input_taps
-    from .baselines import AdaLoraCallback, adalora_config, build_eva
-    from .config import SpectralLoraConfig
+    from .lora_baselines import AdaLoraCallback, adalora_config, build_eva
+    from ..lora.config import SpectralLoraConfig
 
     spec = dict(METHODS[method])
     kind = spec.pop("kind")
@@ -112,7 +112,7 @@ def build(method: str, model, common: dict, calib, tap_patterns, total_steps: in
 def adapter_params(method: str, pm) -> dict:
     """``params``: trainable adapter parameters (AdaLoRA: those of the ranks it kept at the end,
     ``params_initial``: at the start), ``ranks`` per module where they differ by module."""
-    from .baselines import adalora_params, adalora_ranks
+    from .lora_baselines import adalora_params, adalora_ranks
 
     trainable = sum(p.numel() for n, p in pm.named_parameters() if p.requires_grad and "lora_" in n)
     if METHODS[method]["kind"] == "adalora":
@@ -192,7 +192,7 @@ def run_genre_bench(args) -> dict:
 
     from .. import __version__
     from ..data import calibration_loader, load_model
-    from ..eval.tasks import GENRE_LABELS, genre_passages
+    from .tasks import GENRE_LABELS, genre_passages
     from ..io import write_json
 
     check_methods(args.methods)
