@@ -1,6 +1,7 @@
-"""``hf-geocomp``: the command line.
+"""``hf-geocomp``: compress and fine-tune Hugging Face models using the geometry of their activations.
 
-User mistakes end with one sentence on stderr and exit status 2, never a traceback.
+User mistakes end with one sentence on stderr and exit status 2, never a traceback, and are
+found before any model is loaded where they can be (options, recipes, output folders).
 """
 
 from __future__ import annotations
@@ -26,19 +27,45 @@ def _lazy(target: str):
     return functools.partial(_run_lazy, target)
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default (unless the help text already states it)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (action.option_strings and "default" not in text and action.default not in (None, False, [])
+                and action.default is not argparse.SUPPRESS):
+            text += " (default: %(default)s)"
+        return text
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
 def _add_model_data(p: argparse.ArgumentParser, tokens: int) -> None:
     p.add_argument("--model", default="smollm2-135m",
                    help="bundled name (smollm2-135m, minilm-l6), model folder, .gguf file or Hub id")
     p.add_argument("--data", default="shakespeare:calibration",
                    help="text source: shakespeare:<split|work+work>, pydoc[:split], file:<a+b>, hf:<ds>:<split>")
-    p.add_argument("--tokens", type=int, default=tokens, help=f"calibration tokens (default {tokens})")
-    p.add_argument("--block-size", type=int, default=256, help="tokens per block (default 256)")
-    p.add_argument("--batch-size", type=int, default=8, help="blocks per forward pass (default 8)")
+    p.add_argument("--tokens", type=positive_int, default=tokens, help=f"calibration tokens (default {tokens})")
+    p.add_argument("--block-size", type=positive_int, default=256, help="tokens per block (default 256)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="blocks per forward pass (default 8)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hf-geocomp", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="hf-geocomp", description=__doc__.split("\n\n")[0].replace("``", ""),
+                                     formatter_class=_HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"hf-geocomp {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     a = sub.add_parser("analyze", help="spectra of activations, per-head K/V and weights → report.json + plots")
     _add_model_data(a, tokens=16384)
@@ -54,10 +81,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_study_parsers(sub, _lazy, _add_model_data, _add_prune_options)
 
-
     r = sub.add_parser("run", help="run a YAML recipe: `command:` names a subcommand, other keys are its options")
     r.add_argument("recipe", help="path to a recipe (see recipes/)")
     r.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override recipe keys")
+    r.add_argument("--overwrite", action="store_true",
+                   help="let the recipe replace its existing output (a recipe file cannot ask for this itself)")
+    for p in sub.choices.values():
+        p.formatter_class = _HelpFormatter
+        if any(a.dest == "output" for a in p._actions) and not any(a.dest == "overwrite" for a in p._actions):
+            p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     parser.subcommands = sub.choices
     return parser
 
@@ -75,6 +107,9 @@ def recipe_argv(parser: argparse.ArgumentParser, path: str, overrides: list[str]
         raise GeoCompError(f"recipe {path!r} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(recipe, dict) or "command" not in recipe:
         raise GeoCompError(f"recipe {path!r} must be a mapping with a `command:` key.")
+    if "overwrite" in recipe:
+        raise GeoCompError(f"recipe {path!r} sets `overwrite`; a recipe never replaces existing results by itself: "
+                           "remove the key and pass --overwrite to `hf-geocomp run`.")
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep:
@@ -104,7 +139,7 @@ def recipe_argv(parser: argparse.ArgumentParser, path: str, overrides: list[str]
 
 
 def _add_prune_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--targets", default="mlp,heads", help="comma list of mlp, heads (default mlp,heads)")
+    p.add_argument("--targets", default="mlp,heads", help="comma list of mlp, heads")
     p.add_argument("--head-mode", default="query", help="query (heads within GQA groups) or kv (whole groups)")
     p.add_argument("--round-to", type=int, default=1, help="kept MLP widths rounded up to a multiple (default 1)")
     p.add_argument("--min-keep", type=float, default=0.05, help="least fraction of units per layer (default 0.05)")
@@ -115,12 +150,13 @@ def _add_prune_parser(sub) -> None:
     _add_model_data(p, tokens=16384)
     _add_prune_options(p)
     p.add_argument("--sparsity", type=float, default=0.2, help="fraction of block parameters to remove")
-    p.add_argument("--criterion", default="variance", help="variance, magnitude, wanda, random, taylor")
-    p.add_argument("--allocation", default="uniform", help="uniform or global")
-    p.add_argument("--compensation", default="none", help="none, bias, refit, bias+refit")
+    p.add_argument("--criterion", default="variance",
+                   help="variance, variance_cond, wanda, taylor, magnitude or random")
+    p.add_argument("--allocation", default="uniform", help="uniform or global (global: widths differ per layer)")
+    p.add_argument("--compensation", default="bias+refit", help="none, bias, refit or bias+refit")
     p.add_argument("--output", "-o", required=True, help="output model folder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    p.set_defaults(handler=_lazy(".prune.cli:prune_command"))
+    p.set_defaults(handler=_lazy(".prune.cli:prune_command"), targets="mlp")  # the README's measured best settings
 
 
 def _analyze(args) -> None:
@@ -160,6 +196,18 @@ def _analyze(args) -> None:
         print(f"  {kind:18s} n={v['count']:4d}  median Df {v['median_df']:8.2f}  median k95 {v['median_k95']:6.1f}"
               f"  (dim {v['median_dim']:.0f}){extra}")
 
+def check_output(args) -> None:
+    """Refuse, before any work, to replace an existing output file or non-empty folder without ``--overwrite``."""
+    from pathlib import Path
+
+    out = getattr(args, "output", None)
+    if not out or getattr(args, "overwrite", False):
+        return
+    path = Path(out)
+    if path.is_file() or (path.is_dir() and any(path.iterdir())):
+        raise GeoCompError(f"output {out!r} already exists; pass --overwrite to replace it.")
+
+
 def main(argv: list[str] | None = None) -> int:
     import shlex
 
@@ -169,7 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     command_line = "hf-geocomp " + shlex.join(argv)  # recorded beside every result
     try:
         if args.command == "run":
-            args = parser.parse_args(recipe_argv(parser, args.recipe, args.set))
+            overwrite = args.overwrite
+            args = parser.parse_args(recipe_argv(parser, args.recipe, args.set) + (["--overwrite"] if overwrite else []))
+        check_output(args)
         args.command_line = command_line
         args.handler(args)
     except GeoCompError as e:

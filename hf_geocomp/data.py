@@ -72,7 +72,30 @@ def resolve_model(name: str) -> tuple[str, str | None]:
     if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise GeoCompError(f"model {name!r} is neither a bundled name ({', '.join(BUNDLED_MODELS)}), "
                            "a model folder, nor a .gguf file.")
-    return name, None  # a Hub id, resolved by from_pretrained (offline from the HF cache)
+    return _hub_id(name), None  # resolved by from_pretrained (offline from the HF cache)
+
+
+def _hub_id(name: str) -> str:
+    """``name`` as a Hub id, or a :class:`GeoCompError` at once where loading it could only fail slowly.
+
+    A name close to a bundled one that is not in the local HF cache is taken for a typo; with
+    ``HF_HUB_OFFLINE`` set, a Hub id must already be in the cache.
+    """
+    import difflib
+
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    cached = isinstance(try_to_load_from_cache(name, "config.json"), str)
+    if cached:
+        return name
+    close = difflib.get_close_matches(name.lower(), list(BUNDLED_MODELS), n=1, cutoff=0.6)
+    if close:
+        raise GeoCompError(f"model {name!r} is not a bundled name, a folder or a cached Hub id; "
+                           f"did you mean {close[0]!r}?")
+    if constants.HF_HUB_OFFLINE:
+        raise GeoCompError(f"model {name!r} is not a bundled name ({', '.join(BUNDLED_MODELS)}), a folder, or a Hub "
+                           "id in the local HF cache, and HF_HUB_OFFLINE is set, so it cannot be downloaded.")
+    return name
 
 
 def load_model(name: str, task: str = "auto", dtype: torch.dtype = torch.float32, **kwargs):

@@ -68,7 +68,10 @@ def test_model_resolution_errors(tmp_path):
 
 
 def run_cli(capsys, *argv):
-    code = main(list(argv))
+    try:
+        code = main(list(argv))
+    except SystemExit as e:  # argparse rejects an option's value itself (exit 2, one line after the usage)
+        code = e.code
     out = capsys.readouterr()
     return code, out.out, out.err
 
@@ -98,7 +101,7 @@ def test_analyze_end_to_end(tmp_path, capsys, tiny_llama_dir, text_file):
     (["--model", "no-such-model-name/really/not"], "neither a bundled name"),
     (["--modules", "*.nothing_here"], "matches no module"),
     (["--block-size", "4096"], "exceeds the model's maximum"),
-    (["--tokens", "0"], "positive"),
+    (["--tokens", "0"], "--tokens: 0 must be at least 1"),
     (["--data", "EMPTY"], "empty"),
     (["--data", "BINARY"], "binary"),
     (["--model", "BADGGUF"], "cannot parse GGUF"),

@@ -318,7 +318,7 @@ def test_two_processes_allocate_identically(tmp_path):
     assert ranks[0] == ranks[1] == single
 
 
-def test_bench_summary_and_cli_error(capsys):
+def test_bench_summary_and_cli_error(capsys, tmp_path):
     from hf_geocomp.cli import main
     from hf_geocomp.studies.lora_bench import summarize
 
@@ -337,7 +337,7 @@ def test_bench_summary_and_cli_error(capsys):
     assert summary["spectral-df-whitened"]["control"] == "uniform-whitened"
     assert summary["spectral-df-whitened"]["diff_vs_control"] == pytest.approx(0.01)
     assert "control" not in summary["uniform-whitened"] and "control" not in summary["lora"]
-    assert main(["lora-bench", "--methods", "bogus"]) == 2
+    assert main(["lora-bench", "--methods", "bogus", "-o", str(tmp_path / "h2.json")]) == 2
     assert "unknown method 'bogus'" in capsys.readouterr().err
 
 

@@ -322,7 +322,10 @@ def test_cli_bench_prune_sweeps(tmp_path, tiny_llama_dir, text_file, capsys):
     heads = [r for r in rows if r["targets"] == "mlp+heads"]
     assert all(r["head_units"] for r in heads) and not any(r["head_units"] for r in rows if r["targets"] == "mlp")
     assert all(0 < r["sparsity"] < 0.35 and r["ppl"] > 0 for r in rows)
-    assert main(["bench-prune", *data, "--sweep", "0.2:variance:bias", "-o", str(out)]) == 2
+    assert main(["bench-prune", *data, "--sweep", "0.2:variance", "-o", str(out)]) == 2  # results never replaced
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    bad = str(tmp_path / "bad.json")
+    assert main(["bench-prune", *data, "--sweep", "0.2:variance:bias", "-o", bad]) == 2
     assert "BUDGETS:CRITERIA" in capsys.readouterr().err
-    assert main(["bench-prune", *data, "--sweep", "1.2:variance:none:uniform", "-o", str(out)]) == 2
+    assert main(["bench-prune", *data, "--sweep", "1.2:variance:none:uniform", "-o", bad]) == 2
     assert "sparsity must be in [0, 1)" in capsys.readouterr().err
