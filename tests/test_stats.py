@@ -1,12 +1,14 @@
 """The statistics engine: sums, masks, shared inputs, per-head taps, save/load, errors."""
 
+import copy
+
 import pytest
 import torch
 
 from hf_geocomp import arch
 from hf_geocomp.errors import GeoCompError
 from hf_geocomp.geometry import (ActivationStats, StatsCollector, Tap, block_output_taps, collect_stats,
-                                 kv_head_taps, linear_input_taps)
+                                 kv_head_taps, linear_input_taps, model_fingerprint)
 
 from .conftest import random_batch, tiny_gpt2, tiny_llama
 
@@ -132,6 +134,30 @@ def test_stale_or_foreign_stats_are_refused(tiny_model):
     with pytest.raises(GeoCompError, match="different model"):
         other = tiny_gpt2() if arch.get_spec(tiny_model).family == "llama" else tiny_llama()
         stats.check_model(other)
+
+
+def test_any_single_element_change_makes_stats_stale(tiny_model):
+    """The weights fingerprint covers every byte: one element moved by one ulp, anywhere, is caught."""
+    stats = collect_stats(tiny_model, [random_batch()], linear_input_taps(tiny_model))
+    params = list(tiny_model.named_parameters())
+    mlp_out = next(n for n, _ in params if n.endswith(("mlp.down_proj.weight", "mlp.c_proj.weight",
+                                                      "output.dense.weight")))
+    for name, p in [params[0], (mlp_out, dict(params)[mlp_out]), params[-1]]:
+        flat = p.data.reshape(-1)
+        i = flat.numel() // 2 + 1  # an entry a sampling hash would skip
+        old = flat[i].clone()
+        flat[i] = torch.nextafter(old, old + 1)  # through .data: the version counter does not move
+        with pytest.raises(GeoCompError, match="stale"):
+            stats.check_model(tiny_model)
+        flat[i] = old
+        stats.check_model(tiny_model)  # restored: accepted again
+    with torch.no_grad():
+        dict(params)[mlp_out][0, 0] += 10  # the probe of the issue: +10 on one down_proj entry
+    with pytest.raises(GeoCompError, match="stale"):
+        stats.check_model(tiny_model)
+    half = copy.deepcopy(tiny_model).to(torch.bfloat16)  # a dtype numpy cannot hold is hashed by its bytes
+    assert model_fingerprint(half)["weights"] != model_fingerprint(tiny_model)["weights"]
+    assert model_fingerprint(half)["arch"] == model_fingerprint(tiny_model)["arch"]
 
 
 def test_hooks_removed_even_on_error():
