@@ -202,6 +202,57 @@ def test_sliding_window_layers():
         cache.crop(-2)
 
 
+@pytest.mark.parametrize("budget,reference", [(0.5, 16), (0.25, 64)])
+def test_sliding_window_bytes_and_budget(budget, reference):
+    """The plan counts what a sliding layer holds (its last window - 1 tokens), so ``plan.ratio`` and
+    ``cache_bytes`` equal the bytes the coded cache and transformers' DynamicCache hold, at every length."""
+    model = _tiny_qwen2_sliding()
+    stats = collect_kv_stats(model, [random_batch(2, 16)], "fisher")
+    plan = build_plan(model, stats, KVConfig(budget=budget, group_size=8, sink_tokens=2, reference_tokens=reference))
+    assert plan.windows == [None, 6]
+    assert budget * 0.9 < plan.ratio <= budget  # the budget holds where it is defined, sliding layer included
+    for tokens in (3, 5, 6, 14):  # below, at and past the window
+        batch = random_batch(2, tokens, seed=tokens)
+        cache, dyn = plan.cache(model), DynamicCache(config=model.config)
+        with torch.no_grad():  # a prefill alone, and a prefill then one decode step
+            prefilled = plan.cache(model)
+            model(**batch, past_key_values=prefilled)
+            for c in (cache, dyn):
+                _two_step_logits(model, c, batch, split=tokens - 1)
+        assert tensor_bytes(prefilled) == plan.cache_bytes(tokens, batch=2)
+        assert tensor_bytes(cache) == plan.cache_bytes(tokens, batch=2)  # storage held
+        # DynamicCache's kept tokens (its sliding layer slices a view, whose storage holds one token more)
+        kept = sum(t.numel() * t.element_size() for layer in dyn.layers for t in (layer.keys, layer.values))
+        assert kept == plan.cache_bytes(tokens, batch=2, full=True)
+    assert plan.cache_bytes(reference, full=True) == (reference + 5) * plan.full_bytes_per_token // 2  # + 5 held
+    identity = build_plan(model, stats, KVConfig(budget=1.0))
+    assert identity.ratio == 1.0 and identity.cache_bytes(14) == plan.cache_bytes(14, full=True)
+
+
+def test_reduced_attention_on_a_sliding_window_model():
+    """Full layers read the latents, the sliding layer its decoded window: the same logits and tokens."""
+    from hf_geocomp.kv import use_reduced_attention
+
+    model = _tiny_qwen2_sliding()
+    stats = collect_kv_stats(model, [random_batch(2, 16)], "fisher")
+    plan = build_plan(model, stats, KVConfig(budget=0.25, group_size=8, sink_tokens=2, reference_tokens=16))
+    batch = random_batch(2, 14, seed=15)
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        ref = _two_step_logits(model, plan.cache(model), batch, split=9)
+        ref_out = model.generate(**batch, past_key_values=plan.cache(model), **kw)
+        plain = model.config._attn_implementation
+        use_reduced_attention(model)
+        try:
+            cache = plan.cache(model, reduced=True)
+            got = _two_step_logits(model, cache, batch, split=9)
+            out = model.generate(**batch, past_key_values=plan.cache(model, reduced=True), **kw)
+        finally:
+            model.set_attn_implementation(plain)
+    assert cache.layers[0].reduced and not cache.layers[1].reduced
+    assert torch.allclose(got, ref, atol=1e-5) and torch.equal(out, ref_out)
+
+
 def test_quantizer_and_rope_average():
     z = torch.randn(5, 7, 40)
     for bits, tol in ((8, 0.02), (4, 0.3), (2, 1.5)):

@@ -1,12 +1,14 @@
 """The statistics engine: sums, masks, shared inputs, per-head taps, save/load, errors."""
 
+import copy
+
 import pytest
 import torch
 
 from hf_geocomp import arch
 from hf_geocomp.errors import GeoCompError
 from hf_geocomp.geometry import (ActivationStats, StatsCollector, Tap, block_output_taps, collect_stats,
-                                 kv_head_taps, linear_input_taps)
+                                 kv_head_taps, linear_input_taps, model_fingerprint)
 
 from .conftest import random_batch, tiny_gpt2, tiny_llama
 
@@ -134,6 +136,30 @@ def test_stale_or_foreign_stats_are_refused(tiny_model):
         stats.check_model(other)
 
 
+def test_any_single_element_change_makes_stats_stale(tiny_model):
+    """The weights fingerprint covers every byte: one element moved by one ulp, anywhere, is caught."""
+    stats = collect_stats(tiny_model, [random_batch()], linear_input_taps(tiny_model))
+    params = list(tiny_model.named_parameters())
+    mlp_out = next(n for n, _ in params if n.endswith(("mlp.down_proj.weight", "mlp.c_proj.weight",
+                                                      "output.dense.weight")))
+    for name, p in [params[0], (mlp_out, dict(params)[mlp_out]), params[-1]]:
+        flat = p.data.reshape(-1)
+        i = flat.numel() // 2 + 1  # an entry a sampling hash would skip
+        old = flat[i].clone()
+        flat[i] = torch.nextafter(old, old + 1)  # through .data: the version counter does not move
+        with pytest.raises(GeoCompError, match="stale"):
+            stats.check_model(tiny_model)
+        flat[i] = old
+        stats.check_model(tiny_model)  # restored: accepted again
+    with torch.no_grad():
+        dict(params)[mlp_out][0, 0] += 10  # the probe of the issue: +10 on one down_proj entry
+    with pytest.raises(GeoCompError, match="stale"):
+        stats.check_model(tiny_model)
+    half = copy.deepcopy(tiny_model).to(torch.bfloat16)  # a dtype numpy cannot hold is hashed by its bytes
+    assert model_fingerprint(half)["weights"] != model_fingerprint(tiny_model)["weights"]
+    assert model_fingerprint(half)["arch"] == model_fingerprint(tiny_model)["arch"]
+
+
 def test_hooks_removed_even_on_error():
     model = tiny_llama()
     with pytest.raises(RuntimeError):
@@ -175,18 +201,20 @@ def test_block_triangular_gram_equals_full_product(d):
     torch.testing.assert_close(_gram(x, block=64), x.T @ x, rtol=1e-12, atol=1e-12)
 
 
-def test_gradient_taps_equal_autograd():
-    """output_grad taps hold Σ g gᵀ of the summed next-token loss w.r.t. k_proj outputs, padding excluded."""
+@pytest.mark.parametrize("build,kind", [(tiny_llama, "k"), (tiny_llama, "v"), (tiny_gpt2, "k"), (tiny_gpt2, "v")])
+def test_gradient_taps_equal_autograd(build, kind):
+    """output_grad taps hold Σ g gᵀ of the summed next-token loss w.r.t. the K or V projection output
+    (GPT-2: its slice of the fused c_attn), per KV head, padding excluded."""
     from hf_geocomp.geometry import collect_gradient_stats, kv_grad_taps
 
-    model = tiny_llama()
+    model = build()
     batch = random_batch(2, 12, seed=3)
     batch["attention_mask"][1, :4] = 0
-    taps = [t for t in kv_grad_taps(model) if t.name.endswith(":k_grad")][:1]
+    taps = [t for t in kv_grad_taps(model) if t.name.endswith(f":{kind}_grad")][1:2]  # the second layer's
     stats = collect_gradient_stats(model, [batch], taps)
     assert all(p.grad is None for p in model.parameters()) and all(p.requires_grad for p in model.parameters())
     grads = {}
-    module = model.get_submodule(taps[0].module)
+    module = model.get_submodule(next(k.module for k in arch.kv_taps(model) if k.layer == 1 and k.kind == kind))
     def keep_grad(mod, args, out):
         out.register_hook(lambda g: grads.setdefault("g", g))
 
@@ -198,8 +226,12 @@ def test_gradient_taps_equal_autograd():
                                           reduction="sum").backward()
     finally:
         handle.remove()
-    g = grads["g"][batch["attention_mask"].bool()].double().reshape(-1, 2, 8)  # (tokens, kv_heads, head_dim)
+    t = next(k for k in arch.kv_taps(model) if k.layer == 1 and k.kind == kind)  # where K/V leave, independently
+    assert taps[0].module == t.module
+    g = grads["g"][batch["attention_mask"].bool()][:, t.offset: t.offset + t.width].double()
+    g = g.reshape(len(g), -1, t.head_dim)  # (tokens, kv_heads, head_dim)
     expect = torch.einsum("nhi,nhj->hij", g, g)
+    assert expect.abs().max() > 0
     assert torch.allclose(stats[taps[0].key].outer, expect, rtol=1e-5, atol=1e-9)
 
 

@@ -29,8 +29,17 @@ def group_bytes(bits, n: int, group: int, elt: int) -> int:
     return n * elt if bits == FULL else packed_bytes(n, bits, group)
 
 
-def allocate(bases: dict[tuple[int, str], Basis], config: KVConfig, elt: int) -> tuple[dict, int]:
-    """Widths per component → ``({(layer, kind): [(bits, cols)]}, bytes per token)``."""
+def allocate(bases: dict[tuple[int, str], Basis], config: KVConfig, elt: int,
+             coded_tokens: dict[int, int] | None = None, target: float | None = None) -> tuple[dict, int]:
+    """Widths per component → ``({(layer, kind): [(bits, cols)]}, bytes per token)``.
+
+    By default every layer codes the same tokens and a coded token may take
+    ``config.coded_fraction()`` of the uncompressed bytes. With sliding-window layers the layers
+    hold different numbers of coded tokens: ``coded_tokens`` (layer → coded tokens held at
+    ``config.reference_tokens``) weighs each layer's bytes, and ``target`` bounds the weighted sum.
+    A layer's tokens scale its distortion and its bytes alike, so the choice per component at a
+    given θ is unchanged; only the bytes the bisection meets differ.
+    """
     keys = sorted(bases)
     weights = torch.cat([bases[k].weight.reshape(-1) for k in keys]).double()  # (N,)
     sizes = [bases[k].weight.numel() for k in keys]
@@ -44,12 +53,14 @@ def allocate(bases: dict[tuple[int, str], Basis], config: KVConfig, elt: int) ->
     if config.max_rank is not None:  # components past max_rank in each head may only be dropped
         rank = torch.cat([torch.arange(n) % d for n in sizes])
         allowed[rank >= config.max_rank, 1:] = False
-    target = config.coded_fraction() * sum(sizes) * elt
+    if coded_tokens is None:
+        target = config.coded_fraction() * sum(sizes) * elt
+    held = {layer: 1 if coded_tokens is None else coded_tokens[layer] for layer, _ in keys}
 
     def layout(theta: float):
         total = weights[:, None] * distortion + theta * cost  # (N, options)
         choice = total.masked_fill(~allowed, math.inf).argmin(1)
-        plan, nbytes, start = {}, 0, 0
+        plan, nbytes, weighted, start = {}, 0, 0, 0
         for key, n in zip(keys, sizes):
             ch, w = choice[start: start + n], weights[start: start + n]
             groups = []
@@ -58,9 +69,10 @@ def allocate(bases: dict[tuple[int, str], Basis], config: KVConfig, elt: int) ->
                 if len(cols):
                     cols = cols[torch.argsort(w[cols], descending=True, stable=True)]
                     groups.append((bits, cols.tolist()))
-                    nbytes += group_bytes(bits, len(cols), config.group_size, elt)
+                    nb = group_bytes(bits, len(cols), config.group_size, elt)
+                    nbytes, weighted = nbytes + nb, weighted + held[key[0]] * nb
             plan[key], start = groups, start + n
-        return plan, nbytes
+        return plan, nbytes, weighted
 
     top = float(weights.max().clamp_min(1e-30))
     lo, hi = math.log(top * 1e-14), math.log(top * 1e3)  # small θ: everything full; large θ: nothing
@@ -68,8 +80,8 @@ def allocate(bases: dict[tuple[int, str], Basis], config: KVConfig, elt: int) ->
     for _ in range(50):
         mid = (lo + hi) / 2
         trial = layout(math.exp(mid))
-        if trial[1] <= target:
+        if trial[2] <= target:
             best, hi = trial, mid
         else:
             lo = mid
-    return best
+    return best[:2]

@@ -50,13 +50,22 @@ def build_plan(model: nn.Module, stats: ActivationStats, config: KVConfig) -> KV
     elt = torch.empty((), dtype=dtype).element_size()
     layers = len(arch.block_prefixes(model))
     full = layers * 2 * heads.num_kv_heads * heads.head_dim * elt
+    windows = [kw.get("sliding_window") if kind == "sliding_attention" else None
+               for kind, kw in arch.attention_layer_types(model)]
     common = dict(config=config, model_type=model.config.model_type, num_layers=layers,
                   num_kv_heads=heads.num_kv_heads, head_dim=heads.head_dim, dtype=str(dtype).replace("torch.", ""),
-                  full_bytes_per_token=full)
+                  full_bytes_per_token=full, windows=windows if any(windows) else None)
     if config.budget >= 1:
         return KVPlan(groups={}, bytes_per_token=full, identity=True, **common)
     bases = fit_bases(model, stats, config)
-    groups, nbytes = allocate(bases, config, elt)
+    coded = target = None
+    if any(windows):  # layers hold different numbers of tokens: the budget counts what each one holds
+        probe = KVPlan(groups={}, bytes_per_token=full, **common)
+        held = probe.held_tokens(config.reference_tokens)
+        coded = {i: n for i, (_, n) in enumerate(held)}
+        target = config.budget * probe.cache_bytes(config.reference_tokens, full=True) - sum(
+            exact for exact, _ in held) * (full // layers)
+    groups, nbytes = allocate(bases, config, elt, coded, target)
     tensors = {}
     for (layer, kind), basis in bases.items():
         tensors[f"{layer}.{kind}.enc"], tensors[f"{layer}.{kind}.dec"] = basis.enc, basis.dec

@@ -35,6 +35,7 @@ class KVPlan:
     full_bytes_per_token: int  # of the uncompressed cache
     identity: bool = False  # budget 1.0: stored exactly as given
     refinement: dict | None = None  # settings and KL of kv.refine, when the decoders were refined
+    windows: list[int | None] | None = None  # per layer: sliding_window of a sliding layer, None for full (None: all full)
     tensors: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
@@ -42,12 +43,33 @@ class KVPlan:
         """Cache bytes over uncompressed bytes at ``config.reference_tokens`` tokens."""
         return self.cache_bytes(self.config.reference_tokens) / self.cache_bytes(self.config.reference_tokens, full=True)
 
-    def cache_bytes(self, tokens: int, batch: int = 1, full: bool = False) -> int:
-        """Bytes the cache's tensors hold for ``tokens`` tokens (``full``: the uncompressed cache)."""
+    def layer_bytes_per_token(self, full: bool = False) -> list[int]:
+        """Bytes per stored token of each layer, K and V (``full``: uncompressed), batch 1."""
+        flat = self.full_bytes_per_token // self.num_layers
         if full or self.identity:
-            return self.full_bytes_per_token * tokens * batch
-        sink = min(tokens, self.config.sink_tokens)
-        return (sink * self.full_bytes_per_token + (tokens - sink) * self.bytes_per_token) * batch
+            return [flat] * self.num_layers
+        from .allocate import group_bytes
+
+        elt = torch.empty((), dtype=getattr(torch, self.dtype)).element_size()
+        return [sum(group_bytes(b, len(c), self.config.group_size, elt) for k in "kv"
+                    for b, c in self.groups.get(f"{i}.{k}", [])) for i in range(self.num_layers)]
+
+    def held_tokens(self, tokens: int) -> list[tuple[int, int]]:
+        """Per layer, (exact, coded) tokens the cache holds after ``tokens`` tokens: a full layer keeps the
+        first ``sink_tokens`` exact and codes the rest; a sliding layer keeps its last ``window - 1``, coded."""
+        sink = 0 if self.identity else min(tokens, self.config.sink_tokens)
+        return [(sink, tokens - sink) if w is None else (0, min(tokens, w - 1))
+                for w in (self.windows or [None] * self.num_layers)]
+
+    def cache_bytes(self, tokens: int, batch: int = 1, full: bool = False) -> int:
+        """Bytes the cache's tensors hold for ``tokens`` tokens (``full``: the uncompressed cache, as
+        transformers' ``DynamicCache`` holds it, sliding layers included)."""
+        held = self.held_tokens(tokens)
+        flat = self.layer_bytes_per_token(full=True)
+        if full:
+            return batch * sum((exact + n) * f for (exact, n), f in zip(held, flat))
+        coded = self.layer_bytes_per_token()
+        return batch * sum(exact * f + n * c for (exact, n), f, c in zip(held, flat, coded))
 
     # ---- JSON ----------------------------------------------------------------------------
     def to_dict(self) -> dict:

@@ -42,7 +42,8 @@ def quantize(z: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torc
     codes = _pad(codes.reshape(*z.shape[:-1], ng * group)[..., :n], math.ceil(n / per) * per)
     codes = codes.reshape(*z.shape[:-1], -1, per)  # (..., bytes, per)
     shifts = torch.arange(per, dtype=torch.uint8, device=z.device) * bits
-    packed = (codes << shifts).sum(-1, dtype=torch.uint8) if per > 1 else codes[..., 0]
+    # 8 bits: a copy, else the codes would be a view keeping the whole padded group's storage alive
+    packed = (codes << shifts).sum(-1, dtype=torch.uint8) if per > 1 else codes[..., 0].clone()
     return packed, amax.squeeze(-1)
 
 
