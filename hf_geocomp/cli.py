@@ -133,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     k.set_defaults(handler=_lazy(".eval.kv_bench:run_kv_bench"))
 
     _add_prune_parsers(sub)
+    from .hub.cli import add_parsers as _add_hub_parsers  # noqa: E402  (light: no transformers import)
+
+    _add_hub_parsers(sub, _lazy)
 
     r = sub.add_parser("run", help="run a YAML recipe: `command:` names a subcommand, other keys are its options")
     r.add_argument("recipe", help="path to a recipe (see recipes/)")

@@ -29,12 +29,14 @@ module that has ``geocomp_record``; on reload the kind is resolved lazily throug
 with :func:`register_module_kind`. An unknown kind is an error, never a silent dense layer.
 """
 
+from .card import render_card
 from .config import FORMAT_VERSION, QUANT_METHOD, GeoCompConfig
 from .quantizer import GeoCompHfQuantizer, register
+from .export import export, push
 from .record import GUARD, mark_compressed
 from .shapes import MODULE_KINDS, register_module_kind
 
 __all__ = ["FORMAT_VERSION", "GUARD", "GeoCompConfig", "GeoCompHfQuantizer", "MODULE_KINDS", "QUANT_METHOD",
-           "mark_compressed", "register", "register_module_kind"]
+           "export", "mark_compressed", "push", "register", "register_module_kind", "render_card"]
 
 register()
