@@ -90,7 +90,7 @@ def push(folder: str, repo_id: str, token: str | None = None, private: bool = Fa
     ``token``: None uses huggingface_hub's own (``HF_TOKEN`` or ``hf auth login``).
     """
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
     check_repo_id(repo_id)
     path = Path(folder)
@@ -104,6 +104,8 @@ def push(folder: str, repo_id: str, token: str | None = None, private: bool = Fa
         info = api.upload_folder(folder_path=str(path), repo_id=repo_id, commit_message=commit_message,
                                  allow_patterns=["*.json", "*.safetensors", "*.md", "*.png", "*.txt", "*.jinja",
                                                  "tokenizer*", "*.model"])
+    except OfflineModeIsEnabled:
+        raise GeoCompError(f"cannot push to {repo_id!r}: HF_HUB_OFFLINE is set; unset it to push.") from None
     except HfHubHTTPError as e:  # the message names the URL and status, never the token
         raise GeoCompError(f"pushing to {repo_id!r} failed: {str(e).splitlines()[0]}") from None
     return str(info.commit_url)
