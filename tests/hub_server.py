@@ -13,7 +13,7 @@ Write side (no installable server offers it): a contract test of the endpoints
 "regular"), ``POST /api/models/{org}/{name}/commit/{rev}`` (NDJSON: a header, then base64 files)
 — each commit becoming a git commit on ``main`` of the repository the read side serves.
 
-Run: ``python tests/hub_server.py MIRRORS READ_PORT WRITE_PORT``.
+Both sides are one app on one port, like the Hub. Run: ``python tests/hub_server.py MIRRORS PORT``.
 """
 
 import base64
@@ -30,11 +30,11 @@ def repo_dir(mirrors: Path, repo_id: str) -> Path:
     return mirrors / "models" / repo_id
 
 
-def write_app(mirrors: Path, read_url: str):
-    from fastapi import FastAPI, Request
+def write_routes(mirrors: Path, read_url: str):
+    from fastapi import APIRouter, Request
     from fastapi.responses import JSONResponse
 
-    app = FastAPI()
+    app = APIRouter()
     lock = threading.Lock()
 
     @app.post("/api/repos/create")
@@ -121,15 +121,13 @@ def read_app(mirrors: Path, port: int, work: Path):
 def main() -> None:
     import uvicorn
 
-    mirrors, read_port, write_port = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+    mirrors, port = Path(sys.argv[1]), int(sys.argv[2])
     mirrors.mkdir(parents=True, exist_ok=True)
     work = mirrors.parent / "server-work"
     work.mkdir(exist_ok=True)
-    read_url = f"http://127.0.0.1:{read_port}"
-    writer = uvicorn.Server(uvicorn.Config(write_app(mirrors, read_url), host="127.0.0.1", port=write_port,
-                                           log_level="warning"))
-    threading.Thread(target=writer.run, daemon=True).start()
-    uvicorn.run(read_app(mirrors, read_port, work), host="127.0.0.1", port=read_port, log_level="warning")
+    app = read_app(mirrors, port, work)
+    app.include_router(write_routes(mirrors, f"http://127.0.0.1:{port}"))  # POST routes: olah's are GET/HEAD
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 
 
 if __name__ == "__main__":

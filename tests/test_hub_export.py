@@ -136,7 +136,7 @@ def test_export_and_push_commands(compressed, tmp_path, capsys):
     assert main(["push", str(tmp_path / "out"), "--repo-id", "not a repo"]) == 2
     assert "repo id 'not a repo' is not valid" in capsys.readouterr().err
     assert main(["push", str(tmp_path), "--repo-id", "org/name"]) == 2
-    assert "not an exported model folder" in capsys.readouterr().err
+    assert "not an exported model or adapter folder" in capsys.readouterr().err
     with pytest.raises(GeoCompError, match="needs a namespace"):
         push(str(tmp_path / "out"), "name-only")
 

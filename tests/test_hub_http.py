@@ -44,15 +44,14 @@ def _wait(port: int, proc, seconds: float = 60) -> None:
 
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory):
-    """(read URL, write URL) of a test Hub serving the git repositories it commits."""
+    """The URL of a test Hub serving the git repositories it commits."""
     root = tmp_path_factory.mktemp("hub-server")
-    read, write = _free_port(), _free_port()
-    proc = subprocess.Popen([sys.executable, str(HERE / "hub_server.py"), str(root / "mirrors"), str(read), str(write)],
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, str(HERE / "hub_server.py"), str(root / "mirrors"), str(port)],
                             stdout=subprocess.DEVNULL, stderr=open(root / "server.log", "w"), cwd=root)
     try:
-        _wait(read, proc)
-        _wait(write, proc)
-        yield f"http://127.0.0.1:{read}", f"http://127.0.0.1:{write}"
+        _wait(port, proc)
+        yield f"http://127.0.0.1:{port}"
     finally:
         proc.terminate()
         try:
@@ -86,7 +85,7 @@ def _load(repo_id: str, ids_file: Path, out_file: Path, env: dict) -> dict:
 def test_push_then_load_by_repo_id(hub, tiny_llama_dir, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    read, write = hub
+    read = write = hub
     req = GeoCompConfig(prune=dict(sparsity=0.3, targets=["mlp"], allocation="global"),
                         kv=dict(budget=0.5, method="aware", group_size=8, sink_tokens=2, reference_tokens=16),
                         calibration="pydoc:calibration", tokens=256, block_size=32)
@@ -112,3 +111,58 @@ def test_push_then_load_by_repo_id(hub, tiny_llama_dir, tmp_path):
     offline = {**env, "HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9"}  # from the populated cache only
     assert _load("geo/tiny-llama", tmp_path / "ids.pt", tmp_path / "offline.pt", offline)["cache"] == "GeoKVCache"
     assert torch.equal(torch.load(tmp_path / "offline.pt")["logits"], ref)
+
+
+ADAPTERS = """
+import json, sys, torch
+mode, tests, out = sys.argv[1], sys.argv[2], sys.argv[3]
+sys.path.insert(0, tests)
+from conftest import random_batch, tiny_llama
+from peft import PeftModel
+batch = random_batch(seed=7)
+if mode == "push":
+    import hf_geocomp
+    from peft import get_peft_model
+    from hf_geocomp.geometry import collect_stats, linear_input_taps
+    from hf_geocomp.hub import push
+    from hf_geocomp.lora import SpectralLoraConfig, export_plain_lora
+    cfg = SpectralLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    stats_model = tiny_llama()
+    cfg.stats = collect_stats(stats_model, [random_batch(seed=i) for i in range(3)], linear_input_taps(stats_model))
+    pm = get_peft_model(tiny_llama(), cfg)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+        torch.save(pm(**batch).logits, out)
+    pm.push_to_hub("geo/spectral-adapter")
+    export_plain_lora(pm, out + ".plain")
+    push(out + ".plain", "geo/plain-adapter")
+else:
+    if mode == "spectral":
+        import hf_geocomp
+    repo = "geo/spectral-adapter" if mode == "spectral" else "geo/plain-adapter"
+    pm = PeftModel.from_pretrained(tiny_llama(), repo)
+    with torch.no_grad():
+        torch.save(pm(**batch).logits, out)
+    print(json.dumps({"config": type(pm.peft_config["default"]).__name__, "plugin": "hf_geocomp" in sys.modules}))
+"""
+
+
+def test_lora_adapters_through_the_hub(hub, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(HERE.parent), "HF_HOME": str(tmp_path / "hf-home"), "HF_ENDPOINT": hub,
+           "HF_HUB_OFFLINE": "0"}
+
+    def run(mode):
+        res = subprocess.run([sys.executable, "-c", ADAPTERS, mode, str(HERE), str(tmp_path / f"{mode}.pt")],
+                             capture_output=True, text=True, env=env, timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+        return json.loads(res.stdout.strip().splitlines()[-1]) if mode != "push" else None
+
+    run("push")
+    expected = torch.load(tmp_path / "push.pt")
+    assert run("spectral") == {"config": "SpectralLoraConfig", "plugin": True}
+    assert torch.equal(torch.load(tmp_path / "spectral.pt"), expected)
+    assert run("plain") == {"config": "LoraConfig", "plugin": False}  # stock PEFT, hf_geocomp never imported
+    assert torch.allclose(torch.load(tmp_path / "plain.pt"), expected, atol=1e-6)

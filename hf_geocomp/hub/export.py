@@ -85,7 +85,8 @@ def check_repo_id(repo_id: str) -> None:
 
 def push(folder: str, repo_id: str, token: str | None = None, private: bool = False, endpoint: str | None = None,
          commit_message: str = "Upload geocomp model") -> str:
-    """Upload an exported ``folder`` to ``repo_id`` (created if needed); returns the commit URL.
+    """Upload an exported model ``folder`` (or a PEFT adapter folder) to ``repo_id`` (created if needed); returns
+    the commit URL.
 
     ``token``: None uses huggingface_hub's own (``HF_TOKEN`` or ``hf auth login``).
     """
@@ -94,8 +95,8 @@ def push(folder: str, repo_id: str, token: str | None = None, private: bool = Fa
 
     check_repo_id(repo_id)
     path = Path(folder)
-    if not (path / "config.json").is_file():
-        raise GeoCompError(f"{folder!r} is not an exported model folder (config.json is missing).")
+    if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+        raise GeoCompError(f"{folder!r} is not an exported model or adapter folder (config.json is missing).")
     if not any(path.glob("*.safetensors")):
         raise GeoCompError(f"{folder!r} has no safetensors weights to push.")
     api = HfApi(endpoint=endpoint, token=token)
