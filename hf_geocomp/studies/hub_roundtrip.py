@@ -140,6 +140,7 @@ def main(argv=None) -> None:
     p.add_argument("--base-model-id", default="HuggingFaceTB/SmolLM2-135M-Instruct", help="for the card metadata")
     p.add_argument("--card-dir", default="model_cards/examples/smollm2-135m-geocomp")
     p.add_argument("--output", "-o", default="recipes/results/hub_smollm2_roundtrip.json")
+    p.add_argument("--recipe", default=None, help="the script that ran this (recorded in the results)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--source", help=argparse.SUPPRESS)
     p.add_argument("--base", help=argparse.SUPPRESS)
@@ -202,7 +203,7 @@ def run(args, command: str) -> None:
            "greedy_identical": c["greedy_identical"], "greedy_agreement_vs_base": c["greedy_agreement_vs_base"],
            "load_time_ratio": c["load_time_ratio"], "load_s": c["load_s"], "compress_on_load_s": compress_s,
            "cache_class": c["cache_class"], "source": c["source"], "eval_data": args.eval_data}
-    result = {"command": command, "model": args.model, "base_folder_gguf_max_abs_dlogits": gguf_diff,
+    result = {"command": command, "recipe": args.recipe, "model": args.model, "base_folder_gguf_max_abs_dlogits": gguf_diff,
               "data": {"calibration": f"{args.calibration} ({args.tokens} tokens)",
                        "evaluation": f"{args.eval_data}: {len(blocks)} x {args.eval_block} tokens teacher-forced; "
                                      f"{len(windows)} windows of {args.prefill} prefill + {args.score} scored"},
