@@ -146,6 +146,14 @@ def test_no_plugin_never_silently_wrong(saved, tmp_path):
     assert ("llama", "uniform") in stock and ("llama", "heads") in stock and ("gpt2", "heads") not in stock
 
 
+def test_kv_bases_stay_float32_in_bfloat16(saved):
+    folder = saved["llama", "kv"][0]
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+    assert model.model.layers[0].mlp.down_proj.weight.dtype == torch.bfloat16
+    assert {b.dtype for b in model.geocomp_kv.buffers()} == {torch.float32}
+    assert type(model.generate(input_ids=IDS, **GEN).past_key_values).__name__ == "GeoKVCache"
+
+
 def _edit_plan(src: Path, dst: Path, edit) -> Path:
     import shutil
 
@@ -305,6 +313,7 @@ def test_replaced_modules(tmp_path):
     model.save_pretrained(tmp_path / "m")
     plan = json.loads((tmp_path / "m" / "config.json").read_text())["quantization_config"]["plan"]
     assert plan["replaced"] == {"model.layers.1.self_attn.o_proj": low.geocomp_record()} and not plan["stock_loadable"]
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["attn_implementation"] == GUARD  # stock refuses
     with pytest.raises(GeoCompError, match="kind 'test.lowrank' is unknown"):
         AutoModelForCausalLM.from_pretrained(tmp_path / "m")
     register_module_kind("test.lowrank", f"{__name__}:LowRankLinear")
