@@ -77,8 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.set_defaults(handler=_analyze)
 
     _add_prune_parser(sub)
+    from .hub.cli import add_parsers as add_hub_parsers  # light: no transformers import
     from .studies.cli import add_study_parsers
 
+    add_hub_parsers(sub, _lazy)
     add_study_parsers(sub, _lazy, _add_model_data, _add_prune_options)
 
     r = sub.add_parser("run", help="run a YAML recipe: `command:` names a subcommand, other keys are its options")

@@ -1,0 +1,57 @@
+"""``hf-geocomp export`` and ``hf-geocomp push``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..errors import GeoCompError
+
+
+def export_command(args) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .export import check_repo_id, export
+
+    if args.repo_id:
+        check_repo_id(args.repo_id)
+    out = Path(args.output)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
+        raise GeoCompError(f"output folder {args.output!r} already exists and is not empty; pass --overwrite.")
+    results = None
+    if args.results:
+        try:
+            results = json.loads(Path(args.results).read_text())
+        except (OSError, ValueError) as e:
+            raise GeoCompError(f"cannot read results JSON {args.results!r}: {e}") from None
+    if not (Path(args.model) / "config.json").is_file():
+        raise GeoCompError(f"{args.model!r} is not a saved model folder (config.json is missing).")
+    model = AutoModelForCausalLM.from_pretrained(args.model)
+    tok = AutoTokenizer.from_pretrained(args.model) if (Path(args.model) / "tokenizer_config.json").is_file() else None
+    export(model, args.output, results=results, tokenizer=tok, base_model=args.base_model, repo_id=args.repo_id,
+           command=args.command_line, overwrite=args.overwrite)
+    print(f"wrote {args.output} (weights, config with the geocomp plan, model card)")
+
+
+def push_command(args) -> None:
+    from .export import push
+
+    url = push(args.folder, args.repo_id, private=args.private, endpoint=args.endpoint)
+    print(f"pushed {args.folder} to {args.repo_id}: {url}")
+
+
+def add_parsers(sub, lazy) -> None:
+    e = sub.add_parser("export", help="a saved geocomp model → a Hub-ready folder with its model card (atomic)")
+    e.add_argument("model", help="folder written by save_pretrained of a geocomp model")
+    e.add_argument("--output", "-o", required=True, help="output folder (must not exist or be empty)")
+    e.add_argument("--results", help="results JSON (baseline + rows) measured on held-out data, for the card")
+    e.add_argument("--base-model", help="Hub id of the base model, for the card metadata")
+    e.add_argument("--repo-id", help="Hub id the folder will be pushed to (named in the card's loading snippet)")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    e.set_defaults(handler=lazy(".hub.cli:export_command"))
+    p = sub.add_parser("push", help="upload an exported folder to the Hub (token from HF_TOKEN or `hf auth login`)")
+    p.add_argument("folder", help="folder written by `hf-geocomp export`")
+    p.add_argument("--repo-id", required=True, help="namespace/name")
+    p.add_argument("--private", action="store_true", help="create the repository private")
+    p.add_argument("--endpoint", default=None, help="Hub URL (default: HF_ENDPOINT or huggingface.co)")
+    p.set_defaults(handler=lazy(".hub.cli:push_command"))

@@ -1,0 +1,8 @@
+"""Package layout that pyproject.toml cannot express: the top-level ``model_cards/`` templates are
+installed inside the package as ``hf_geocomp/model_cards`` (found by ``hf_geocomp.hub.card.template_path``)."""
+
+from setuptools import find_packages, setup
+
+setup(packages=find_packages(include=["hf_geocomp*"]) + ["hf_geocomp.model_cards"],
+      package_dir={"hf_geocomp.model_cards": "model_cards"},
+      package_data={"hf_geocomp": ["py.typed"], "hf_geocomp.model_cards": ["*.md"]})
