@@ -200,14 +200,10 @@ def _analyze(args) -> None:
 
 def check_output(args) -> None:
     """Refuse, before any work, to replace an existing output file or non-empty folder without ``--overwrite``."""
-    from pathlib import Path
+    from .io import check_output as check
 
-    out = getattr(args, "output", None)
-    if not out or getattr(args, "overwrite", False):
-        return
-    path = Path(out)
-    if path.is_file() or (path.is_dir() and any(path.iterdir())):
-        raise GeoCompError(f"output {out!r} already exists; pass --overwrite to replace it.")
+    if getattr(args, "output", None):
+        check(args.output, getattr(args, "overwrite", False))
 
 
 def main(argv: list[str] | None = None) -> int:

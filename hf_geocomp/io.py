@@ -12,6 +12,18 @@ from pathlib import Path
 from .errors import GeoCompError
 
 
+def check_output(path: str | Path, overwrite: bool = False) -> None:
+    """Raise unless ``path`` may be written: absent, an empty folder, or ``overwrite`` given."""
+    target = Path(path)
+    if overwrite or not target.exists():
+        return
+    if target.is_dir():
+        if any(target.iterdir()):
+            raise GeoCompError(f"output folder {str(path)!r} already exists and is not empty; pass --overwrite.")
+    else:
+        raise GeoCompError(f"output file {str(path)!r} already exists; pass --overwrite to replace it.")
+
+
 @contextlib.contextmanager
 def output_dir(path: str, overwrite: bool = False):
     """Yield a temporary folder beside ``path`` that is renamed to ``path`` only on success.
@@ -20,8 +32,7 @@ def output_dir(path: str, overwrite: bool = False):
     temporary folder is removed, so no half-written output is ever left behind.
     """
     target = Path(path)
-    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
-        raise GeoCompError(f"output folder {path!r} already exists and is not empty; pass --overwrite.")
+    check_output(path, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     umask = os.umask(0)

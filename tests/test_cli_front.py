@@ -39,8 +39,8 @@ def test_prune_help_lists_every_criterion():
     (["bench-kv", "--quant", "quanto:3", "-o", "{tmp}/kv.json"], "QuantizedCache baseline 'quanto:3'"),
     (["analyze", "--model", "smollm2-13m", "-o", "{tmp}/a"], "did you mean 'smollm2-135m'?"),
     (["analyze", "--model", "nobody/no-such-model", "-o", "{tmp}/a"], "HF_HUB_OFFLINE is set"),
-    (["bench-prune", "-o", "{tmp}/exists.json"], "output '{tmp}/exists.json' already exists; pass --overwrite"),
-    (["analyze", "-o", "{tmp}/full"], "already exists; pass --overwrite"),
+    (["bench-prune", "-o", "{tmp}/exists.json"], "output file '{tmp}/exists.json' already exists; pass --overwrite"),
+    (["analyze", "-o", "{tmp}/full"], "output folder '{tmp}/full' already exists and is not empty; pass --overwrite"),
 ])
 def test_mistakes_exit_2_with_one_sentence_before_loading(argv, message, tmp_path, capsys):
     (tmp_path / "exists.json").write_text("{}")

@@ -323,7 +323,7 @@ def test_cli_bench_prune_sweeps(tmp_path, tiny_llama_dir, text_file, capsys):
     assert all(r["head_units"] for r in heads) and not any(r["head_units"] for r in rows if r["targets"] == "mlp")
     assert all(0 < r["sparsity"] < 0.35 and r["ppl"] > 0 for r in rows)
     assert main(["bench-prune", *data, "--sweep", "0.2:variance", "-o", str(out)]) == 2  # results never replaced
-    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    assert "already exists; pass --overwrite to replace it" in capsys.readouterr().err
     bad = str(tmp_path / "bad.json")
     assert main(["bench-prune", *data, "--sweep", "0.2:variance:bias", "-o", bad]) == 2
     assert "BUDGETS:CRITERIA" in capsys.readouterr().err
