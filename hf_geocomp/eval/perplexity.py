@@ -1,4 +1,4 @@
-"""Teacher-forced perplexity on held-out text, and forward latency ratios measured in one run."""
+"""Teacher-forced and continuation perplexity on held-out text, and forward latency ratios measured in one run."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import math
 import time
 
 import torch
+
+from .memory import tensor_bytes
 
 
 @torch.no_grad()
@@ -21,6 +23,17 @@ def perplexity(model, batches) -> float:
         nll += float(loss)
         count += int(mask.sum())
     return math.exp(nll / count)
+
+
+@torch.no_grad()
+def continuation_nll(model, windows: torch.Tensor, prefill: int, make_cache) -> tuple[float, int, int]:
+    """Mean NLL of tokens ``prefill+1 ..`` given the cached context; also tokens scored and cache bytes."""
+    cache = make_cache()
+    model(input_ids=windows[:, :prefill], past_key_values=cache, use_cache=True)
+    logits = model(input_ids=windows[:, prefill:], past_key_values=cache, use_cache=True).logits.float()
+    targets = windows[:, prefill + 1:]
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1))
+    return float(nll), targets.numel(), tensor_bytes(cache)
 
 
 @torch.no_grad()

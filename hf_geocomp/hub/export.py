@@ -40,8 +40,12 @@ def _remove_stale(target: Path) -> None:
 
 def export(model: nn.Module, out_dir: str, results: dict | None = None, tokenizer=None, base_model: str | None = None,
            command: str | None = None, repo_id: str | None = None, overwrite: bool = False,
-           license: str | None = None) -> Path:
-    """Write ``model`` (a geocomp model), its tokenizer, plan plot, ``results.json`` and model card to ``out_dir``."""
+           license: str | None = None, extra_files: dict | None = None) -> Path:
+    """Write ``model`` (a geocomp model), its tokenizer, plan plot, ``results.json`` and model card to ``out_dir``.
+
+    ``extra_files`` maps names in ``out_dir`` to files to copy there (plots, a resolved recipe), inside the same
+    atomic write.
+    """
     from .card import plot_plan, render_card
     from .shapes import stock_shapes
 
@@ -64,6 +68,8 @@ def export(model: nn.Module, out_dir: str, results: dict | None = None, tokenize
         plot = plot_plan(plan, stock_shapes(model), tmp / "plan.png")
         if results is not None:
             write_json(tmp / "results.json", results)
+        for name, src in (extra_files or {}).items():
+            shutil.copyfile(src, tmp / name)
         card = render_card(model, results, base_model=base_model, repo_id=repo_id, command=command, plot=plot,
                            license=license)
         card.save(str(tmp / "README.md"))

@@ -71,7 +71,7 @@ def child(args) -> None:
     import hf_geocomp  # noqa: F401  (the plugin: without it this checkpoint refuses to load)
     from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
-    from ..eval.kv_bench import continuation_nll
+    from ..eval.perplexity import continuation_nll
     from ..eval.memory import tensor_bytes
     from ..eval.perplexity import perplexity
 

@@ -21,6 +21,7 @@ from ..data import calibration_loader, load_corpus, token_blocks
 from ..errors import GeoCompError
 from ..io import write_json
 from ..eval.memory import tensor_bytes
+from ..eval.perplexity import continuation_nll
 
 
 VARIANTS = ("fisher-bits", "aware-bits", "pca-bits", "fisher-rank", "aware-rank", "pca-rank", "aware-bits-rope_none")
@@ -66,17 +67,6 @@ def cache_factories(model, stats, budgets, quant_backends, variants=VARIANTS, re
                         {"plan_bytes_ratio": plan.ratio, "allocation": describe(plan),
                          **({"refinement": plan.refinement} if plan.refinement else {})}))
     return out
-
-
-@torch.no_grad()
-def continuation_nll(model, windows: torch.Tensor, prefill: int, make_cache) -> tuple[float, int, int]:
-    """Mean NLL of tokens ``prefill+1 ..`` given the cached context; also tokens scored and cache bytes."""
-    cache = make_cache()
-    model(input_ids=windows[:, :prefill], past_key_values=cache, use_cache=True)
-    logits = model(input_ids=windows[:, prefill:], past_key_values=cache, use_cache=True).logits.float()
-    targets = windows[:, prefill + 1:]
-    nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1))
-    return float(nll), targets.numel(), tensor_bytes(cache)
 
 
 @torch.no_grad()
