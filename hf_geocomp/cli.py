@@ -185,6 +185,8 @@ def _analyze(args) -> None:
             plots.append(plot_eigencurves(model, stats, str(out)))
         if args.save_stats:
             stats.meta.update(model=args.model, data=args.data)
+            print(f"writing stats.safetensors: {stats.file_bytes() / 2**20:,.0f} MiB of float64 sums (in Python, "
+                  "ActivationStats.save(path, keys=..., dtype=torch.float32) writes less)", flush=True)
             stats.save(str(out / "stats.safetensors"))
     s = report["summary"]
     print(f"wrote {args.output}/report.json ({len(report['entries'])} entries, {report['tokens']} tokens) "

@@ -251,3 +251,26 @@ def test_calibration_skips_logits_unless_a_tap_reads_the_head(build):
     positions.clear()
     stats = collect_stats(model, [batch], [Tap(head, "input")])
     assert positions == [12] and stats.moments[f"{head}:in"].count == int(batch["attention_mask"].sum())
+
+
+def test_save_says_its_size_and_offers_smaller_files(tmp_path):
+    import os
+
+    import torch
+
+    from hf_geocomp.geometry import linear_input_taps
+
+    model = tiny_llama()
+    stats = collect_stats(model, [random_batch()], linear_input_taps(model))
+    full, part = tmp_path / "full.safetensors", tmp_path / "part.safetensors"
+    stats.save(str(full))
+    assert 0 <= os.path.getsize(full) - stats.file_bytes() < 64 * 1024  # only the JSON header beside the tensors
+    key = "model.layers.0.mlp.down_proj:in"
+    key = key if key in stats.moments else sorted(stats.moments)[0]
+    stats.save(str(part), keys=[key], dtype=torch.float32)
+    assert stats.file_bytes([key], torch.float32) < stats.file_bytes() / 4
+    back = ActivationStats.load(str(part))
+    assert set(back.moments) == {key} and back.moments[key].outer.dtype == torch.float64
+    torch.testing.assert_close(back.moments[key].outer, stats.moments[key].outer, rtol=1e-6, atol=1e-6)
+    with pytest.raises(GeoCompError, match="no statistics under 'nope'"):
+        stats.save(str(part), keys=["nope"])

@@ -225,19 +225,38 @@ class ActivationStats:
         return self
 
     # ---- persistence -------------------------------------------------------------------
-    def save(self, path: str) -> None:
-        """Write a safetensors file (sums as float64, taps and metadata as JSON header)."""
+    def _kept(self, keys) -> dict:
+        if keys is None:
+            return self.moments
+        missing = [k for k in keys if k not in self.moments]
+        if missing:
+            raise GeoCompError(f"no statistics under {missing[0]!r}; present: {', '.join(sorted(self.moments))}.")
+        return {k: self.moments[k] for k in keys}
+
+    def file_bytes(self, keys=None, dtype: torch.dtype = torch.float64) -> int:
+        """Bytes of the tensors :meth:`save` writes with the same ``keys`` and ``dtype``."""
+        elt = torch.empty((), dtype=dtype).element_size()
+        return sum((m.sum.numel() + m.outer.numel()) * elt + m.count.element_size() for m in self._kept(keys).values())
+
+    def save(self, path: str, keys=None, dtype: torch.dtype = torch.float64) -> None:
+        """Write a safetensors file (sums, taps and metadata as JSON header).
+
+        ``keys``: only these statistics (e.g. the taps one method reads); ``dtype=torch.float32``
+        halves the file (sums are read back as float64, with float32's rounding). Aliases to
+        statistics left out are dropped. :meth:`file_bytes` tells the size beforehand.
+        """
         from safetensors.torch import save_file
 
+        kept = self._kept(keys)
         tensors = {}
-        for key, m in self.moments.items():
-            tensors[f"{key}::sum"] = m.sum.contiguous()
-            tensors[f"{key}::outer"] = m.outer.contiguous()
+        for key, m in kept.items():
+            tensors[f"{key}::sum"] = m.sum.to(dtype).contiguous()
+            tensors[f"{key}::outer"] = m.outer.to(dtype).contiguous()
             tensors[f"{key}::count"] = m.count.reshape(1)
         header = {
             "format": "hf_geocomp.activation_stats/1",
-            "taps": json.dumps({k: asdict(t) for k, t in self.taps.items()}),
-            "aliases": json.dumps(self.aliases),
+            "taps": json.dumps({k: asdict(t) for k, t in self.taps.items() if self.aliases.get(k, k) in kept}),
+            "aliases": json.dumps({k: v for k, v in self.aliases.items() if v in kept}),
             "meta": json.dumps(self.meta),
         }
         save_file(tensors, path, metadata=header)
@@ -259,7 +278,8 @@ class ActivationStats:
         for name in raw:
             if name.endswith("::sum"):
                 key = name[: -len("::sum")]
-                stats.moments[key] = Moments(raw[name], raw[f"{key}::outer"], raw[f"{key}::count"].reshape(()))
+                stats.moments[key] = Moments(raw[name].double(), raw[f"{key}::outer"].double(),
+                                             raw[f"{key}::count"].reshape(()))
         return stats
 
 
