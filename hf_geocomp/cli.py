@@ -83,6 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_hub_parsers(sub, _lazy)
     add_study_parsers(sub, _lazy, _add_model_data, _add_prune_options)
 
+    rp = sub.add_parser("report", help="markdown tables from results JSON files or folders (or regenerate the "
+                        "report tables of a README)")
+    rp.add_argument("results", nargs="*", help="results JSON files, or folders holding results.json")
+    rp.add_argument("--readme", default=None, help="regenerate the <!-- report: PATH --> tables of this markdown file")
+    rp.add_argument("--check", action="store_true", help="with --readme: only check the tables match, exit 2 if not")
+    rp.add_argument("--output", "-o", default=None, help="write the report here instead of stdout")
+    rp.set_defaults(handler=_lazy(".report:run_report"))
+
     r = sub.add_parser("run", help="the main job: compress a model as a recipe says, measure it against its base "
                        "and baselines, write a model folder ready for push_to_hub (no recipe: SmolLM2-135M with the "
                        "measured best settings); a recipe with `command:` runs that study instead")
