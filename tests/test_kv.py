@@ -351,15 +351,21 @@ def _same_storage(a, b):
     return all(torch.equal(x, y) if x.dtype == torch.uint8 else torch.allclose(x, y, atol=1e-5) for x, y in pairs)
 
 
-def test_batch_repeat_and_select_equal_caches_filled_that_way(setup):
-    """What generate does for beams and assisted decoding: repeat each row, then keep some rows."""
+def _filled(setup, *batches):
+    """A 0.25 plan with 3 sink tokens, and one coded cache filled with each batch."""
     model, stats = setup
     plan = build_plan(model, stats, KVConfig(budget=0.25, group_size=8, sink_tokens=3, reference_tokens=16))
-    batch = random_batch(2, 10, seed=16)
-    cache, repeated = plan.cache(model), plan.cache(model)
+    caches = [plan.cache(model) for _ in batches]
     with torch.no_grad():
-        model(**batch, past_key_values=cache)
-        model(**{k: v.repeat_interleave(3, 0) for k, v in batch.items()}, past_key_values=repeated)
+        for batch, cache in zip(batches, caches):
+            model(**batch, past_key_values=cache)
+    return model, plan, caches
+
+
+def test_batch_repeat_and_select_equal_caches_filled_that_way(setup):
+    """What generate does for beams and assisted decoding: repeat each row, then keep some rows."""
+    batch = random_batch(2, 10, seed=16)
+    model, plan, (cache, repeated) = _filled(setup, batch, {k: v.repeat_interleave(3, 0) for k, v in batch.items()})
     cache.batch_repeat_interleave(3)
     assert _same_storage(cache, repeated) and cache.get_seq_length() == 10
     idx = torch.tensor([4, 1])
@@ -374,13 +380,8 @@ def test_batch_repeat_and_select_equal_caches_filled_that_way(setup):
 
 
 def test_offload_and_prefetch_move_every_stored_tensor(setup):
-    model, stats = setup
-    plan = build_plan(model, stats, KVConfig(budget=0.25, group_size=8, sink_tokens=3, reference_tokens=16))
     batch = random_batch(2, 10, seed=17)
-    cache, kept = plan.cache(model), plan.cache(model)
-    with torch.no_grad():
-        model(**batch, past_key_values=cache)
-        model(**batch, past_key_values=kept)
+    model, _, (cache, kept) = _filled(setup, batch, batch)
     for layer in cache.layers:  # what Cache(offloading=True) calls per layer (its CUDA streams aside)
         layer.offload()
     assert all(t.device.type == "cpu" for t in _stored(cache))
