@@ -447,7 +447,22 @@ def test_cli_bench_prune_sweeps(tmp_path, tiny_llama_dir, text_file, capsys):
     assert all(r["latency_ratio"] is None for r in rows) and "not measured" in result["latency"]
     heads = [r for r in rows if r["targets"] == "mlp+heads"]
     assert all(r["head_units"] for r in heads) and not any(r["head_units"] for r in rows if r["targets"] == "mlp")
-    assert all(0 < r["sparsity"] < 0.35 and r["ppl"] > 0 for r in rows)
+    assert all(0 < r["sparsity"] < 0.35 and r["ppl_ratio"] == pytest.approx(r["ppl"] / result["baseline"]["ppl"])
+               for r in rows)
+    # the numbers again, independently: the unpruned model's perplexity and one row through the Python API
+    from hf_geocomp.data import calibration_loader, load_model
+    from hf_geocomp.eval.perplexity import perplexity
+    from hf_geocomp.geometry import collect_stats as collect
+
+    model, tok = load_model(tiny_llama_dir)
+    calib = list(calibration_loader(model, tok, f"file:{text_file}", 256, 32, 8))
+    evals = list(calibration_loader(model, tok, f"file:{text_file}", 128, 32, 8))
+    assert result["baseline"]["ppl"] == pytest.approx(perplexity(model, evals), rel=1e-6)
+    stats = collect(model, calib, prune_taps(model, ("mlp", "heads")))
+    row = next(r for r in rows if r["method"] == "variance/bias+refit/global/mlp+heads")
+    _, plan = prune(model, stats, sparsity=0.2, criterion="variance", compensation="bias+refit", allocation="global")
+    assert row["ppl"] == pytest.approx(perplexity(model, evals), rel=1e-6) and row["params"] == block_params(model)
+    assert row["head_units"] == plan.widths("heads") and row["ppl_ratio"] > 1
     assert main(["bench-prune", *data, "--sweep", "0.2:variance:bias", "-o", str(out)]) == 2
     assert "BUDGETS:CRITERIA" in capsys.readouterr().err
     assert main(["bench-prune", *data, "--sweep", "1.2:variance:none:uniform", "-o", str(out)]) == 2
