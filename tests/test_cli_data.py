@@ -177,6 +177,8 @@ def test_overhead_benchmark_runs_on_a_tiny_model(tmp_path, capsys, tiny_llama_di
     assert code == 0, err
     result = json.loads(out.read_text())
     row = result["rows"][0]
-    assert result["tokens"] == 64 and len(row["latency_ratios"]) == 2 and row["latency_ratio"] > 0
+    assert result["tokens"] == 64 and len(row["latency_ratios"]) == 2
+    assert row["latency_ratio"] == pytest.approx(sum(row["latency_ratios"]) / 2)  # the median of two
+    assert row["stats_bytes"] == 8 * sum(d + d * d + 1 for d in [32, 32, 32, 48] * 2 + [32])  # Σx, Σxxᵀ, n
     # 2 layers × (attention input, o_proj, mlp input, down_proj) + lm_head, float64 sums
     assert result["distinct_inputs"] == 9 and row["stats_bytes"] > 0

@@ -13,7 +13,7 @@ from .conftest import TINY_MODELS, random_batch
 # (name, model, pruning kwargs): the matrix every generic check runs over
 CASES = [
     ("llama-query", "llama", {"head_mode": "query"}),
-    ("llama-kv", "llama", {"head_mode": "kv"}),
+    ("llama-kv", "llama", {"head_mode": "kv", "allocation": "global"}),  # uniform keeps both groups at 0.3
     ("llama-global", "llama", {"allocation": "global"}),
     ("gpt2", "gpt2", {}),
     ("gpt2-global", "gpt2", {"allocation": "global", "compensation": "bias"}),
@@ -123,6 +123,8 @@ def test_surgery_equals_masking_and_counts(case, criterion):
     plan = allocate(groups, score_groups(model, groups, cfg, stats), cfg, block_params(model))
     before = block_params(model)
     assert 0.15 < plan.achieved_sparsity <= 0.3 + 1e-9
+    if kw.get("head_mode") == "kv":  # whole KV groups go: the KV-group surgery runs
+        assert sum(len(gp.removed) for gp in plan.groups if gp.kind == "heads") >= 1
     apply_masks(model, groups, plan)
     masked = _out(model, batch)
     apply_plan(model, groups, plan)
@@ -138,22 +140,142 @@ def test_surgery_equals_masking_and_counts(case, criterion):
 
 def test_gqa_query_heads_stay_consistent():
     model, batch, stats = _setup("llama")
-    prune(model, stats, sparsity=0.3, targets=("heads",), head_mode="query")
+    _, plan = prune(model, stats, sparsity=0.3, targets=("heads",), head_mode="query")
+    for gp in plan.groups:  # heads were removed, the same number from each of the 2 KV groups (2 query heads each)
+        assert len(gp.removed) == 2 and sorted(u // 2 for u in gp.removed) == [0, 1]
     attn = model.model.layers[0].self_attn
     assert model.config.num_key_value_heads == 2 and attn.k_proj.out_features == 2 * 8
-    assert attn.q_proj.out_features == model.config.num_attention_heads * 8
-    assert attn.num_key_value_groups == model.config.num_attention_heads // 2
+    assert model.config.num_attention_heads == 2 and attn.q_proj.out_features == 2 * 8
+    assert attn.num_key_value_groups == 1
     assert torch.isfinite(_out(model, batch)).all()
 
 
-def test_compensation_reduces_error():
+def test_kv_groups_removed_whole():
+    """head_mode='kv' removes one KV head with its query heads; why the mixed uniform allocation at 0.3 keeps
+    both: one group per layer is 19.8% of the block parameters, and the uniform rule removes the same fraction
+    (here 1 of 2 = 50%) of every kind, which would take 25% of the MLP too: 34.7% > 30%."""
+    model, batch, stats = _setup("llama")
+    groups = unit_groups(model, ("mlp", "heads"), "kv")
+    heads = next(g for g in groups if g.kind == "heads")
+    assert heads.params_per_unit * 2 / block_params(model) == pytest.approx(0.198, abs=1e-3)
+    cfg = PruneConfig(sparsity=0.3, head_mode="kv")
+    from hf_geocomp.prune import score_groups
+    assert allocate(groups, score_groups(model, groups, cfg, stats), cfg, block_params(model)).widths("heads") == [2, 2]
+    _, plan = prune(model, stats, sparsity=0.4, head_mode="kv")
+    assert plan.widths("heads") == [1, 1]
+    attn = model.model.layers[1].self_attn
+    assert model.config.num_key_value_heads == 1 and model.config.num_attention_heads == 2
+    assert attn.k_proj.out_features == attn.v_proj.out_features == 8 and attn.q_proj.out_features == 16
+    assert attn.num_key_value_groups == 2 and model.config.geocomp_pruning["stock_loadable"]
+    assert torch.isfinite(_out(model, batch)).all()
+
+
+def _keep_and_inputs(model, batch, cfg):
+    """The down_proj input rows of ``batch`` (float64, every token), then prune; → (kept columns, X, W before)."""
+    from hf_geocomp import arch
+
+    seen = []
+    down = model.model.layers[0].mlp.down_proj
+    handle = down.register_forward_hook(lambda m, args, out: seen.append(args[0].detach().reshape(-1, 48).double()))
+    try:
+        _out(model, batch)
+    finally:
+        handle.remove()
+    W, b = arch.linear_weight(down).detach().double().clone(), None
+    stats = collect_stats(model, [batch], prune_taps(model, ("mlp",)), compute_dtype=torch.float64)
+    _, plan = prune(model, stats, config=cfg)
+    keep = torch.tensor(plan.groups[0].keep)
+    return keep, seen[0], W
+
+
+@pytest.mark.parametrize("compensation", ["bias", "refit", "bias+refit"])
+def test_compensation_is_the_least_squares_solution(compensation):
+    """With no ridge, the consumer after surgery is the closed-form best fit of its old output from the kept inputs,
+    solved here by lstsq on the very activations the statistics summed."""
+    model, _, _ = _setup("llama")
+    batch = random_batch(batch=4, seq=16)  # no padding: every row is a token the statistics counted
+    cfg = PruneConfig(sparsity=0.3, targets=("mlp",), compensation=compensation, refit_damp=0.0)
+    keep, X, W = _keep_and_inputs(model, batch, cfg)
+    down = model.model.layers[0].mlp.down_proj
+    target = X @ W.T  # (tokens, out): the output to reproduce (the layer had no bias)
+    drop = torch.tensor([j for j in range(48) if j not in set(keep.tolist())])
+    if compensation == "refit":
+        expect_w, expect_b = torch.linalg.lstsq(X[:, keep], target).solution.T, None
+    elif compensation == "bias+refit":
+        design = torch.cat([X[:, keep], torch.ones(len(X), 1, dtype=X.dtype)], 1)
+        sol = torch.linalg.lstsq(design, target).solution  # (|K| + 1, out)
+        expect_w, expect_b = sol[:-1].T, sol[-1]
+    else:  # the removed inputs replaced by their mean: the best constant
+        expect_w, expect_b = W[:, keep], W[:, drop] @ X[:, drop].mean(0)
+    torch.testing.assert_close(down.weight.double(), expect_w, rtol=1e-4, atol=1e-5)
+    if expect_b is None:
+        assert down.bias is None
+    else:
+        torch.testing.assert_close(down.bias.double(), expect_b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_compensation_reduces_error(name):
     errs = {}
     for comp in ("none", "bias", "refit", "bias+refit"):
-        model, batch, stats = _setup("gpt2")
+        model, batch, stats = _setup(name)
         ref = _out(model, batch)
         prune(model, stats, sparsity=0.3, targets=("mlp",), compensation=comp)
         errs[comp] = float((_out(model, batch) - ref).pow(2).mean())
-    assert errs["refit"] < errs["none"] and errs["bias+refit"] < errs["none"] and errs["bias"] < errs["none"]
+    assert errs["bias+refit"] < min(errs["refit"], errs["bias"]) and max(errs["refit"], errs["bias"]) < errs["none"]
+    assert errs["bias+refit"] < 0.7 * errs["none"]
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c[0] in ("llama-query", "llama-kv", "gpt2", "bert")],
+                         ids=lambda c: c[0])
+@pytest.mark.parametrize("compensation", ["bias", "refit", "bias+refit"])
+def test_masking_with_compensation_equals_surgery_with_compensation(case, compensation):
+    """The callback's path (compensate while masking, cut later) gives the model one-shot surgery gives."""
+    _, name, kw = case
+    kw = {k: v for k, v in kw.items() if k != "compensation"}
+    masked, batch, stats = _setup(name)
+    cut, _, _ = _setup(name)
+    cfg = PruneConfig(sparsity=0.3, compensation=compensation, **kw)
+    groups = unit_groups(masked, cfg.targets, cfg.head_mode)
+    from hf_geocomp.prune import score_groups
+    plan = allocate(groups, score_groups(masked, groups, cfg, stats), cfg, block_params(masked))
+    apply_masks(masked, groups, plan, stats, compensation)
+    with_masks = _out(masked, batch)
+    apply_plan(masked, groups, plan)  # removed units are already zero: no compensation needed any more
+    apply_plan(cut, groups, plan, stats, compensation)
+    ref = _out(cut, batch)
+    torch.testing.assert_close(with_masks, ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(_out(masked, batch), ref, rtol=1e-4, atol=1e-5)
+    assert block_params(masked) == block_params(cut)
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "global"])
+def test_min_keep_and_max_keep_bound_every_layer(allocation):
+    model, _, stats = _setup("llama")
+    groups = unit_groups(model)
+    from hf_geocomp.prune import score_groups
+
+    def plan_for(**kw):
+        cfg = PruneConfig(criterion="variance", allocation=allocation, **kw)
+        return allocate(groups, score_groups(model, groups, cfg, stats), cfg, block_params(model))
+
+    deep = plan_for(sparsity=0.8, min_keep=0.5)
+    assert all(len(gp.keep) >= gp.num_units / 2 for gp in deep.groups)
+    assert any(len(gp.keep) == gp.num_units / 2 for gp in deep.groups)  # the bound binds
+    assert plan_for(sparsity=0.8).achieved_sparsity > deep.achieved_sparsity
+    forced = plan_for(sparsity=0.0, max_keep=0.75)  # at most 75% kept: units go even at sparsity 0
+    assert all(len(gp.keep) <= 0.75 * gp.num_units for gp in forced.groups)
+    assert all(gp.removed for gp in forced.groups)
+
+
+def test_uniform_allocation_is_the_same_fraction_per_layer():
+    model, _, stats = _setup("llama")
+    _, plan = prune(model, stats, sparsity=0.35, criterion="magnitude")
+    assert len(set(plan.widths("mlp"))) == 1 and len(set(plan.widths("heads"))) == 1
+    assert plan.widths("mlp")[0] < 48 and plan.widths("heads")[0] < 4
+    model, _, stats = _setup("llama")
+    _, glob = prune(model, stats, sparsity=0.35, criterion="magnitude", allocation="global")
+    assert len(set(glob.widths("mlp"))) > 1  # the control: global adapts per layer
 
 
 def test_round_to_and_plan_roundtrip():
@@ -168,7 +290,8 @@ def test_round_to_and_plan_roundtrip():
 
 @pytest.mark.parametrize("name,kw,stock", [
     ("llama", {"head_mode": "query"}, True),
-    ("llama", {"head_mode": "kv", "compensation": "bias"}, True),
+    ("llama", {"head_mode": "kv", "compensation": "bias", "sparsity": 0.4}, True),  # one KV group per layer goes
+    ("llama", {"head_mode": "kv", "allocation": "global"}, False),  # one layer loses a group, the other not
     ("gpt2", {"targets": ("mlp",)}, True),
     ("bert", {"targets": ("mlp",), "compensation": "bias+refit"}, True),
     ("llama", {"allocation": "global"}, False),
@@ -178,13 +301,16 @@ def test_save_reload(tmp_path, name, kw, stock):
     from transformers import AutoModel
 
     model, batch, stats = _setup(name)
-    prune(model, stats, sparsity=0.3, **kw)
+    _, plan = prune(model, stats, **{"sparsity": 0.3, **kw})
     assert model.config.geocomp_pruning["stock_loadable"] is stock
+    if kw.get("head_mode") == "kv":
+        assert sum(len(gp.removed) for gp in plan.groups if gp.kind == "heads") >= 1
     model.save_pretrained(tmp_path)
     cls = type(model)
     if stock:
         again = cls.from_pretrained(tmp_path).eval()
         torch.testing.assert_close(_out(again, batch), _out(model, batch), rtol=0, atol=0)
+        assert again.config.num_key_value_heads == model.config.num_key_value_heads if name == "llama" else True
     else:  # never loads silently wrong
         with pytest.raises(RuntimeError, match="mismatch"):
             AutoModel.from_pretrained(tmp_path) if name == "bert" else cls.from_pretrained(tmp_path)
@@ -321,7 +447,22 @@ def test_cli_bench_prune_sweeps(tmp_path, tiny_llama_dir, text_file, capsys):
     assert all(r["latency_ratio"] is None for r in rows) and "not measured" in result["latency"]
     heads = [r for r in rows if r["targets"] == "mlp+heads"]
     assert all(r["head_units"] for r in heads) and not any(r["head_units"] for r in rows if r["targets"] == "mlp")
-    assert all(0 < r["sparsity"] < 0.35 and r["ppl"] > 0 for r in rows)
+    assert all(0 < r["sparsity"] < 0.35 and r["ppl_ratio"] == pytest.approx(r["ppl"] / result["baseline"]["ppl"])
+               for r in rows)
+    # the numbers again, independently: the unpruned model's perplexity and one row through the Python API
+    from hf_geocomp.data import calibration_loader, load_model
+    from hf_geocomp.eval.perplexity import perplexity
+    from hf_geocomp.geometry import collect_stats as collect
+
+    model, tok = load_model(tiny_llama_dir)
+    calib = list(calibration_loader(model, tok, f"file:{text_file}", 256, 32, 8))
+    evals = list(calibration_loader(model, tok, f"file:{text_file}", 128, 32, 8))
+    assert result["baseline"]["ppl"] == pytest.approx(perplexity(model, evals), rel=1e-6)
+    stats = collect(model, calib, prune_taps(model, ("mlp", "heads")))
+    row = next(r for r in rows if r["method"] == "variance/bias+refit/global/mlp+heads")
+    _, plan = prune(model, stats, sparsity=0.2, criterion="variance", compensation="bias+refit", allocation="global")
+    assert row["ppl"] == pytest.approx(perplexity(model, evals), rel=1e-6) and row["params"] == block_params(model)
+    assert row["head_units"] == plan.widths("heads") and row["ppl_ratio"] > 1
     assert main(["bench-prune", *data, "--sweep", "0.2:variance", "-o", str(out)]) == 2  # results never replaced
     assert "already exists; pass --overwrite to replace it" in capsys.readouterr().err
     bad = str(tmp_path / "bad.json")

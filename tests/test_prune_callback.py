@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from hf_geocomp import GeoCompError
+from transformers import TrainerCallback
+
 from hf_geocomp.prune import VarianceWeightedPruningCallback, block_params
 
 from .conftest import random_batch, tiny_llama
@@ -24,17 +26,51 @@ class LMData(torch.utils.data.Dataset):
         return row
 
 
-def _train(out_dir, criterion="variance", n=32, **cb_kw):
+def _train(out_dir, criterion="variance", n=32, before=(), after=(), evaluate=False, **cb_kw):
+    """6 optimizer steps of 2 accumulated micro-batches of 2; ``before``/``after``: callbacks around the pruning one;
+    ``evaluate``: an evaluation pass (eval mode, 8 rows) after every step."""
     from transformers import Trainer, TrainingArguments
 
     model = tiny_llama()
     cb = VarianceWeightedPruningCallback(0.3, criterion=criterion, update_every=2, end=0.6, **cb_kw)
+    for probe in (*before, *after):
+        probe.pruner = cb
+    extra = dict(eval_strategy="steps", eval_steps=1, per_device_eval_batch_size=4) if evaluate else {}
     args = TrainingArguments(str(out_dir), max_steps=6, per_device_train_batch_size=2, gradient_accumulation_steps=2,
                              report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True,
-                             learning_rate=1e-3, disable_tqdm=True, dataloader_num_workers=0)
-    trainer = Trainer(model=model, args=args, train_dataset=LMData(n), callbacks=[cb])
+                             learning_rate=1e-3, disable_tqdm=True, dataloader_num_workers=0, **extra)
+    trainer = Trainer(model=model, args=args, train_dataset=LMData(n), eval_dataset=LMData(8, seed=100) if evaluate
+                      else None, callbacks=[*before, cb, *after])
     trainer.train()
     return trainer, cb
+
+
+class MaskProbe(TrainerCallback):
+    """At step end, whether every removed unit's weights are exactly zero (``zeros``: steps where they were, ``moved``:
+    steps where the optimizer had moved them); at train end, the model's logits on ``batch``."""
+
+    def __init__(self, batch):
+        self.batch, self.zeros, self.moved, self.logits, self.pruner = batch, 0, 0, None, None
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        plan = self.pruner.plan
+        if plan is None:
+            return
+        from hf_geocomp import arch
+
+        zero = True
+        for g, gp in zip(self.pruner._groups, plan.groups):
+            zero &= bool(arch.linear_weight(model.get_submodule(g.consumer))[:, g.cols[gp.removed].reshape(-1)].eq(0).all())
+            for name, rows in g.producers.items():
+                zero &= bool(arch.linear_weight(model.get_submodule(name))[rows[gp.removed].reshape(-1)].eq(0).all())
+        self.zeros, self.moved = self.zeros + zero, self.moved + (not zero)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        was = model.training
+        model.eval()
+        with torch.no_grad():
+            self.logits = model(**self.batch).logits
+        model.train(was)
 
 
 @pytest.mark.parametrize("criterion,compensation", [("variance", "none"), ("taylor", "none"), ("variance_cond", "refit")])
@@ -44,9 +80,12 @@ def test_callback_prunes_during_training(tmp_path, criterion, compensation):
     n0 = block_params(tiny_llama())
     trainer, cb = _train(tmp_path, criterion, compensation=compensation)
     model = trainer.model.eval()
-    assert block_params(model) == n0 - cb.plan.params_removed < 0.75 * n0
+    assert block_params(model) == n0 - cb.plan.params_removed
+    assert 0.25 < 1 - block_params(model) / n0 <= 0.3  # achieved, not only scheduled
+    assert cb.history[-1]["achieved"] == pytest.approx(1 - block_params(model) / n0)
     assert [h["step"] for h in cb.history] == [2, 3]  # every 2 steps, and at the end of the ramp (0.6 · 6)
     assert cb.history[-1]["sparsity"] == pytest.approx(0.3)
+    assert 0 < cb.history[0]["achieved"] < cb.history[-1]["achieved"]
     if criterion == "variance":  # statistics came from every micro-batch: 2 steps × 2 accumulations × 2 × 16
         assert cb.history[0]["tokens"] == 2 * 2 * 2 * 16
     plan = json.loads((tmp_path / "prune_plan.json").read_text())
@@ -56,6 +95,21 @@ def test_callback_prunes_during_training(tmp_path, criterion, compensation):
     batch = random_batch()
     with torch.no_grad():
         torch.testing.assert_close(again(**batch).logits, model(**batch).logits, rtol=0, atol=0)
+
+
+def test_callback_masks_every_step_ignores_evaluation_and_cuts_exactly(tmp_path):
+    """Evaluation passes add no statistics; after every optimizer step the removed units are zero again; the final
+    physical removal gives exactly the masked model's outputs."""
+    batch = random_batch()
+    before, after = MaskProbe(batch), MaskProbe(batch)
+    trainer, cb = _train(tmp_path, before=[before], after=[after], evaluate=True)
+    assert after.zeros == 6 - 1 and after.moved == 0  # steps 2..6 (masks exist from step 2 on), after the callback
+    assert before.moved >= 3  # before it, the optimizer step had moved the masked weights (steps 3..6)
+    assert cb.history[0]["tokens"] == 2 * 2 * 2 * 16  # 2 steps × 2 accumulations × 2 rows × 16: no eval rows
+    model = trainer.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, before.logits, rtol=1e-5, atol=1e-6)
+    assert block_params(model) < block_params(tiny_llama())
 
 
 def test_callback_bad_input():
