@@ -94,6 +94,9 @@ def load_model(name: str, task: str = "auto", dtype: torch.dtype = torch.float32
             raise GeoCompError(f"cannot parse GGUF file {gguf!r} in {where}: {str(e).splitlines()[0]}") from None
         raise GeoCompError(f"cannot load model {name!r} (not a local model, and not in the Hugging Face "
                            f"cache or reachable on the Hub): {str(e).splitlines()[0]}") from None
+    from .arch import check_config
+
+    check_config(config)  # an unsupported family is refused here, before any weights are read
     if task == "auto":
         archs = " ".join(getattr(config, "architectures", None) or [])
         task = "causal-lm" if ("CausalLM" in archs or "LMHead" in archs or gguf) else "encoder"
