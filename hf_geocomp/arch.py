@@ -53,13 +53,14 @@ class ArchSpec:
     rope_per_layer_type: bool = False  # the rotary module holds one frequency set per layer type (Gemma 3)
     no_rope_layers: str | None = None  # config key of a per-layer 0/1 list, 1 = the layer applies RoPE (SmolLM3)
     head_pruning: str | None = None  # why heads cannot be pruned in this family (None: they can)
+    needs_bos: bool = False  # sequences must start with BOS whatever the tokenizer adds (Gemma: far worse without)
 
 
 _LLAMA = ArchSpec("llama", "model.layers", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", None,
                   "self_attn.o_proj", ("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj",
                   bias_flags=("mlp_bias", "attention_bias"))
 _QK_NORM = dict(q_out="self_attn.q_norm", k_out="self_attn.k_norm", qk_norm="head")
-_GEMMA = dict(embed_scale="sqrt_hidden", bias_flags=(None, "attention_bias"))
+_GEMMA = dict(embed_scale="sqrt_hidden", bias_flags=(None, "attention_bias"), needs_bos=True)
 
 _SPECS = {
     "llama": _LLAMA,

@@ -15,6 +15,7 @@ import math
 
 import torch
 
+from ..errors import GeoCompError
 from .bases import Basis
 from .config import KVConfig
 from .quant import packed_bytes, relative_mse
@@ -44,6 +45,8 @@ def allocate(bases: dict[tuple[int, str], Basis], config: KVConfig, elt: int) ->
     if config.max_rank is not None:  # components past max_rank in each head may only be dropped
         rank = torch.cat([torch.arange(n) % d for n in sizes])
         allowed[rank >= config.max_rank, 1:] = False
+    if config.min_bits:  # a floor: neither dropped nor below min_bits
+        allowed[:, [i for i, b in enumerate(options) if b != FULL and b < config.min_bits]] = False
     target = config.coded_fraction() * sum(sizes) * elt
 
     def layout(theta: float):
@@ -72,4 +75,6 @@ def allocate(bases: dict[tuple[int, str], Basis], config: KVConfig, elt: int) ->
             best, hi = trial, mid
         else:
             lo = mid
+    if best[1] > target:
+        raise GeoCompError(f"min_bits={config.min_bits} on every component alone exceeds budget {config.budget}.")
     return best

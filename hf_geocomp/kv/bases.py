@@ -78,6 +78,10 @@ def _moment(stats: ActivationStats, key: str) -> torch.Tensor:
     return stats[key].second_moment()
 
 
+def _shrink(c: torch.Tensor, alpha: float) -> torch.Tensor:
+    return (1 - alpha) * c + alpha * torch.diag_embed(torch.diagonal(c, dim1=-2, dim2=-1))
+
+
 def fit_bases(model: nn.Module, stats: ActivationStats, config: KVConfig) -> dict[tuple[int, str], Basis]:
     """One :class:`Basis` per (layer, ``"k"``/``"v"``) from the engine's per-head statistics."""
     heads = arch.head_layout(model)
@@ -90,6 +94,8 @@ def fit_bases(model: nn.Module, stats: ActivationStats, config: KVConfig) -> dic
         c_v = _moment(stats, f"{taps[layer, 'v'].module}:v")
         if config.rope == "average":
             c_k = arch.rope_average(model, c_k, config.rope_positions, layer)
+        if config.shrinkage:  # toward the diagonal: (1 − α)·C + α·diag(C)
+            c_k, c_v = (_shrink(c, config.shrinkage) for c in (c_k, c_v))
         if config.method == "pca":
             eye = torch.eye(heads.head_dim, dtype=torch.float64).expand_as(c_k)
             bases[layer, "k"], bases[layer, "v"] = weighted_basis(c_k, eye, config.k_scale), weighted_basis(c_v, eye)
