@@ -297,6 +297,10 @@ def _add_study_parsers(sub) -> None:
     c.add_argument("--sink-tokens", type=int, default=4, help="first tokens kept exact in coded caches (default 4)")
     c.add_argument("--shrinkage", type=float, nargs="*", default=[], help="robustness rows: KV shrinkage values")
     c.add_argument("--min-bits", type=int, nargs="*", default=[], help="robustness rows: KV floors of bits")
+    c.add_argument("--robust-compensations", nargs="*", default=[],
+                   help="robustness rows: the first criterion with these compensations too")
+    c.add_argument("--refit-damps", type=float, nargs="*", default=[],
+                   help="robustness rows: the first criterion with these refit ridges (default ridge 0.01)")
     c.add_argument("--robust-calibrations", nargs="*", default=None,
                    help="calibration sets that also get the robustness rows (default: every mix)")
     c.add_argument("--threads", type=int, default=1, help="torch threads (default 1: fastest on a shared CPU)")

@@ -40,7 +40,8 @@ def test_cross_domain_bench_end_to_end(tiny_llama_dir, text_file, tmp_path, caps
     code = main(["bench-cross-domain", "--model", tiny_llama_dir, "--domains", "pydoc",
                  f"doc=file:{text_file}|file:{text_file}", f"rev=file:{other}|file:{other}", "--tokens", "256",
                  "--eval-tokens", "256", "--block-size", "32", "--windows", "2", "--prefill", "64", "--score", "8", "--sink-tokens", "2",
-                 "--kv-dtype", "float32", "--group-size", "8", "--shrinkage", "0.2", "--min-bits", "1", "--output",
+                 "--kv-dtype", "float32", "--group-size", "8", "--shrinkage", "0.2", "--min-bits", "1", "--refit-damps", "1",
+                 "--robust-compensations", "bias", "--output",
                  str(out)])
     assert code == 0, capsys.readouterr().err
     result = json.loads(out.read_text())
@@ -50,8 +51,9 @@ def test_cross_domain_bench_end_to_end(tiny_llama_dir, text_file, tmp_path, caps
     assert all(r["ppl_ratio"] > 0 for r in ok)
     methods = {r["method"] for r in ok}
     assert {"magnitude/none", "variance/bias+refit", "wanda/bias+refit", "geocomp-fisher-bits",
-            "geocomp-fisher-bits-shrink0.2", "geocomp-fisher-bits-floor1"} <= methods
-    assert not any(r["method"].endswith(("shrink0.2", "floor1")) and not r["calibration"].startswith("mix")
+            "geocomp-fisher-bits-shrink0.2", "geocomp-fisher-bits-floor1", "variance/bias",
+            "variance/bias+refit-damp1"} <= methods
+    assert not any(r["method"].endswith(("shrink0.2", "floor1", "damp1", "/bias")) and not r["calibration"].startswith("mix")
                    for r in ok)  # the robustness rows only on the mixes
     assert result["summary"]["pydoc"]["prune"]["variance/bias+refit"]["off_domain"] is not None
     code = main(["bench-cross-domain", "--model", tiny_llama_dir, "--domains", "pydoc", "--output", str(out)])

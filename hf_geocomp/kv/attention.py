@@ -10,7 +10,7 @@ go through ordinary products.
 Registered as ``attn_implementation="geocomp_reduced"`` with transformers'
 ``AttentionInterface`` and, for its masks, ``AttentionMaskInterface`` (additive float masks,
 never skipped). A layer whose cache is not a reduced :class:`~hf_geocomp.kv.cache.GeoKVCache`
-runs plain SDPA.
+runs plain SDPA, or, with a softcap (Gemma 2), the same products as the reduced path with every key exact.
 """
 
 from __future__ import annotations

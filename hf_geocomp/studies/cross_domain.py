@@ -86,6 +86,18 @@ def _batches(rows: list, batch_size: int) -> list[dict]:
             for i in range(0, len(rows), batch_size)]
 
 
+def _prune_variants(args, robust: bool) -> list[tuple[str, str, dict]]:
+    """(name, criterion, prune options): every criterion with the run's compensation; on the robustness
+    calibrations also the first criterion with other compensations and with a stronger refit ridge."""
+    out = [(f"{c}/{args.compensation}", c, {"compensation": args.compensation}) for c in args.criteria]
+    if robust:
+        crit = args.criteria[0]
+        out += [(f"{crit}/{comp}", crit, {"compensation": comp}) for comp in args.robust_compensations]
+        out += [(f"{crit}/{args.compensation}-damp{d:g}", crit, {"compensation": args.compensation, "refit_damp": d})
+                for d in args.refit_damps]
+    return out
+
+
 def _kv_variants(args) -> list[tuple[str, dict]]:
     """(name, KVConfig fields) of the coded caches: the default, then the robustness variants."""
     out = [("geocomp-fisher-bits", {})]
@@ -105,8 +117,8 @@ def run_cross_domain(args) -> dict:
     for name in robust:
         if name not in sets:
             raise GeoCompError(f"--robust-calibrations names {name!r}, not one of {', '.join(sets)}.")
-    for crit in args.criteria:
-        PruneConfig(sparsity=args.sparsity, criterion=crit, compensation=args.compensation, targets=args.targets)
+    for _, crit, fields in _prune_variants(args, True):
+        PruneConfig(sparsity=args.sparsity, criterion=crit, targets=args.targets, **fields)
     variants = _kv_variants(args)
     for _, fields in variants:
         for budget in args.budgets:
@@ -136,7 +148,9 @@ def run_cross_domain(args) -> dict:
                        "score": args.score, "bos": bos},
               "settings": {"sparsity": args.sparsity, "targets": args.targets, "compensation": args.compensation,
                            "criteria": args.criteria, "budgets": args.budgets, "kv_dtype": args.kv_dtype,
-                           "quant": args.quant, "threads": args.threads, "robust_calibrations": sorted(robust)},
+                           "quant": args.quant, "threads": args.threads, "robust_calibrations": sorted(robust),
+                           "robust_compensations": args.robust_compensations, "refit_damps": args.refit_damps,
+                           "shrinkage": args.shrinkage, "min_bits": args.min_bits},
               "baseline": baseline, "rows": rows,
               "notes": "ppl_ratio is to the uncompressed model on the same evaluation domain in this run; KV rows "
                        "are continuation perplexity with the uncompressed DynamicCache as baseline; the machine's "
@@ -180,12 +194,11 @@ def run_cross_domain(args) -> dict:
         loader = _batches(_mix(calib, parts, args.seed) if len(parts) > 1 else calib[parts[0]], args.batch_size)
         t = time.time()
         stats = collect_stats(model, loader, prune_taps(model, PruneConfig(targets=args.targets).targets))
-        for crit in args.criteria:
+        for method, crit, fields in _prune_variants(args, name in robust):
             pruned = copy.deepcopy(model)
-            prune(pruned, stats, sparsity=args.sparsity, criterion=crit, targets=args.targets,
-                  compensation=args.compensation)
+            prune(pruned, stats, sparsity=args.sparsity, criterion=crit, targets=args.targets, **fields)
             for d in domains:
-                add({"method": f"{crit}/{args.compensation}", "kind": "prune", "calibration": name, "eval_data": d,
+                add({"method": method, "kind": "prune", "calibration": name, "eval_data": d,
                      "in_calibration": d in parts, "sparsity": args.sparsity, "ppl": perplexity(pruned, evals[d])},
                     "dense")
             del pruned
@@ -235,7 +248,7 @@ def summarize(result: dict) -> dict:
     """
     rows, out = result["rows"], {}
     settings = result["settings"]
-    crits = [f"{c}/{settings['compensation']}" for c in settings["criteria"]]
+    crits = sorted({r["method"] for r in rows if r.get("kind") == "prune" and r.get("calibration")})
     kv_methods = sorted({r["method"] for r in rows if r.get("kind") == "kv" and r.get("calibration")})
     for d in result["data"]["domains"]:
         off = f"mix-no-{d}"
