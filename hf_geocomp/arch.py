@@ -7,10 +7,9 @@ Nothing else in the package hard-codes a module name.
 
 from __future__ import annotations
 
-import dataclasses
 import fnmatch
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -20,10 +19,11 @@ from .errors import GeoCompError
 
 @dataclass(frozen=True)
 class ArchSpec:
-    """Where things live in one model family.
+    """Where things live in one model family, and what its attention does differently.
 
     Module paths are relative to a decoder/encoder block; ``layers`` is the dotted path of
-    the ``ModuleList`` of blocks from the model root.
+    the ``ModuleList`` of blocks from the model root. Every field below ``mlp_out`` says how
+    the family departs from Llama, as read from its transformers modeling code.
     """
 
     family: str
@@ -31,42 +31,83 @@ class ArchSpec:
     q: str | None  # separate query projection (None when fused)
     k: str | None
     v: str | None
-    qkv: str | None  # fused projection (GPT-2 ``c_attn``): output is [q | k | v]
+    qkv: str | None  # fused projection (GPT-2 ``c_attn``, Phi-3 ``qkv_proj``): output is [q | k | v]
     o: str
     mlp_in: tuple[str, ...]  # modules reading the block's MLP input (gate/up, c_fc, intermediate)
     mlp_out: str  # module writing the MLP output (down_proj, c_proj, output.dense)
     conv1d: bool = False  # GPT-2 style Conv1D: weight is (in, out)
     attn: str = "self_attn"  # the attention module whose head counts change when heads are pruned
     mlp_width: str = "intermediate_size"  # config key of the MLP width
-    bias_flags: tuple[str, str] | None = None  # config keys turning on (mlp, attention) biases, if any
+    # config keys turning on the (mlp, attention) biases; None where the modeling code hard-codes them
+    bias_flags: tuple[str | None, str | None] = (None, None)
     head_config: bool = True  # head counts and head_dim are all stored in the config (stock reload works)
+    mlp_chunks: int = 1  # 2: mlp_in[0] is a fused [gate | up] (Phi-3 gate_up_proj), neuron j owns rows j and I + j
+    q_out: str | None = None  # module whose output is the query before RoPE, when not the projection (q_norm)
+    k_out: str | None = None  # module whose output is the key the cache stores before RoPE (k_norm)
+    qk_norm: str | None = None  # "head": one norm per head (shared weights); "all": one norm over every head
+    qk_norm_heads_first: bool = False  # the per-head norm sees (batch, heads, seq, d) (Gemma 3), not (batch, seq, heads, d)
+    softcap: str | None = None  # config key of the attention logit softcap, tanh(s / c)·c
+    scaling: str | None = None  # config key of the query scale: query_pre_attn_scalar (v^-½) or attention_multiplier (v)
+    embed_scale: str | None = None  # "sqrt_hidden" or a config key multiplying the input embeddings
+    rope: bool = True  # rotate-half RoPE on queries and keys
+    rope_per_layer_type: bool = False  # the rotary module holds one frequency set per layer type (Gemma 3)
+    no_rope_layers: str | None = None  # config key of a per-layer 0/1 list, 1 = the layer applies RoPE (SmolLM3)
+    head_pruning: str | None = None  # why heads cannot be pruned in this family (None: they can)
+    needs_bos: bool = False  # sequences must start with BOS whatever the tokenizer adds (Gemma: far worse without)
 
+
+_LLAMA = ArchSpec("llama", "model.layers", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", None,
+                  "self_attn.o_proj", ("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj",
+                  bias_flags=("mlp_bias", "attention_bias"))
+_QK_NORM = dict(q_out="self_attn.q_norm", k_out="self_attn.k_norm", qk_norm="head")
+_GEMMA = dict(embed_scale="sqrt_hidden", bias_flags=(None, "attention_bias"), needs_bos=True)
 
 _SPECS = {
-    "llama": ArchSpec("llama", "model.layers", "self_attn.q_proj", "self_attn.k_proj",
-                      "self_attn.v_proj", None, "self_attn.o_proj",
-                      ("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj",
-                      bias_flags=("mlp_bias", "attention_bias")),
+    "llama": _LLAMA,
     "gpt2": ArchSpec("gpt2", "transformer.h", None, None, None, "attn.c_attn", "attn.c_proj",
                      ("mlp.c_fc",), "mlp.c_proj", conv1d=True, attn="attn", mlp_width="n_inner",
-                     head_config=False),
+                     head_config=False, rope=False, bias_flags=(None, None)),
     "bert": ArchSpec("bert", "encoder.layer", "attention.self.query", "attention.self.key",
                      "attention.self.value", None, "attention.output.dense",
-                     ("intermediate.dense",), "output.dense", attn="attention.self", head_config=False),
+                     ("intermediate.dense",), "output.dense", attn="attention.self", head_config=False, rope=False,
+                     bias_flags=(None, None)),
+    "mistral": replace(_LLAMA, family="mistral", bias_flags=(None, None)),
+    "qwen2": replace(_LLAMA, family="qwen2", bias_flags=(None, None)),  # q/k/v biases always on, o_proj never
+    "qwen3": replace(_LLAMA, family="qwen3", bias_flags=(None, "attention_bias"), **_QK_NORM),
+    "smollm3": replace(_LLAMA, family="smollm3", no_rope_layers="no_rope_layers"),
+    "granite": replace(_LLAMA, family="granite", scaling="attention_multiplier", embed_scale="embedding_multiplier"),
+    "gemma": replace(_LLAMA, family="gemma", **_GEMMA),
+    "gemma2": replace(_LLAMA, family="gemma2", softcap="attn_logit_softcapping", scaling="query_pre_attn_scalar",
+                      **_GEMMA),
+    "gemma3_text": replace(_LLAMA, family="gemma3_text", scaling="query_pre_attn_scalar", softcap="attn_logit_softcapping",
+                           rope_per_layer_type=True, qk_norm_heads_first=True, **_GEMMA, **_QK_NORM),
+    "olmo2": replace(_LLAMA, family="olmo2", bias_flags=(None, "attention_bias"),
+                     **{**_QK_NORM, "qk_norm": "all"},
+                     head_pruning="OLMo2 normalises the queries and keys of all heads together (q_norm/k_norm over "
+                                  "heads × head_dim), so removing a head changes the others; prune mlp only"),
+    "phi3": replace(_LLAMA, family="phi3", q=None, k=None, v=None, qkv="self_attn.qkv_proj",
+                    mlp_in=("mlp.gate_up_proj",), mlp_chunks=2, bias_flags=(None, None),
+                    head_pruning="Phi-3 splits its fused qkv_proj by the head counts of the shared config, so "
+                                 "per-layer head pruning cannot be expressed; prune mlp only"),
 }
-# Families whose blocks are laid out exactly like Llama's.
-for _name in ("mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "olmo", "olmo2", "granite"):
-    _SPECS[_name] = dataclasses.replace(_SPECS["llama"], family=_name)
+# The families the test matrix (tests/test_families.py) runs every method on; nothing else is accepted.
+SUPPORTED = tuple(sorted(_SPECS))
+
+
+def check_config(config) -> ArchSpec:
+    """The :class:`ArchSpec` of a model ``config`` (before any weights are loaded), or a :class:`GeoCompError`
+    naming the type and the supported families."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in _SPECS:
+        hint = " (for Gemma 3 load the text model, model type gemma3_text)" if model_type == "gemma3" else ""
+        raise GeoCompError(f"model type {model_type!r} is not supported{hint}; supported families: "
+                           f"{', '.join(SUPPORTED)}.")
+    return _SPECS[model_type]
 
 
 def get_spec(model: nn.Module) -> ArchSpec:
     """The :class:`ArchSpec` of ``model`` or a :class:`GeoCompError` naming its type."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in _SPECS:
-        raise GeoCompError(
-            f"model type {model_type!r} is not supported yet; supported: {', '.join(sorted(_SPECS))}."
-        )
-    return _SPECS[model_type]
+    return check_config(getattr(model, "config", None))
 
 
 def _base_prefix(model: nn.Module, spec: ArchSpec) -> str:
@@ -113,7 +154,8 @@ def head_layout(model: nn.Module) -> HeadLayout:
 class KVTap:
     """Where the keys or values of one block leave their projection (before RoPE).
 
-    ``offset`` selects the slice of a fused projection's output.
+    ``offset`` selects the slice of a fused projection's output; ``heads_first``: the module's
+    output is (batch, heads, seq, d) (Gemma 3's per-head norms), else (batch, seq, ...).
     """
 
     module: str
@@ -122,10 +164,15 @@ class KVTap:
     offset: int
     width: int
     head_dim: int
+    heads_first: bool = False
 
 
 def kv_taps(model: nn.Module) -> list[KVTap]:
-    """The K and V projection outputs of every block, for per-KV-head statistics."""
+    """Per block, the modules whose outputs are exactly the keys and values ``cache.update`` receives, before RoPE.
+
+    The K projection's output, or the module after it (``k_norm`` of Qwen3, OLMo2, Gemma 3); the
+    K and V slices of a fused projection (GPT-2 ``c_attn``, Phi-3 ``qkv_proj``: [q | k | v]).
+    """
     spec = get_spec(model)
     heads = head_layout(model)
     width = heads.num_kv_heads * heads.head_dim
@@ -133,21 +180,23 @@ def kv_taps(model: nn.Module) -> list[KVTap]:
     for i, prefix in enumerate(block_prefixes(model)):
         if spec.qkv is not None:
             q_width = heads.num_heads * heads.head_dim
-            taps.append(KVTap(prefix + spec.qkv, "k", i, q_width, width, heads.head_dim))
+            k_module = prefix + (spec.k_out or spec.qkv)
+            taps.append(KVTap(k_module, "k", i, 0 if spec.k_out else q_width, width, heads.head_dim))
             taps.append(KVTap(prefix + spec.qkv, "v", i, q_width + width, width, heads.head_dim))
         else:
-            taps.append(KVTap(prefix + spec.k, "k", i, 0, width, heads.head_dim))
+            taps.append(KVTap(prefix + (spec.k_out or spec.k), "k", i, 0, width, heads.head_dim,
+                              bool(spec.k_out) and spec.qk_norm_heads_first))
             taps.append(KVTap(prefix + spec.v, "v", i, 0, width, heads.head_dim))
     return taps
 
 
 def q_taps(model: nn.Module) -> list[KVTap]:
-    """The query projection output of every block (before RoPE), for per-query-head statistics."""
+    """The queries of every block as attention receives them before RoPE (after ``q_norm`` where there is one)."""
     spec = get_spec(model)
     heads = head_layout(model)
     width = heads.num_heads * heads.head_dim
-    return [KVTap(prefix + (spec.qkv or spec.q), "q", i, 0, width, heads.head_dim)
-            for i, prefix in enumerate(block_prefixes(model))]
+    return [KVTap(prefix + (spec.q_out or spec.qkv or spec.q), "q", i, 0, width, heads.head_dim,
+                  bool(spec.q_out) and spec.qk_norm_heads_first) for i, prefix in enumerate(block_prefixes(model))]
 
 
 def o_proj_head_weights(model: nn.Module, layer: int) -> torch.Tensor:
@@ -158,41 +207,105 @@ def o_proj_head_weights(model: nn.Module, layer: int) -> torch.Tensor:
     return w.reshape(w.shape[0], heads.num_heads, heads.head_dim).transpose(0, 1)
 
 
+# ---- what attention does with queries and keys ------------------------------------------------
+
+def attention_scaling(model: nn.Module) -> float:
+    """The factor the query–key products are multiplied by before the softmax (and the softcap)."""
+    spec, cfg = get_spec(model), model.config
+    if spec.scaling == "query_pre_attn_scalar":
+        return float(cfg.query_pre_attn_scalar) ** -0.5
+    if spec.scaling == "attention_multiplier":
+        return float(cfg.attention_multiplier)
+    return head_layout(model).head_dim ** -0.5
+
+
+def attention_softcap(model: nn.Module) -> float | None:
+    """The attention logit softcap ``c`` (scores become ``c·tanh(s / c)``), or None."""
+    spec = get_spec(model)
+    value = getattr(model.config, spec.softcap, None) if spec.softcap else None
+    return None if value is None else float(value)
+
+
+def embed_scale(model: nn.Module) -> float:
+    """The factor the input embeddings are multiplied by (Gemma: √hidden; Granite: embedding_multiplier)."""
+    spec, cfg = get_spec(model), model.config
+    if spec.embed_scale == "sqrt_hidden":
+        return float(cfg.hidden_size) ** 0.5
+    return float(getattr(cfg, spec.embed_scale)) if spec.embed_scale else 1.0
+
+
 def _rotary(model: nn.Module):
-    if get_spec(model).family in ("gpt2", "bert"):
+    if not get_spec(model).rope:
         return None
     return next((m for n, m in model.named_modules() if n.endswith("rotary_emb")), None)
 
 
-def _scaling(rotary) -> float:
-    return float(getattr(rotary, "attention_scaling", 1.0))  # a module without the attribute (or None): 1.0
+def rope_frequencies(model: nn.Module, layer: int = 0) -> tuple[torch.Tensor | None, float]:
+    """``(inv_freq (rot/2,), scale)`` of block ``layer``'s RoPE, as its rotary module computes cos and sin;
+    ``(None, 1.0)`` where the block applies none (GPT-2, BERT, SmolLM3's NoPE layers).
 
-
-def rope_scale(model: nn.Module) -> float:
-    """The factor RoPE multiplies cos and sin by (``attention_scaling``; 1.0 without RoPE)."""
-    return _scaling(_rotary(model))
-
-
-def rope_average(model: nn.Module, matrix: torch.Tensor, positions: int) -> torch.Tensor:
-    """``mean_p R_p · matrix · R_pᵀ`` over positions ``0..positions-1``: a pre-RoPE second moment seen after RoPE.
-
-    ``matrix`` is (..., head_dim, head_dim). Models without RoPE get ``matrix`` back. Uses the
-    rotate-half layout of Llama-like models (``R_p x = cos_p ⊙ x + sin_p ⊙ Jx``, J the signed
-    half swap), so the average is four Hadamard products with position-averaged cos/sin
-    outer products, exact and O(P·d²).
+    ``rot = 2·len(inv_freq)`` may be below head_dim (partial rotary, e.g. Phi-4-mini): the rest passes through.
     """
+    spec, cfg = get_spec(model), model.config
     rotary = _rotary(model)
-    if rotary is None:
-        return matrix
-    inv_freq = rotary.inv_freq.detach().to(torch.float64)  # (d/2,)
-    scale = _scaling(rotary)
-    angle = torch.arange(positions, dtype=torch.float64)[:, None] * inv_freq  # (P, d/2)
-    cos = (angle.cos() * scale).repeat(1, 2)  # (P, d)
-    sin = (angle.sin() * scale).repeat(1, 2)
-    d, half = cos.shape[1], inv_freq.shape[0]
-    j = torch.zeros(d, d, dtype=torch.float64)  # Jx = rotate_half(x) = [−x2, x1]
+    if rotary is None or (spec.no_rope_layers and not getattr(cfg, spec.no_rope_layers)[layer]):
+        return None, 1.0
+    if spec.rope_per_layer_type:
+        kind = cfg.layer_types[layer]
+        return getattr(rotary, f"{kind}_inv_freq").detach(), float(getattr(rotary, f"{kind}_attention_scaling"))
+    return rotary.inv_freq.detach(), float(getattr(rotary, "attention_scaling", 1.0) or 1.0)
+
+
+def rope_scale(model: nn.Module, layer: int = 0) -> float:
+    """The factor RoPE multiplies cos and sin by (``attention_scaling``; 1.0 without RoPE)."""
+    return rope_frequencies(model, layer)[1]
+
+
+def _rope_tables(model: nn.Module, layer: int, positions: torch.Tensor, gradient: bool = False):
+    """``cos``, ``sin`` (P, d) and the signed half swap ``J`` (d, d) with ``R_p x = cos_p ⊙ x + sin_p ⊙ Jx``,
+    or None without RoPE. Pass-through components of a partial rotary get cos 1, sin 0. ``gradient``:
+    the tables of ``R_p⁻ᵀ`` (how a gradient w.r.t. the pre-RoPE key maps to the stored one)."""
+    inv_freq, scale = rope_frequencies(model, layer)
+    if inv_freq is None:
+        return None
+    d, half = head_layout(model).head_dim, inv_freq.shape[0]
+    s = 1 / scale if gradient else scale
+    angle = positions.to(torch.float64)[:, None] * inv_freq.to(torch.float64)  # (P, rot/2)
+    cos = torch.ones(len(positions), d, dtype=torch.float64)
+    sin = torch.zeros(len(positions), d, dtype=torch.float64)
+    cos[:, : 2 * half] = (angle.cos() * s).repeat(1, 2)
+    sin[:, : 2 * half] = (angle.sin() * s).repeat(1, 2)
+    j = torch.zeros(d, d, dtype=torch.float64)  # J x = rotate_half(x[:rot]) = [−x2, x1], pass-through 0
     j[torch.arange(half), torch.arange(half) + half] = -1
     j[torch.arange(half) + half, torch.arange(half)] = 1
+    return cos, sin, j
+
+
+def apply_rope(model: nn.Module, layer: int, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """RoPE of block ``layer`` applied to ``x`` (..., P, head_dim) at ``positions`` (P,), in float64."""
+    tables = _rope_tables(model, layer, positions)
+    if tables is None:
+        return x.to(torch.float64)
+    cos, sin, j = tables
+    x = x.to(torch.float64)
+    return x * cos + (x @ j.T) * sin
+
+
+def rope_average(model: nn.Module, matrix: torch.Tensor, positions: int, layer: int = 0,
+                 gradient: bool = False) -> torch.Tensor:
+    """``mean_p R_p · matrix · R_pᵀ`` over positions ``0..positions-1``: a pre-RoPE second moment seen after RoPE.
+
+    ``matrix`` is (..., head_dim, head_dim); ``layer`` picks the block's RoPE (Gemma 3 gives its
+    sliding and global layers different bases; SmolLM3 skips RoPE on some layers: ``matrix``
+    comes back unchanged there, as for models without RoPE). ``gradient``: average
+    ``R_p⁻ᵀ · matrix · R_p⁻¹`` instead (second moments of gradients w.r.t. the key). Uses the
+    rotate-half layout (``R_p x = cos_p ⊙ x + sin_p ⊙ Jx``, J the signed half swap), so the
+    average is four Hadamard products with position-averaged cos/sin outer products, exact and O(P·d²).
+    """
+    tables = _rope_tables(model, layer, torch.arange(positions), gradient)
+    if tables is None:
+        return matrix
+    cos, sin, j = tables
     c = matrix.to(torch.float64)
     acc, ass = cos.T @ cos / positions, sin.T @ sin / positions  # (d, d)
     acs = cos.T @ sin / positions
@@ -208,6 +321,12 @@ def attention_layer_types(model: nn.Module) -> list[tuple[str, dict]]:
     if getattr(config, "is_encoder_decoder", False) or get_spec(model).family == "bert":
         return [("full_attention", {})] * len(block_prefixes(model))
     return list(zip(*get_layer_types_and_kwargs(config)))
+
+
+def lora_targets(model: nn.Module) -> list[str]:
+    """Default SpectralLoRA targets: every dense layer in the blocks, by full name (the fused ones of Phi-3 and
+    GPT-2 included); the statistics of :func:`hf_geocomp.geometry.linear_input_taps` cover exactly these."""
+    return block_linears(model)
 
 
 def is_linear(module: nn.Module) -> bool:
@@ -302,13 +421,16 @@ def ensure_bias(model: nn.Module, kind: str) -> None:
     spec = get_spec(model)
     names = (*spec.mlp_in, spec.mlp_out) if kind == "mlp" else tuple(
         n for n in (spec.q, spec.k, spec.v, spec.qkv, spec.o) if n)
+    flag = spec.bias_flags[0 if kind == "mlp" else 1]
     for prefix in block_prefixes(model):
         for n in names:
             m = model.get_submodule(prefix + n)
             if getattr(m, "bias", None) is None:
-                if spec.bias_flags is None:
-                    raise GeoCompError(f"{spec.family} layer {prefix + n} has no bias to compensate into.")
+                if flag is None:
+                    raise GeoCompError(f"{spec.family} builds layer {prefix + n} without a bias whatever its config "
+                                       "says, so a bias folded in by compensation would not reload; use compensation "
+                                       "'refit' or 'none'.")
                 m.bias = nn.Parameter(torch.zeros(linear_weight(m).shape[0], dtype=m.weight.dtype,
                                                   device=m.weight.device))
-    if spec.bias_flags is not None:
-        setattr(model.config, spec.bias_flags[0 if kind == "mlp" else 1], True)
+    if flag is not None:
+        setattr(model.config, flag, True)

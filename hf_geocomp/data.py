@@ -9,6 +9,10 @@ Text sources are strings:
 * ``shakespeare:<split>`` with split ``calibration``, ``train``, ``evaluation`` or ``poems``
   (disjoint by work), or ``shakespeare:hamlet+tempest`` for named works;
 * ``pydoc`` / ``pydoc:calibration`` / ``pydoc:evaluation`` (topics split by name);
+* ``pystdlib`` / ``pystdlib:calibration`` / ``pystdlib:evaluation``: Python source code, the
+  standard library's own ``*.py`` files (no install), split by file;
+* ``mix:<source>,<source>,...``: equal shares of tokens from each source (the calibration default,
+  :data:`DEFAULT_CALIBRATION`);
 * ``file:a.txt+b.txt`` or a path to a text file;
 * ``hf:<dataset>[:<config>]:<split>[:<column>]`` for any ``datasets`` dataset (a Hub id from the
   local cache, or a local folder of data files); an empty config means the default.
@@ -120,6 +124,9 @@ def load_model(name: str, task: str = "auto", dtype: torch.dtype = torch.float32
             raise GeoCompError(f"cannot parse GGUF file {gguf!r} in {where}: {str(e).splitlines()[0]}") from None
         raise GeoCompError(f"cannot load model {name!r} (not a local model, and not in the Hugging Face "
                            f"cache or reachable on the Hub): {str(e).splitlines()[0]}") from None
+    from .arch import check_config
+
+    check_config(config)  # an unsupported family is refused here, before any weights are read
     if task == "auto":
         archs = " ".join(getattr(config, "architectures", None) or [])
         task = "causal-lm" if ("CausalLM" in archs or "LMHead" in archs or gguf) else "encoder"
@@ -138,6 +145,7 @@ def load_model(name: str, task: str = "auto", dtype: torch.dtype = torch.float32
         hf_logging.set_verbosity(verbosity)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    block_bos(tokenizer, model)  # a family that needs a BOS its tokenizer lacks: one clear error now
     if gguf:
         unflag_dequantized(model)
     model.eval()
@@ -234,9 +242,48 @@ def read_text_file(path: str | Path) -> str:
     return text
 
 
+# Calibration default: one share each of plays, documentation prose and code (never their evaluation splits).
+DEFAULT_CALIBRATION = "mix:shakespeare:calibration,pydoc:calibration,pystdlib:calibration"
+_STDLIB_SKIP = {"test", "tests", "idlelib", "site-packages", "dist-packages", "__pycache__", "lib2to3", "tkinter",
+                "turtledemo", "ensurepip"}
+
+
+def stdlib_files() -> list[Path]:
+    """The standard library's ``*.py`` files (not its tests, GUI or bundled wheels), sorted by relative path."""
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = [f for f in root.rglob("*.py") if not _STDLIB_SKIP & set(f.relative_to(root).parts)]
+    return sorted(files, key=lambda f: f.relative_to(root).as_posix())
+
+
+def mix_parts(source: str) -> list[str]:
+    """The sources of a ``mix:a,b,...`` string; a :class:`GeoCompError` for an empty one."""
+    parts = [x for x in source.removeprefix("mix:").split(",") if x]
+    if len(parts) < 1 or any(x.startswith("mix:") for x in parts):
+        raise GeoCompError(f"calibration mix {source!r} must list sources as mix:<source>,<source>,... (no nesting).")
+    return parts
+
+
 def load_corpus(source: str) -> Corpus:
     """Documents of a text source string (see the module docstring)."""
     kind, _, rest = source.partition(":")
+    if kind == "mix":
+        docs = []
+        for part in mix_parts(source):
+            try:
+                docs += [(f"{part}/{d}", t) for d, t in load_corpus(part).documents]
+            except GeoCompError as e:
+                raise GeoCompError(f"calibration mix {source!r}: {e}") from None
+        return Corpus(source, docs)
+    if kind == "pystdlib":
+        files = stdlib_files()
+        evaluation = set(files[::5])  # every fifth file, by path
+        chosen = {"": files, "all": files, "evaluation": sorted(evaluation),
+                  "calibration": [f for f in files if f not in evaluation]}.get(rest)
+        if chosen is None:
+            raise GeoCompError(f"pystdlib split {rest!r} is not one of all, calibration, evaluation.")
+        return Corpus(source, [(f.name, f.read_text(encoding="utf-8", errors="replace")) for f in chosen])
     if kind == "shakespeare":
         texts = _shakespeare_dir()
         works = shakespeare_works(rest or "all")
@@ -256,7 +303,7 @@ def load_corpus(source: str) -> Corpus:
     paths = rest.split("+") if kind == "file" else [source]
     if kind != "file" and not os.path.exists(source):
         raise GeoCompError(f"data source {source!r} is not a file nor one of shakespeare:<split>, pydoc, "
-                           "file:<paths>, hf:<dataset>:<split>.")
+                           "pystdlib, mix:<a>,<b>, file:<paths>, hf:<dataset>:<split>.")
     return Corpus(source, [(p, read_text_file(p)) for p in paths])
 
 
@@ -290,13 +337,43 @@ def model_max_length(model) -> int | None:
     return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
 
 
+def tokenizer_bos(tokenizer) -> int | None:
+    """The BOS id the tokenizer puts before a text of its own accord (``tokenizer(text)`` vs
+    ``add_special_tokens=False``), or None (SmolLM2, GPT-2; BERT's [CLS] is not a BOS)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    with_special = tokenizer("hello world", verbose=False)["input_ids"]
+    plain = tokenizer("hello world", add_special_tokens=False, verbose=False)["input_ids"]
+    return bos if with_special[:1] == [bos] and plain[:1] != [bos] else None
+
+
+def block_bos(tokenizer, model=None) -> int | None:
+    """The BOS every block starts with: the tokenizer's own (:func:`tokenizer_bos`), or, for a family
+    that needs one whatever its tokenizer says (Gemma), its ``bos_token_id``; a :class:`GeoCompError`
+    when such a family's tokenizer has none."""
+    from .arch import get_spec
+
+    spec = get_spec(model) if model is not None else None
+    if spec is not None and spec.needs_bos:
+        if getattr(tokenizer, "bos_token_id", None) is None:
+            raise GeoCompError(f"{spec.family} models need a BOS token at the start of every sequence, but this "
+                               "tokenizer has no bos_token; use the model's own tokenizer.")
+        return tokenizer.bos_token_id
+    return tokenizer_bos(tokenizer)
+
+
 def token_blocks(tokenizer, corpus: Corpus, block_size: int, max_tokens: int | None = None,
-                 max_length: int | None = None, seed: int = 0):
+                 max_length: int | None = None, seed: int = 0, bos: int | None | str = "auto"):
     """Fixed-length blocks of ``block_size`` tokens as a ``datasets.Dataset`` (torch format).
 
     Each document is tokenized whole and cut into blocks that never cross documents. With
     ``max_tokens``, a deterministic (seeded) selection of ``ceil(max_tokens / block_size)``
-    blocks spread over all documents is kept.
+    blocks spread over all documents is kept; a ``mix:`` corpus gives each of its sources an
+    equal share. ``bos``: a token id that starts *every* block (then ``block_size - 1`` text
+    tokens follow), None for none, ``"auto"`` for what the tokenizer itself adds
+    (:func:`tokenizer_bos`). Every block is one sequence the model reads from position 0, as
+    ``tokenizer(text)`` would give it, so the BOS goes on every block, not only a document's first.
     """
     import datasets
 
@@ -306,13 +383,17 @@ def token_blocks(tokenizer, corpus: Corpus, block_size: int, max_tokens: int | N
         raise GeoCompError(f"block size {block_size} exceeds the model's maximum of {max_length} positions.")
     if max_tokens is not None and max_tokens <= 0:
         raise GeoCompError(f"token count must be positive, got {max_tokens}.")
+    if bos == "auto":
+        bos = tokenizer_bos(tokenizer)
+    prefix = [] if bos is None else [int(bos)]
+    text_len = block_size - len(prefix)
 
     def cut(batch):
         ids = tokenizer(batch["text"], add_special_tokens=False, verbose=False)["input_ids"]
         out = {"input_ids": [], "doc": []}
         for doc, seq in zip(batch["doc"], ids):
-            for start in range(0, len(seq) - block_size + 1, block_size):
-                out["input_ids"].append(seq[start: start + block_size])
+            for start in range(0, len(seq) - text_len + 1, text_len):
+                out["input_ids"].append(prefix + seq[start: start + text_len])
                 out["doc"].append(doc)
         return out
 
@@ -333,12 +414,23 @@ def token_blocks(tokenizer, corpus: Corpus, block_size: int, max_tokens: int | N
 def _select_blocks(blocks, max_tokens, block_size, seed, source):
     if len(blocks) == 0:
         raise GeoCompError(f"data source {source!r} gives zero blocks of {block_size} tokens.")
-    if max_tokens is not None:
-        n = min(len(blocks), -(-max_tokens // block_size))
-        order = list(range(len(blocks)))
-        random.Random(seed).shuffle(order)
-        blocks = blocks.select(sorted(order[:n]))
-    return blocks
+    if max_tokens is None:
+        return blocks
+    n = min(len(blocks), -(-max_tokens // block_size))
+    if source.startswith("mix:"):  # an equal share of blocks from each source of the mix
+        parts = mix_parts(source)
+        owner = [next(i for i, p in enumerate(parts) if d.startswith(p + "/")) for d in blocks["doc"]]
+        chosen = []
+        for i, part in enumerate(parts):
+            mine = [j for j, o in enumerate(owner) if o == i]
+            if not mine:
+                raise GeoCompError(f"source {part!r} of the mix gives zero blocks of {block_size} tokens.")
+            random.Random(seed + i).shuffle(mine)
+            chosen += mine[: -(-n // len(parts))]
+        return blocks.select(sorted(chosen))
+    order = list(range(len(blocks)))
+    random.Random(seed).shuffle(order)
+    return blocks.select(sorted(order[:n]))
 
 
 def causal_lm_collate(rows) -> dict:
@@ -352,5 +444,5 @@ def calibration_loader(model, tokenizer, source: str, tokens: int, block_size: i
                        seed: int = 0):
     """A DataLoader of ``{input_ids, attention_mask}`` blocks from a text source."""
     blocks = token_blocks(tokenizer, load_corpus(source), block_size, max_tokens=tokens,
-                          max_length=model_max_length(model), seed=seed)
+                          max_length=model_max_length(model), seed=seed, bos=block_bos(tokenizer, model))
     return torch.utils.data.DataLoader(blocks, batch_size=batch_size)

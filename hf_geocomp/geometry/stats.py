@@ -40,6 +40,8 @@ class Tap:
             per head (leading dimension of the sums).
         offset, width: measure only ``x[..., offset:offset + width]`` (a fused projection's
             K or V part); ``width=None`` means to the end.
+        heads_first: a 4-d tensor is (batch, heads, seq, d) (Gemma 3's per-head norms); otherwise a
+            4-d tensor is (batch, seq, heads, d) (Qwen3's). Either way heads are laid side by side.
         name: key of this tap in :class:`ActivationStats`; defaults to ``module:in``/``module:out``.
     """
 
@@ -49,6 +51,7 @@ class Tap:
     offset: int = 0
     width: int | None = None
     name: str | None = None
+    heads_first: bool = False
 
     def __post_init__(self):
         if self.where not in WHERE:
@@ -374,6 +377,8 @@ class StatsCollector:
         return hook
 
     def _add(self, tap: Tap, x: torch.Tensor, mask: torch.Tensor | None, batch: int) -> None:
+        if x.dim() == 4:  # a per-head module's (B, T, heads, d) or, heads_first, (B, heads, T, d) → (B, T, heads·d)
+            x = (x.transpose(1, 2) if tap.heads_first else x).flatten(2)
         rows = _select(x, mask)
         rows = rows[..., tap.offset: None if tap.width is None else tap.offset + tap.width]
         if tap.head_dim is not None:
@@ -419,19 +424,19 @@ def linear_input_taps(model: nn.Module, patterns: str | list[str] | None = None)
 def kv_head_taps(model: nn.Module) -> list[Tap]:
     """Per-KV-head keys and values as they leave their projections (before RoPE)."""
     return [Tap(t.module, "output", head_dim=t.head_dim, offset=t.offset, width=t.width,
-                name=f"{t.module}:{t.kind}") for t in arch.kv_taps(model)]
+                name=f"{t.module}:{t.kind}", heads_first=t.heads_first) for t in arch.kv_taps(model)]
 
 
 def kv_grad_taps(model: nn.Module) -> list[Tap]:
     """Per-KV-head gradients of the loss w.r.t. keys and values (before RoPE), keys ``"{module}:{k|v}_grad"``."""
     return [Tap(t.module, "output_grad", head_dim=t.head_dim, offset=t.offset, width=t.width,
-                name=f"{t.module}:{t.kind}_grad") for t in arch.kv_taps(model)]
+                name=f"{t.module}:{t.kind}_grad", heads_first=t.heads_first) for t in arch.kv_taps(model)]
 
 
 def q_head_taps(model: nn.Module) -> list[Tap]:
     """Per-query-head queries as they leave their projection (before RoPE), keys ``"{module}:q"``."""
     return [Tap(t.module, "output", head_dim=t.head_dim, offset=t.offset, width=t.width,
-                name=f"{t.module}:q") for t in arch.q_taps(model)]
+                name=f"{t.module}:q", heads_first=t.heads_first) for t in arch.q_taps(model)]
 
 
 def block_output_taps(model: nn.Module) -> list[Tap]:

@@ -15,6 +15,7 @@ import math
 
 import torch
 
+from ..errors import GeoCompError
 from .bases import Basis
 from .config import KVConfig
 from .quant import packed_bytes, relative_mse
@@ -53,6 +54,8 @@ def allocate(bases: dict[tuple[int, str], Basis], config: KVConfig, elt: int,
     if config.max_rank is not None:  # components past max_rank in each head may only be dropped
         rank = torch.cat([torch.arange(n) % d for n in sizes])
         allowed[rank >= config.max_rank, 1:] = False
+    if config.min_bits:  # a floor: neither dropped nor below min_bits
+        allowed[:, [i for i, b in enumerate(options) if b != FULL and b < config.min_bits]] = False
     if coded_tokens is None:
         target = config.coded_fraction() * sum(sizes) * elt
     held = {layer: 1 if coded_tokens is None else coded_tokens[layer] for layer, _ in keys}
@@ -84,4 +87,6 @@ def allocate(bases: dict[tuple[int, str], Basis], config: KVConfig, elt: int,
             best, hi = trial, mid
         else:
             lo = mid
+    if best[2] > target:
+        raise GeoCompError(f"min_bits={config.min_bits} on every component alone exceeds budget {config.budget}.")
     return best[:2]

@@ -10,7 +10,7 @@ go through ordinary products.
 Registered as ``attn_implementation="geocomp_reduced"`` with transformers'
 ``AttentionInterface`` and, for its masks, ``AttentionMaskInterface`` (additive float masks,
 never skipped). A layer whose cache is not a reduced :class:`~hf_geocomp.kv.cache.GeoKVCache`
-runs plain SDPA.
+runs plain SDPA, or, with a softcap (Gemma 2), the same products as the reduced path with every key exact.
 """
 
 from __future__ import annotations
@@ -29,12 +29,18 @@ def hand_over(layer_idx: int, sink: int, length: int, latents_k, latents_v, dec_
     _PENDING[layer_idx] = (sink, length, latents_k, latents_v, dec_k, dec_v)
 
 
-def reduced_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
-    """``query`` (b, H, q, d); ``key``/``value`` (b, kv_heads, s + q, d): exact sink tokens then the new ones."""
+def reduced_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, softcap=None,
+                      **kwargs):
+    """``query`` (b, H, q, d); ``key``/``value`` (b, kv_heads, s + q, d): exact sink tokens then the new ones.
+
+    ``softcap`` (Gemma 2): scores become ``softcap·tanh(scores / softcap)`` before the mask, as in eager attention.
+    """
     pending = _PENDING.pop(getattr(module, "layer_idx", None), None)
     if pending is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
+        if softcap is None:
+            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                          **kwargs)
+        pending = (key.shape[2], 0, [], [], None, None)  # SDPA has no softcap: every key exact, the products below
     sink, length, latents_k, latents_v, dec_k, dec_v = pending
     b, heads, q, d = query.shape
     kv_heads = key.shape[1]
@@ -48,6 +54,8 @@ def reduced_attention(module, query, key, value, attention_mask, dropout: float 
         scores_coded += (q_lat.reshape(b, kv_heads * group * q, -1) @ z.transpose(1, 2)).reshape(scores_coded.shape)
     scores = torch.cat([qf @ kf[:, :, :sink].transpose(-1, -2), scores_coded,
                         qf @ kf[:, :, sink:].transpose(-1, -2)], dim=-1) * scaling  # (b, kv_heads, G·q, s+L+q)
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
     scores = scores.reshape(b, heads, q, -1)
     if attention_mask is not None:
         scores = scores + attention_mask[..., : scores.shape[-1]].float()
@@ -63,6 +71,8 @@ def reduced_attention(module, query, key, value, attention_mask, dropout: float 
 
 def _group_rows(latents, dec: torch.Tensor) -> list[torch.Tensor]:
     """Per width group, the decoder rows of its columns split by KV head: (kv_heads, n, d), zero off-head."""
+    if not latents:
+        return []
     kv_heads, d, _ = dec.shape
     full = torch.block_diag(*dec)  # (kv_heads·d, kv_heads·d): latent column → output of its head
     return [full[cols].reshape(len(cols), kv_heads, d).transpose(0, 1) for _, cols in latents]

@@ -7,9 +7,10 @@ variance and an error ``e`` in it costs ``λ_j e²`` in the consumer's metric, s
 components are ordered and weighted by ``λ_j`` (reverse water-filling, Cover & Thomas §10.3).
 
 * ``pca``: ``M = I``.
-* ``aware``: K is read by ``q·k/√d`` from every query head of its GQA group, so
-  ``M_K = Σ_h E[q_h q_hᵀ] / d``; V is read by the o_proj columns of those heads, so
-  ``M_V = Σ_h W_o,hᵀ W_o,h``. K errors (squared score errors) and V errors (squared output
+* ``aware``: K is read by ``s·q·k`` (``s`` the family's query scale, ``1/√d`` or from
+  ``query_pre_attn_scalar``) from every query head of its GQA group, so
+  ``M_K = s²·Σ_h E[q_h q_hᵀ]`` (a softcap only shrinks score errors); V is read by the o_proj
+  columns of those heads, so ``M_V = Σ_h W_o,hᵀ W_o,h``. K errors (squared score errors) and V errors (squared output
   errors) are compared as they are (``k_units="scores"``), or with K weights multiplied by
   the first-order sensitivity of the output to a score error, ``mean_h E‖W_o,h (v − v̄)‖²``
   (``k_units="sensitivity"``).
@@ -21,7 +22,7 @@ components are ordered and weighted by ``λ_j`` (reverse water-filling, Cover & 
   accounted for (what the ``aware`` metric approximates from the first consumer only).
 * RoPE: the cache holds post-RoPE keys and queries meet them post-RoPE, so with
   ``rope="average"`` both ``C_K`` and ``M_K`` are the pre-RoPE second moments averaged over
-  RoPE rotations of positions ``0..P-1`` (:func:`hf_geocomp.arch.rope_average`).
+  RoPE rotations of positions ``0..P-1`` with each layer's own RoPE (:func:`hf_geocomp.arch.rope_average`).
 """
 
 from __future__ import annotations
@@ -77,17 +78,24 @@ def _moment(stats: ActivationStats, key: str) -> torch.Tensor:
     return stats[key].second_moment()
 
 
+def _shrink(c: torch.Tensor, alpha: float) -> torch.Tensor:
+    return (1 - alpha) * c + alpha * torch.diag_embed(torch.diagonal(c, dim1=-2, dim2=-1))
+
+
 def fit_bases(model: nn.Module, stats: ActivationStats, config: KVConfig) -> dict[tuple[int, str], Basis]:
     """One :class:`Basis` per (layer, ``"k"``/``"v"``) from the engine's per-head statistics."""
     heads = arch.head_layout(model)
     taps = {(t.layer, t.kind): t for t in arch.kv_taps(model) + arch.q_taps(model)}
     layers = sorted({layer for layer, _ in taps})
+    scale = arch.attention_scaling(model)
     bases = {}
     for layer in layers:
         c_k = _moment(stats, f"{taps[layer, 'k'].module}:k")  # (kv_heads, d, d), pre-RoPE
         c_v = _moment(stats, f"{taps[layer, 'v'].module}:v")
         if config.rope == "average":
-            c_k = arch.rope_average(model, c_k, config.rope_positions)
+            c_k = arch.rope_average(model, c_k, config.rope_positions, layer)
+        if config.shrinkage:  # toward the diagonal: (1 − α)·C + α·diag(C)
+            c_k, c_v = (_shrink(c, config.shrinkage) for c in (c_k, c_v))
         if config.method == "pca":
             eye = torch.eye(heads.head_dim, dtype=torch.float64).expand_as(c_k)
             bases[layer, "k"], bases[layer, "v"] = weighted_basis(c_k, eye, config.k_scale), weighted_basis(c_v, eye)
@@ -95,16 +103,16 @@ def fit_bases(model: nn.Module, stats: ActivationStats, config: KVConfig) -> dic
         if config.method == "fisher":
             g_k = _moment(stats, f"{taps[layer, 'k'].module}:k_grad")  # (kv_heads, d, d), pre-RoPE
             g_v = _moment(stats, f"{taps[layer, 'v'].module}:v_grad")
-            if config.rope == "average":  # post-RoPE g' = R g / s when k' = s R k
-                g_k = arch.rope_average(model, g_k, config.rope_positions) / arch.rope_scale(model) ** 4
+            if config.rope == "average":  # post-RoPE g' = R⁻ᵀ g (R g / s for k' = s R k)
+                g_k = arch.rope_average(model, g_k, config.rope_positions, layer, gradient=True)
             bases[layer, "k"] = weighted_basis(c_k, g_k, config.k_scale)
             bases[layer, "v"] = weighted_basis(c_v, g_v)
             continue
         q = _moment(stats, f"{taps[layer, 'q'].module}:q")  # (heads, d, d)
         if config.rope == "average":
-            q = arch.rope_average(model, q, config.rope_positions)
+            q = arch.rope_average(model, q, config.rope_positions, layer)
         group = heads.group_size
-        m_k = q.reshape(heads.num_kv_heads, group, *q.shape[1:]).sum(1) / heads.head_dim
+        m_k = q.reshape(heads.num_kv_heads, group, *q.shape[1:]).sum(1) * scale ** 2  # scores are scale·q·k
         w_o = arch.o_proj_head_weights(model, layer).to(torch.float64)  # (heads, hidden, d)
         m_v = (w_o.transpose(1, 2) @ w_o).reshape(heads.num_kv_heads, group, *q.shape[1:]).sum(1)
         cov_v = stats[f"{taps[layer, 'v'].module}:v"].covariance()

@@ -38,6 +38,9 @@ class KVConfig:
             ``sink_tokens > 0`` (longer caches are below it, shorter ones above).
         k_scale: extra multiplier of the K weights against V (the K/V exchange rate); None: 1.0
             for ``fisher`` (K and V costs are already in loss units), 4.0 otherwise.
+        shrinkage: ``α`` in [0, 1]: the K and V second moments become ``(1 − α)·C + α·diag(C)``
+            before the bases are fitted (less tied to the calibration text's correlations).
+        min_bits: a floor: no component is dropped or coded below this width (0: no floor).
     """
 
     budget: float = field(default=0.25, metadata={"help": "fraction of the uncompressed cache bytes, in (0, 1]"})
@@ -51,6 +54,9 @@ class KVConfig:
     k_units: str = field(default="scores", metadata={"help": "aware K error units: scores | sensitivity"})
     k_scale: float | None = field(default=None, metadata={"help": "multiplier of K weights against V (> 0); "
                                                                   "None: 1 for fisher, 4 otherwise"})
+
+    shrinkage: float = field(default=0.0, metadata={"help": "shrink K/V second moments toward their diagonal, in [0, 1]"})
+    min_bits: int = field(default=0, metadata={"help": "least width of every component (0: components may be dropped)"})
 
     sink_tokens: int = field(default=4, metadata={"help": "first tokens kept exact, counted in the budget"})
     reference_tokens: int = field(default=1024, metadata={"help": "cache length at which the budget is exact"})
@@ -81,6 +87,10 @@ class KVConfig:
         if self.sink_tokens and self.budget < 1 and self.coded_fraction() <= 0:
             raise GeoCompError(f"sink_tokens={self.sink_tokens} exact tokens alone exceed budget {self.budget} "
                                f"of a {self.reference_tokens}-token cache.")
+        if not 0 <= self.shrinkage <= 1:
+            raise GeoCompError(f"shrinkage must be in [0, 1], got {self.shrinkage}.")
+        if self.min_bits and self.min_bits not in self.widths:
+            raise GeoCompError(f"min_bits must be 0 or one of the widths {self.widths}, got {self.min_bits}.")
         if self.max_rank is not None and self.max_rank < 1:
             raise GeoCompError(f"max_rank must be a positive integer or None, got {self.max_rank}.")
 

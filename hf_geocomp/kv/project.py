@@ -27,22 +27,28 @@ class KVProjection:
         self.handles = []
         try:
             for tap in arch.kv_taps(model):
-                hook = self._hook(codecs[tap.layer, tap.kind], tap.offset, tap.width, tap.head_dim)
+                hook = self._hook(codecs[tap.layer, tap.kind], tap.offset, tap.width, tap.head_dim, tap.heads_first)
                 self.handles.append(model.get_submodule(tap.module).register_forward_hook(hook))
         except BaseException:
             self.remove()
             raise
 
     @staticmethod
-    def _hook(codec, offset: int, width: int, head_dim: int):
+    def _hook(codec, offset: int, width: int, head_dim: int, heads_first: bool):
         def hook(module, args, out):
-            x = out[..., offset: offset + width]  # (batch, seq, kv_heads·d)
+            four = out.dim() == 4  # a per-head norm's (batch, seq, heads, d), or (batch, heads, seq, d) heads_first
+            if four and heads_first:
+                out = out.transpose(1, 2)
+            shape = out.shape
+            flat = out.flatten(2) if four else out
+            x = flat[..., offset: offset + width]  # (batch, seq, kv_heads·d)
             b, t, _ = x.shape
             heads = x.reshape(b, t, -1, head_dim).transpose(1, 2)  # (batch, kv_heads, seq, d)
             coded = codec.decode(codec.encode(heads), heads, t).transpose(1, 2).reshape(b, t, width)
-            out = out.clone()
-            out[..., offset: offset + width] = coded
-            return out
+            flat = flat.clone()
+            flat[..., offset: offset + width] = coded
+            flat = flat.reshape(shape)
+            return flat.transpose(1, 2) if four and heads_first else flat
         return hook
 
     def remove(self) -> None:

@@ -63,9 +63,12 @@ def unit_groups(model: nn.Module, targets=TARGETS, head_mode: str = "query") -> 
             cons = prefix + spec.mlp_out
             width = arch.linear_weight(model.get_submodule(cons)).shape[1]
             idx = torch.arange(width)[:, None]  # (units, 1)
-            prods = {prefix + n: idx for n in spec.mlp_in}
+            rows = idx + torch.arange(spec.mlp_chunks) * width  # (units, chunks): a fused [gate | up] owns j and I + j
+            prods = {prefix + n: rows for n in spec.mlp_in}
             groups.append(UnitGroup(i, "mlp", prods, cons, idx, _params(model, prods, cons, idx)))
         if "heads" in targets:
+            if spec.head_pruning:
+                raise GeoCompError(f"attention heads cannot be pruned here: {spec.head_pruning}.")
             cons = prefix + spec.o
             nq = arch.linear_weight(model.get_submodule(cons)).shape[1] // hd
             nkv = nq // g if spec.qkv is None else nq  # current counts (GPT-2/BERT have no GQA)

@@ -160,3 +160,38 @@ def add_study_parsers(sub, lazy, add_model_data, add_prune_options) -> None:
     h.add_argument("--batch-size", type=int, default=16, help="fine-tuning batch size")
     h.add_argument("--output", "-o", default="recipes/results/prune_h1_minilm.json", help="results JSON")
     h.set_defaults(handler=lazy(".studies.prune_h1:run_h1"))
+
+    c = sub.add_parser("bench-cross-domain", help="calibrate on one domain or a mix, evaluate on every domain: "
+                       "pruning vs magnitude, coded KV cache vs QuantizedCache")
+    c.add_argument("--model", default="smollm2-135m", help="bundled name, model folder, .gguf file or Hub id")
+    c.add_argument("--domains", nargs="+", default=["shakespeare", "pydoc", "pystdlib"],
+                   help="shakespeare, pydoc, pystdlib or NAME=CALIBRATION|EVALUATION sources (default: the three)")
+    c.add_argument("--tokens", type=int, default=4096, help="calibration tokens per calibration set (default 4096)")
+    c.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens per domain (default 4096)")
+    c.add_argument("--block-size", type=int, default=256, help="tokens per block (default 256)")
+    c.add_argument("--batch-size", type=int, default=8, help="blocks per forward pass (default 8)")
+    c.add_argument("--seed", type=int, default=0, help="seed of the share each mix takes of a domain (default 0)")
+    c.add_argument("--sparsity", type=float, default=0.2, help="pruned fraction of block parameters (default 0.2)")
+    c.add_argument("--targets", default="mlp", help="pruned units: mlp, heads or mlp+heads (default mlp)")
+    c.add_argument("--criteria", nargs="+", default=["variance", "wanda"], help="calibrated criteria (default "
+                   "variance wanda); magnitude without compensation always runs as the calibration-free baseline")
+    c.add_argument("--compensation", default="bias+refit", help="compensation of calibrated rows (default bias+refit)")
+    c.add_argument("--budgets", type=float, nargs="+", default=[0.25, 0.125], help="KV byte budgets (default 0.25 0.125)")
+    c.add_argument("--group-size", type=int, default=64, help="latent components per float16 scale (default 64)")
+    c.add_argument("--quant", nargs="*", default=["quanto:4"], help="QuantizedCache baselines (default quanto:4)")
+    c.add_argument("--kv-dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="KV model dtype")
+    c.add_argument("--windows", type=int, default=4, help="KV evaluation windows per domain (default 4)")
+    c.add_argument("--prefill", type=int, default=512, help="context tokens per window (default 512)")
+    c.add_argument("--score", type=int, default=128, help="scored tokens per window (default 128)")
+    c.add_argument("--sink-tokens", type=int, default=4, help="first tokens kept exact in coded caches (default 4)")
+    c.add_argument("--shrinkage", type=float, nargs="*", default=[], help="robustness rows: KV shrinkage values")
+    c.add_argument("--min-bits", type=int, nargs="*", default=[], help="robustness rows: KV floors of bits")
+    c.add_argument("--robust-compensations", nargs="*", default=[],
+                   help="robustness rows: the first criterion with these compensations too")
+    c.add_argument("--refit-damps", type=float, nargs="*", default=[],
+                   help="robustness rows: the first criterion with these refit ridges (default ridge 0.01)")
+    c.add_argument("--robust-calibrations", nargs="*", default=None,
+                   help="calibration sets that also get the robustness rows (default: every mix)")
+    c.add_argument("--threads", type=int, default=1, help="torch threads (default 1: fastest on a shared CPU)")
+    c.add_argument("--output", "-o", default="recipes/results/cross_domain_smollm2.json", help="results JSON")
+    c.set_defaults(handler=lazy(".studies.cross_domain:run_cross_domain"))

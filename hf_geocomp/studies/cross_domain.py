@@ -1,0 +1,272 @@
+"""Cross-domain benchmark: calibrate on one domain (or a mix), evaluate on every domain, in one run.
+
+Users calibrate on generic text and serve their own, so a calibrated method is judged off its
+calibration domain beside the calibration-free baselines of the same run (DESIGN.md,
+"Measuring"): magnitude pruning and transformers' ``QuantizedCache``. Domains are offline
+text sources with disjoint calibration and evaluation splits (plays by work, documentation
+topics by name, standard-library source files by file). Calibration sets: each domain alone,
+the mix of all domains (the default, :data:`hf_geocomp.data.DEFAULT_CALIBRATION`), and for
+every domain B the mix without B, so that every domain is also measured *off* a mix.
+
+Rows (one per method × calibration × evaluation domain) give perplexity ratios to the
+uncompressed model on that domain: pruning by teacher-forced perplexity of held-out blocks,
+KV caches by continuation perplexity (prefill into the cache, score the next tokens through it).
+``summary`` holds, per domain, what the targets of the robustness work compare.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import time
+
+import torch
+
+from ..data import block_bos, load_corpus, load_model, model_max_length, token_blocks
+from ..errors import GeoCompError
+from ..eval.perplexity import continuation_nll, perplexity
+from ..geometry import collect_stats
+from ..io import write_json
+from ..kv import KVConfig, build_plan, collect_kv_stats
+from ..prune import PruneConfig, prune, prune_taps
+
+# name → (calibration source, evaluation source): disjoint splits of one kind of text
+DOMAINS = {
+    "shakespeare": ("shakespeare:calibration", "shakespeare:evaluation"),
+    "pydoc": ("pydoc:calibration", "pydoc:evaluation"),
+    "pystdlib": ("pystdlib:calibration", "pystdlib:evaluation"),
+}
+
+
+def parse_domains(specs: list[str]) -> dict[str, tuple[str, str]]:
+    """``name`` (one of :data:`DOMAINS`) or ``name=CALIBRATION|EVALUATION`` sources → {name: (calib, eval)}."""
+    out = {}
+    for spec in specs:
+        name, sep, sources = spec.partition("=")
+        if sep:
+            calib, bar, evaluation = sources.partition("|")
+            if not (bar and calib and evaluation):
+                raise GeoCompError(f"domain {spec!r} must be NAME=CALIBRATION|EVALUATION sources.")
+            out[name] = (calib, evaluation)
+        elif name in DOMAINS:
+            out[name] = DOMAINS[name]
+        else:
+            raise GeoCompError(f"domain {name!r} is not one of {', '.join(DOMAINS)} (or NAME=CALIBRATION|EVALUATION).")
+    if len(out) < 2:
+        raise GeoCompError("a cross-domain matrix needs at least two domains.")
+    return out
+
+
+def calibration_sets(domains) -> dict[str, list[str]]:
+    """Each domain alone, the mix of all, and the mix of all but one (``mix-no-<domain>``)."""
+    sets = {d: [d] for d in domains}
+    sets["mix"] = list(domains)
+    if len(domains) > 2:
+        for d in domains:
+            sets[f"mix-no-{d}"] = [o for o in domains if o != d]
+    return sets
+
+
+def _mix(blocks: dict[str, list], parts: list[str], seed: int) -> list:
+    """An equal share of each part's calibration blocks (the same total as one domain alone)."""
+    n = len(next(iter(blocks.values())))
+    share = -(-n // len(parts))
+    out = []
+    for i, part in enumerate(parts):
+        idx = list(range(len(blocks[part])))
+        random.Random(seed + i).shuffle(idx)
+        out += [blocks[part][j] for j in sorted(idx[:share])]
+    return out
+
+
+def _batches(rows: list, batch_size: int) -> list[dict]:
+    return [{k: torch.stack([r[k] for r in rows[i: i + batch_size]]) for k in ("input_ids", "attention_mask")}
+            for i in range(0, len(rows), batch_size)]
+
+
+def _prune_variants(args, robust: bool) -> list[tuple[str, str, dict]]:
+    """(name, criterion, prune options): every criterion with the run's compensation; on the robustness
+    calibrations also the first criterion with other compensations and with a stronger refit ridge."""
+    out = [(f"{c}/{args.compensation}", c, {"compensation": args.compensation}) for c in args.criteria]
+    if robust:
+        crit = args.criteria[0]
+        out += [(f"{crit}/{comp}", crit, {"compensation": comp}) for comp in args.robust_compensations]
+        out += [(f"{crit}/{args.compensation}-damp{d:g}", crit, {"compensation": args.compensation, "refit_damp": d})
+                for d in args.refit_damps]
+    return out
+
+
+def _kv_variants(args) -> list[tuple[str, dict]]:
+    """(name, KVConfig fields) of the coded caches: the default, then the robustness variants."""
+    out = [("geocomp-fisher-bits", {})]
+    for alpha in args.shrinkage:
+        out.append((f"geocomp-fisher-bits-shrink{alpha:g}", {"shrinkage": alpha}))
+    for floor in args.min_bits:
+        out.append((f"geocomp-fisher-bits-floor{floor}", {"min_bits": floor}))
+    return out
+
+
+def run_cross_domain(args) -> dict:
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    domains = parse_domains(args.domains)
+    sets = calibration_sets(domains)
+    robust = set(args.robust_calibrations or [n for n in sets if n.startswith("mix")])
+    for name in robust:
+        if name not in sets:
+            raise GeoCompError(f"--robust-calibrations names {name!r}, not one of {', '.join(sets)}.")
+    for _, crit, fields in _prune_variants(args, True):
+        PruneConfig(sparsity=args.sparsity, criterion=crit, targets=args.targets, **fields)
+    variants = _kv_variants(args)
+    for _, fields in variants:
+        for budget in args.budgets:
+            KVConfig(budget=budget, reference_tokens=args.prefill, sink_tokens=args.sink_tokens, **fields)
+    model, tok = load_model(args.model)
+    kv_model = copy.deepcopy(model).to(getattr(torch, args.kv_dtype))
+    bos = block_bos(tok, model)
+    limit = model_max_length(model)
+    t0 = time.time()
+    calib = {d: list(token_blocks(tok, load_corpus(c), args.block_size, max_tokens=args.tokens, max_length=limit,
+                                  bos=bos)) for d, (c, _) in domains.items()}
+    evals = {d: _batches(list(token_blocks(tok, load_corpus(e), args.block_size, max_tokens=args.eval_tokens,
+                                           max_length=limit, bos=bos)), args.batch_size)
+             for d, (_, e) in domains.items()}
+    window = args.prefill + args.score
+    windows = {}
+    for d, (_, e) in domains.items():
+        blocks = token_blocks(tok, load_corpus(e), window, max_tokens=args.windows * window, bos=bos)
+        windows[d] = torch.stack([b["input_ids"] for b in blocks])[: args.windows]  # (windows, prefill + score)
+    print(f"tokenized {len(domains)} domains in {time.time() - t0:.0f}s", flush=True)
+
+    baseline, rows = {}, []
+    result = {"command": args.command_line, "model": args.model,
+              "data": {"domains": {d: {"calibration": c, "evaluation": e} for d, (c, e) in domains.items()},
+                       "calibration_sets": sets, "calibration_tokens": args.tokens, "eval_tokens": args.eval_tokens,
+                       "block_size": args.block_size, "kv_windows": args.windows, "prefill": args.prefill,
+                       "score": args.score, "bos": bos},
+              "settings": {"sparsity": args.sparsity, "targets": args.targets, "compensation": args.compensation,
+                           "criteria": args.criteria, "budgets": args.budgets, "kv_dtype": args.kv_dtype,
+                           "quant": args.quant, "threads": args.threads, "robust_calibrations": sorted(robust),
+                           "robust_compensations": args.robust_compensations, "refit_damps": args.refit_damps,
+                           "shrinkage": args.shrinkage, "min_bits": args.min_bits},
+              "baseline": baseline, "rows": rows,
+              "notes": "ppl_ratio is to the uncompressed model on the same evaluation domain in this run; KV rows "
+                       "are continuation perplexity with the uncompressed DynamicCache as baseline; the machine's "
+                       "2 cores were shared with other jobs (times are not comparable across rows)."}
+
+    def add(row, kind):
+        base = baseline[row["eval_data"]][kind]
+        row["ppl_ratio"] = row["ppl"] / base["ppl"]
+        if "kv_bytes" in row:
+            row["kv_bytes_ratio"] = row["kv_bytes"] / base["kv_bytes"]
+        rows.append(row)
+        extra = f" bytes {row['kv_bytes_ratio']:.3f}" if "kv_bytes" in row else ""
+        print(f"{row['method']:40s} calib {str(row['calibration']):18s} eval {row['eval_data']:12s} "
+              f"ppl {row['ppl']:9.3f} ({100 * (row['ppl_ratio'] - 1):+6.1f}%){extra}", flush=True)
+
+    for d in domains:  # the uncompressed model and the calibration-free baselines
+        nll, n, nbytes = continuation_nll(kv_model, windows[d], args.prefill, _dynamic(kv_model))
+        baseline[d] = {"dense": {"ppl": perplexity(model, evals[d])},
+                       "kv": {"ppl": math.exp(nll), "kv_bytes": nbytes, "tokens": n}}
+        for crit in ("magnitude",):
+            pruned = copy.deepcopy(model)
+            prune(pruned, None, sparsity=args.sparsity, criterion=crit, targets=args.targets)
+            add({"method": f"{crit}/none", "kind": "prune", "calibration": None, "eval_data": d,
+                 "sparsity": args.sparsity, "ppl": perplexity(pruned, evals[d])}, "dense")
+            del pruned
+        for spec in args.quant:
+            backend, nbits = spec.split(":")
+            try:
+                nll, n, nbytes = continuation_nll(kv_model, windows[d], args.prefill, _quantized(kv_model, backend,
+                                                                                                  int(nbits)))
+            except Exception as e:  # an optional backend that does not run here is reported, not hidden
+                rows.append({"method": f"quantized-{backend}-int{nbits}", "kind": "kv", "eval_data": d,
+                             "error": f"{type(e).__name__}: {e}"[:300]})
+                continue
+            add({"method": f"quantized-{backend}-int{nbits}", "kind": "kv", "calibration": None, "eval_data": d,
+                 "budget": int(nbits) / (8 * next(kv_model.parameters()).element_size()), "kv_bytes": nbytes,
+                 "ppl": math.exp(nll)}, "kv")
+    write_json(args.output, result)
+
+    for name, parts in sets.items():
+        loader = _batches(_mix(calib, parts, args.seed) if len(parts) > 1 else calib[parts[0]], args.batch_size)
+        t = time.time()
+        stats = collect_stats(model, loader, prune_taps(model, PruneConfig(targets=args.targets).targets))
+        for method, crit, fields in _prune_variants(args, name in robust):
+            pruned = copy.deepcopy(model)
+            prune(pruned, stats, sparsity=args.sparsity, criterion=crit, targets=args.targets, **fields)
+            for d in domains:
+                add({"method": method, "kind": "prune", "calibration": name, "eval_data": d,
+                     "in_calibration": d in parts, "sparsity": args.sparsity, "ppl": perplexity(pruned, evals[d])},
+                    "dense")
+            del pruned
+        kv_stats = collect_kv_stats(kv_model, loader, "fisher")
+        for method, fields in variants:
+            if fields and name not in robust:
+                continue
+            for budget in args.budgets:
+                plan = build_plan(kv_model, kv_stats, KVConfig(budget=budget, method="fisher", group_size=args.group_size,
+                                                               reference_tokens=args.prefill, sink_tokens=args.sink_tokens,
+                                                               **fields))
+                for d in domains:
+                    nll, n, nbytes = continuation_nll(kv_model, windows[d], args.prefill,
+                                                      lambda p=plan: p.cache(kv_model))
+                    add({"method": method, "kind": "kv", "calibration": name, "eval_data": d, "in_calibration": d in parts,
+                         "budget": budget, "plan_bytes_ratio": plan.ratio, "kv_bytes": nbytes, "ppl": math.exp(nll)},
+                        "kv")
+        print(f"calibration {name}: {time.time() - t:.0f}s", flush=True)
+        result["summary"] = summarize(result)
+        write_json(args.output, result)
+    return result
+
+
+def _dynamic(model):
+    from transformers import DynamicCache
+
+    return lambda: DynamicCache(config=model.config)
+
+
+def _quantized(model, backend: str, nbits: int):
+    from transformers import QuantizedCache
+
+    return lambda: QuantizedCache(backend=backend, config=model.config, nbits=nbits)
+
+
+def _ppl(rows, **match) -> float | None:
+    hit = [r for r in rows if "ppl" in r and all(r.get(k) == v for k, v in match.items())]
+    return hit[0]["ppl_ratio"] - 1 if hit else None
+
+
+def summarize(result: dict) -> dict:
+    """Per evaluation domain: the increases the targets compare (None where a row is not there yet).
+
+    Pruning: in-domain (calibrated on the domain itself) vs off-domain (the mix without it) for
+    each criterion, and their ratio. KV: each coded cache calibrated on the mix without the domain
+    vs the calibration-free QuantizedCache rows.
+    """
+    rows, out = result["rows"], {}
+    settings = result["settings"]
+    crits = sorted({r["method"] for r in rows if r.get("kind") == "prune" and r.get("calibration")})
+    kv_methods = sorted({r["method"] for r in rows if r.get("kind") == "kv" and r.get("calibration")})
+    for d in result["data"]["domains"]:
+        off = f"mix-no-{d}"
+        s = {"prune": {}, "kv": {}}
+        for m in crits:
+            inc_in, inc_off = _ppl(rows, method=m, calibration=d, eval_data=d), _ppl(rows, method=m, calibration=off,
+                                                                                     eval_data=d)
+            s["prune"][m] = {"in_domain": inc_in, "off_domain": inc_off, "mix": _ppl(rows, method=m, calibration="mix",
+                                                                                     eval_data=d),
+                             "off_over_in": inc_off / inc_in if inc_in and inc_off is not None else None}
+        s["prune"]["magnitude/none"] = _ppl(rows, method="magnitude/none", eval_data=d)
+        for m in kv_methods:
+            for b in settings["budgets"]:
+                s["kv"][f"{m}@{b:g}"] = {"in_domain": _ppl(rows, method=m, calibration=d, eval_data=d, budget=b),
+                                          "off_domain": _ppl(rows, method=m, calibration=off, eval_data=d, budget=b),
+                                          "mix": _ppl(rows, method=m, calibration="mix", eval_data=d, budget=b)}
+        for spec in settings["quant"]:
+            backend, nbits = spec.split(":")
+            s["kv"][f"quantized-{backend}-int{nbits}"] = _ppl(rows, method=f"quantized-{backend}-int{nbits}",
+                                                              eval_data=d)
+        out[d] = s
+    return out

