@@ -133,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     k.set_defaults(handler=_lazy(".eval.kv_bench:run_kv_bench"))
 
     _add_prune_parsers(sub)
+    from .studies.cli import add_study_parsers
+    add_study_parsers(sub, _lazy, _add_model_data)
 
     r = sub.add_parser("run", help="run a YAML recipe: `command:` names a subcommand, other keys are its options")
     r.add_argument("recipe", help="path to a recipe (see recipes/)")
