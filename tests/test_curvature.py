@@ -164,3 +164,24 @@ def test_bad_inputs():
     fake = {n: KFACFactors(torch.eye(3), torch.eye(3), 1) for n in mlp_linears(model)}
     with pytest.raises(GeoCompError, match="another model"):
         compress(model, fake)
+
+
+def test_cli_bench_curvature(tmp_path, tiny_llama_dir, text_file, capsys):
+    import json
+
+    from hf_geocomp.cli import main
+
+    out = tmp_path / "curv.json"
+    argv = ["bench-curvature", "--model", tiny_llama_dir, "--data", text_file, "--tokens", "128", "--block-size", "32",
+            "--train-data", text_file, "--train-tokens", "256", "--train-block", "16", "--canaries", "4",
+            "--canary-batch", "2", "--max-steps", "4", "--check-every", "2", "--kfac-data", text_file,
+            "--kfac-tokens", "64", "--eval-data", text_file, "--eval-tokens", "128", "--keeps", "1.0", "0.3",
+            "--rules", "per_factor", "--lr", "1e-3", "-o", str(out), "--plot", str(tmp_path / "c.png")]
+    assert main(argv) == 0
+    res = json.loads(out.read_text())
+    by = {(r["method"], r.get("keep")): r for r in res["rows"]}
+    assert by[("curvature:per_factor", 1.0)]["ppl"] == pytest.approx(res["baseline"]["ppl"], rel=1e-4)
+    assert {r["method"] for r in res["rows"]} >= {"pretrained", "finetuned", "prune:variance:bias+refit",
+                                                  "fold:data_free"}
+    assert res["finetune"]["steps"] <= 4 and (tmp_path / "c.png").exists()
+    assert main(argv[:-4] + ["--keeps", "0"]) == 2  # a bad keep fraction fails before any work

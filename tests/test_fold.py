@@ -11,12 +11,14 @@ from hf_geocomp.prune import block_params, prune_taps, unit_groups
 
 from .conftest import TINY_MODELS, random_batch
 
-CASES = [  # (model, fold kwargs)
-    ("llama", {"targets": "mlp+heads", "head_mode": "query"}),
-    ("llama", {"targets": "mlp+heads", "head_mode": "kv", "method": "agglomerative"}),
-    ("llama", {"targets": "mlp", "allocation": "global", "repair": "none"}),
-    ("gpt2", {"targets": "mlp+heads"}),
-    ("bert", {"targets": "mlp+heads", "repair_at": "producers"}),
+CASES = [  # (model, fold kwargs, reloads with stock from_pretrained)
+    ("llama", {"targets": "mlp+heads", "head_mode": "query"}, True),
+    ("llama", {"targets": "mlp+heads", "head_mode": "kv", "method": "agglomerative"}, True),
+    ("llama", {"targets": "mlp", "allocation": "global", "repair": "none"}, False),
+    ("gpt2", {"targets": "mlp"}, True),
+    ("gpt2", {"targets": "mlp+heads"}, False),
+    ("bert", {"targets": "mlp", "repair_at": "producers"}, True),
+    ("bert", {"targets": "mlp+heads"}, False),
 ]
 
 
@@ -161,8 +163,8 @@ def test_gqa_plans_stay_inside_groups():
     _out(kv, random_batch())
 
 
-@pytest.mark.parametrize("name,kw", CASES)
-def test_budget_and_save_reload(tmp_path, name, kw):
+@pytest.mark.parametrize("name,kw,expect_stock", CASES)
+def test_budget_and_save_reload(tmp_path, name, kw, expect_stock):
     from transformers import AutoModel, AutoModelForCausalLM
 
     model = TINY_MODELS[name]()
@@ -176,6 +178,7 @@ def test_budget_and_save_reload(tmp_path, name, kw):
     again = FoldPlan.from_dict(plan.to_dict())
     assert again.to_dict() == plan.to_dict()
     stock = model.config.geocomp_pruning["stock_loadable"]
+    assert stock == expect_stock
     loader = AutoModel if name == "bert" else AutoModelForCausalLM
     if stock:
         loaded = loader.from_pretrained(tmp_path).eval()
@@ -223,3 +226,23 @@ def test_bad_inputs():
     heads = plan_from_labels(model, {"0.heads": [0, 1, 0, 1]}, FoldConfig(targets="heads"))
     with pytest.raises(GeoCompError, match="GQA groups"):
         apply_fold(model, unit_groups(model, ("heads",)), heads)
+
+
+def test_cli_bench_fold(tmp_path, tiny_llama_dir, text_file):
+    import json
+
+    from hf_geocomp.cli import main
+
+    out = tmp_path / "fold.json"
+    argv = ["bench-fold", "--model", tiny_llama_dir, "--data", text_file, "--tokens", "128", "--block-size", "32",
+            "--eval-data", text_file, "--eval-tokens", "128", "--sparsities", "0.2", "--seeds", "2", "--methods",
+            "fold:none", "fold:data_free", "fold:data", "prune:magnitude:none", "prune:variance:bias+refit",
+            "-o", str(out), "--plot", str(tmp_path / "f.png")]
+    assert main(argv) == 0
+    res = json.loads(out.read_text())
+    assert len(res["rows"]) == 10 and (tmp_path / "f.png").exists()
+    mags = [r for r in res["rows"] if r["method"] == "prune:magnitude:none"]
+    assert mags[0]["deterministic"] and mags[0]["ppl"] == mags[1]["ppl"]
+    s = next(s for s in res["summary"] if s["method"] == "fold:data_free")
+    assert s["seeds"] == 2 and "p_vs_prune:variance:bias+refit" in s
+    assert main(argv[:-4] + ["--methods", "fold:nope"]) == 2

@@ -76,7 +76,9 @@ def _counts(model: nn.Module, groups: list[UnitGroup], cfg: FoldConfig, feats: d
             counts[g.key] = int(cfg.clusters)
         return counts
     pcfg = cfg.budget()
-    scores = {g.key: redundancy(feats[g.key]) for g in groups}
+    # uniform allocation reads only the counts; global ranks units by their data-free redundancy
+    scores = {g.key: redundancy(feats[g.key]) if cfg.allocation == "global" else torch.zeros(g.num_units)
+              for g in groups}
     return {gp.key: len(gp.keep) for gp in allocate(groups, scores, pcfg, block_params(model)).groups}
 
 
