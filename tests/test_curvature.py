@@ -176,7 +176,7 @@ def test_cli_bench_curvature(tmp_path, tiny_llama_dir, text_file, capsys):
             "--train-data", text_file, "--train-tokens", "256", "--train-block", "16", "--canaries", "4",
             "--canary-batch", "2", "--max-steps", "4", "--check-every", "2", "--kfac-data", text_file,
             "--kfac-tokens", "64", "--eval-data", text_file, "--eval-tokens", "128", "--keeps", "1.0", "0.3",
-            "--rules", "per_factor", "--lr", "1e-3", "-o", str(out), "--plot", str(tmp_path / "c.png")]
+            "--rules", "per_factor", "--lr", "1e-3", "--train-last", "1", "-o", str(out), "--plot", str(tmp_path / "c.png")]
     assert main(argv) == 0
     res = json.loads(out.read_text())
     by = {(r["method"], r.get("keep")): r for r in res["rows"]}
@@ -184,4 +184,5 @@ def test_cli_bench_curvature(tmp_path, tiny_llama_dir, text_file, capsys):
     assert {r["method"] for r in res["rows"]} >= {"pretrained", "finetuned", "prune:variance:bias+refit",
                                                   "fold:data_free"}
     assert res["finetune"]["steps"] <= 4 and (tmp_path / "c.png").exists()
+    assert res["finetune"]["trained_parameters"] == 3 * 32 * 48  # the last block's gate, up and down
     assert main(argv[:-4] + ["--keeps", "0"]) == 2  # a bad keep fraction fails before any work

@@ -236,13 +236,14 @@ def test_cli_bench_fold(tmp_path, tiny_llama_dir, text_file):
     out = tmp_path / "fold.json"
     argv = ["bench-fold", "--model", tiny_llama_dir, "--data", text_file, "--tokens", "128", "--block-size", "32",
             "--eval-data", text_file, "--eval-tokens", "128", "--sparsities", "0.2", "--seeds", "2", "--methods",
-            "fold:none", "fold:data_free", "fold:data", "prune:magnitude:none", "prune:variance:bias+refit",
+            "fold:none", "fold:data_free", "fold:data::agglomerative", "prune:magnitude:none", "prune:variance:bias+refit",
             "-o", str(out), "--plot", str(tmp_path / "f.png")]
     assert main(argv) == 0
     res = json.loads(out.read_text())
     assert len(res["rows"]) == 10 and (tmp_path / "f.png").exists()
     mags = [r for r in res["rows"] if r["method"] == "prune:magnitude:none"]
     assert mags[0]["deterministic"] and mags[0]["ppl"] == mags[1]["ppl"]
+    assert not next(r for r in res["rows"] if r["method"] == "fold:data::agglomerative")["deterministic"]
     s = next(s for s in res["summary"] if s["method"] == "fold:data_free")
     assert s["seeds"] == 2 and "p_vs_prune:variance:bias+refit" in s
     assert main(argv[:-4] + ["--methods", "fold:nope"]) == 2

@@ -8,7 +8,7 @@ approximated by A ⊗ G (Martens & Grosse, arXiv:1503.05671).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -23,6 +23,13 @@ class KFACFactors:
     A: torch.Tensor  # (in, in) E[xxᵀ]
     G: torch.Tensor  # (out, out) E[ggᵀ]
     tokens: int
+    _eig: tuple | None = field(default=None, repr=False, compare=False)
+
+    def eig(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(λ (out,), eigenvectors of G, μ (in,), eigenvectors of A), descending and clipped at 0; computed once."""
+        if self._eig is None:
+            self._eig = (*sym_eigh(self.G), *sym_eigh(self.A))
+        return self._eig
 
 
 def mlp_linears(model: nn.Module) -> list[str]:
@@ -66,8 +73,7 @@ def select(factors: KFACFactors, keep: float, rule: str) -> tuple[torch.Tensor, 
     (i, j) by λ_i(G)·μ_j(A), largest first, until ``keep`` of (Σλ)(Σμ) is reached; L and R hold
     the directions any kept pair uses, the mask the pairs themselves. ``keep=1`` keeps everything.
     """
-    lam, L = sym_eigh(factors.G)  # descending, clipped at 0
-    mu, R = sym_eigh(factors.A)
+    lam, L, mu, R = factors.eig()
     if rule == "per_factor" or keep >= 1:
         r_o, r_i = math.ceil(keep * L.shape[0] - 1e-9), math.ceil(keep * R.shape[0] - 1e-9)
         return L[:, :r_o], R[:, :r_i], None

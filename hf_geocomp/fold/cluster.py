@@ -49,13 +49,15 @@ def kmeans(x: torch.Tensor, k: int, seed: int = 0, iters: int = 20) -> torch.Ten
     x = x.float()  # (n, d)
     gen = torch.Generator().manual_seed(seed)
     sq = x.pow(2).sum(1)  # (n,)
+    dist_all = (sq[:, None] - 2 * x @ x.T + sq[None, :]).clamp_min(0)  # (n, n) once: seeding reads columns
     centers = [int(torch.randint(n, (1,), generator=gen))]
-    d2 = (sq - 2 * x @ x[centers[0]] + sq[centers[0]]).clamp_min(0)  # (n,) distance² to nearest centre
+    d2 = dist_all[:, centers[0]].clone()  # (n,) distance² to the nearest centre
     for _ in range(1, k):
-        p = d2 / d2.sum() if d2.sum() > 0 else torch.full_like(d2, 1.0 / n)
+        total = d2.sum()
+        p = d2 / total if total > 0 else torch.full_like(d2, 1.0 / n)
         c = int(torch.multinomial(p, 1, generator=gen))
         centers.append(c)
-        d2 = torch.minimum(d2, (sq - 2 * x @ x[c] + sq[c]).clamp_min(0))
+        torch.minimum(d2, dist_all[:, c], out=d2)
     cent = x[centers].clone()  # (k, d)
     labels = torch.full((n,), -1, dtype=torch.long)
     for _ in range(iters):

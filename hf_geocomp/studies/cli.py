@@ -31,6 +31,8 @@ def add_study_parsers(sub, lazy, add_model_data) -> None:
     c.add_argument("--canary-batch", type=int, default=8, help="canaries per step (default 8)")
     c.add_argument("--text-batch", type=int, default=2, help="text blocks per step (default 2)")
     c.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate (default 2e-4)")
+    c.add_argument("--train-last", type=int, default=0,
+                   help="fine-tune only the MLPs of the last N blocks (default 0: every parameter)")
     c.add_argument("--max-steps", type=int, default=200, help="most fine-tuning steps (default 200)")
     c.add_argument("--check-every", type=int, default=10, help="steps between memorisation checks (default 10)")
     c.add_argument("--memorised", type=float, default=1.5, help="digit perplexity counted as memorised (default 1.5)")

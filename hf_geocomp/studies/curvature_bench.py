@@ -8,6 +8,7 @@ The memorisation protocol of Merullo et al. 2025 (arXiv:2510.24256), on CPU scal
    ``--max-steps``; each step sees ``--canary-batch`` canaries, so each is repeated tens of times.
 2. K-FAC factors of every MLP linear of the fine-tuned model come from ``--kfac-tokens`` of the
    training text (labels sampled from the model: the true Fisher), never from the canaries.
+   ``--train-last N`` fine-tunes only the MLPs of the last N blocks (CPU-sized backward passes).
 3. Every ``--keeps`` × ``--rules`` compresses the MLPs; rows record held-out perplexity
    (``--eval-data``), canary perplexity on the secret digits only (the part no model can
    generalise to) and on the whole string, and stored block parameters (L and R included).
@@ -26,7 +27,8 @@ import time
 
 import torch
 
-from ..curvature import CurvatureConfig, compress, kfac_factors, stored_block_params
+from .. import arch
+from ..curvature import CurvatureConfig, compress, kfac_factors, mlp_linears, stored_block_params
 from ..data import calibration_loader, load_model
 from ..errors import GeoCompError
 from ..eval.perplexity import perplexity
@@ -68,10 +70,28 @@ def _measure(model, evals, ids, digits) -> dict:
             "params": stored_block_params(model)}
 
 
+def trained_parameters(model, last: int) -> list:
+    """Every parameter (``last`` 0), or only the MLP weights of the last ``last`` blocks (the backward
+    pass then stops there, which keeps the protocol CPU-sized); the others are frozen."""
+    if last == 0:
+        return list(model.parameters())
+    blocks = arch.block_prefixes(model)
+    if not 0 < last <= len(blocks):
+        raise GeoCompError(f"train_last must be in 0..{len(blocks)} (blocks of this model), got {last}.")
+    names = {n for n in mlp_linears(model) if n.startswith(tuple(blocks[-last:]))}
+    keep = [p for n, p in model.named_parameters() if n.rsplit(".", 1)[0] in names]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in keep:
+        p.requires_grad_(True)
+    return keep
+
+
 def finetune(model, text_blocks, ids, digits, args) -> dict:
     """Fine-tune on text with the canaries planted until they are memorised; returns the log."""
     gen = torch.Generator().manual_seed(args.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    params = trained_parameters(model, args.train_last)
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     log, cpu, wall = [], time.process_time(), time.time()
     text_order = torch.randperm(len(text_blocks), generator=gen).tolist()
     canary_order: list[int] = []
@@ -85,7 +105,7 @@ def finetune(model, text_blocks, ids, digits, args) -> dict:
         loss = model(input_ids=text, labels=text).loss + model(input_ids=ids[c_idx], labels=ids[c_idx]).loss
         loss.backward()
         loss = loss.detach()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if step % args.check_every == 0 or step == args.max_steps:
@@ -95,8 +115,10 @@ def finetune(model, text_blocks, ids, digits, args) -> dict:
             if dppl < args.memorised:
                 break
     model.eval()
+    for p in model.parameters():
+        p.requires_grad_(True)
     seen = step * args.canary_batch / ids.shape[0]
-    return {"steps": step, "presentations_per_canary": seen, "memorised": log[-1]["canary_digit_ppl"] < args.memorised,
+    return {"steps": step, "trained_parameters": sum(p.numel() for p in params), "presentations_per_canary": seen, "memorised": log[-1]["canary_digit_ppl"] < args.memorised,
             "cpu_seconds": time.process_time() - cpu, "wall_seconds": time.time() - wall, "log": log}
 
 

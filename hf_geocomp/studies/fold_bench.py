@@ -3,13 +3,15 @@
 Every row of one run shares the unfolded model's held-out perplexity as its baseline.
 Methods (``--methods``):
 
-* ``fold:<repair>[:<placement>]`` — data-free clustering of MLP units (``repair`` none,
-  data_free (Fold-AR) or data; ``placement`` consumer, gate or producers). The clustering
-  seed is the run's seed; ``data`` repair reads that seed's calibration subset.
+* ``fold:<repair>[:<placement>[:<cluster method>]]`` — data-free clustering of MLP units
+  (``repair`` none, data_free (Fold-AR) or data; ``placement`` auto, consumer, gate or
+  producers; ``cluster method`` kmeans or agglomerative, default ``--cluster-method``). The
+  k-means seed is the run's seed; agglomerative (Ward) clustering has no seed, so it is
+  clustered once per budget; ``data`` repair reads the seed's calibration subset.
 * ``prune:<criterion>:<compensation>`` — one-shot structured pruning (variance, wanda,
   magnitude...; none, bias+refit...). Each seed draws its own calibration subset, so
   data-driven rows vary with the seed; a row that reads no data (magnitude/none) is computed
-  once and repeated per seed, marked ``deterministic``.
+  once and repeated per seed, marked ``deterministic`` (so is data-free agglomerative folding).
 
 Summaries give mean ± sd per (method, budget) and paired t-tests over seeds (on log
 perplexity) of every fold method against every prune method at that budget.
@@ -35,17 +37,25 @@ from ..prune import PruneConfig, block_params, prune, prune_taps, score_groups, 
 
 
 def parse_method(spec: str) -> dict:
-    """``fold:<repair>[:<placement>]`` or ``prune:<criterion>:<compensation>`` → a dict (checked)."""
+    """``fold:<repair>[:<placement>[:<cluster method>]]`` or ``prune:<criterion>:<compensation>`` → a dict (checked)."""
     parts = spec.split(":")
-    if parts[0] == "fold" and len(parts) in (2, 3):
-        placement = parts[2] if len(parts) == 3 else "auto"
-        FoldConfig(repair=parts[1], repair_at=placement)
-        return {"family": "fold", "repair": parts[1], "repair_at": placement}
+    if parts[0] == "fold" and len(parts) in (2, 3, 4):
+        placement = parts[2] if len(parts) >= 3 and parts[2] else "auto"
+        method = parts[3] if len(parts) == 4 else None
+        FoldConfig(repair=parts[1], repair_at=placement, method=method or "kmeans")
+        return {"family": "fold", "repair": parts[1], "repair_at": placement, "cluster_method": method}
     if parts[0] == "prune" and len(parts) == 3:
         PruneConfig(criterion=parts[1], compensation=parts[2])
         return {"family": "prune", "criterion": parts[1], "compensation": parts[2]}
     raise GeoCompError(f"method {spec!r} must be fold:<repair>[:<placement>] (repairs {', '.join(REPAIRS)}; "
                        f"placements {', '.join(REPAIR_AT)}) or prune:<criterion>:<compensation>.")
+
+
+def _deterministic(m: dict, args) -> bool:
+    """Rows that read neither data nor the seed: the same model every seed."""
+    if _needs_data(m):
+        return False
+    return m["family"] == "prune" or (m["cluster_method"] or args.cluster_method) == "agglomerative"
 
 
 def _needs_data(m: dict) -> bool:
@@ -67,7 +77,7 @@ def run_fold_bench(args) -> dict:
     t = time.time()
     baseline = {"ppl": perplexity(model, evals), "params": base_params, "seconds": time.time() - t}
     print(f"baseline ppl {baseline['ppl']:.3f}, block params {base_params}", flush=True)
-    rows, fixed = [], {}
+    rows, fixed, fixed_plans = [], {}, {}
     for seed in range(args.seeds):
         torch.manual_seed(seed)
         calib = stats = None
@@ -79,7 +89,7 @@ def run_fold_bench(args) -> dict:
             print(f"seed {seed}: statistics of {stats.tokens} calibration tokens in {time.time() - t:.0f}s", flush=True)
         scores = {}
         for budget in args.sparsities:
-            plan = plan_seconds = None
+            plans = {}  # cluster method → (plan, seconds): one clustering per (seed, budget) serves every repair
             for spec, m in methods.items():
                 t = time.time()
                 key = (spec, budget)
@@ -87,13 +97,19 @@ def run_fold_bench(args) -> dict:
                     rows.append({**fixed[key], "seed": seed})
                     continue
                 work = copy.deepcopy(model)
+                plan_seconds = None
                 if m["family"] == "fold":
-                    cfg = FoldConfig(sparsity=budget, targets=targets, allocation=args.allocation,
-                                     method=args.cluster_method, repair=m["repair"], repair_at=m["repair_at"],
-                                     iters=args.iters, seed=seed)
-                    if plan is None:  # one clustering per (seed, budget) serves every repair
-                        plan = plan_fold(model, cfg)
-                        plan_seconds = time.time() - t
+                    cm = m["cluster_method"] or args.cluster_method
+                    cfg = FoldConfig(sparsity=budget, targets=targets, allocation=args.allocation, method=cm,
+                                     repair=m["repair"], repair_at=m["repair_at"], iters=args.iters, seed=seed)
+                    if cm not in plans:
+                        if cm == "agglomerative" and (cm, budget) in fixed_plans:
+                            plans[cm] = fixed_plans[(cm, budget)]
+                        else:
+                            plans[cm] = (plan_fold(model, cfg), time.time() - t)
+                            if cm == "agglomerative":
+                                fixed_plans[(cm, budget)] = plans[cm]
+                    plan, plan_seconds = plans[cm]
                     fold(work, plan=plan, config=cfg, batches=calib, stats=stats)
                 else:
                     cfg = PruneConfig(sparsity=budget, criterion=m["criterion"], targets=targets,
@@ -105,9 +121,8 @@ def run_fold_bench(args) -> dict:
                 params = block_params(work)
                 row = {"method": spec, **m, "budget": budget, "sparsity": 1 - params / base_params, "params": params,
                        "params_ratio": params / base_params, "ppl": ppl, "ppl_ratio": ppl / baseline["ppl"],
-                       "seed": seed, "uses_data": _needs_data(m), "deterministic": not _needs_data(m) and
-                       m["family"] == "prune", "mlp_widths": work.config.geocomp_pruning["mlp_widths"],
-                       "cluster_seconds": plan_seconds if m["family"] == "fold" else None,
+                       "seed": seed, "uses_data": _needs_data(m), "deterministic": _deterministic(m, args), "mlp_widths": work.config.geocomp_pruning["mlp_widths"],
+                       "cluster_seconds": plan_seconds,
                        "seconds": time.time() - t}
                 if row["deterministic"]:
                     fixed[key] = {k: v for k, v in row.items() if k != "seed"}
