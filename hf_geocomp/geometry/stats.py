@@ -483,15 +483,30 @@ def _skip_logits(model: nn.Module, taps: list[Tap]) -> dict:
     return {"logits_to_keep": 1}
 
 
+LABELS = ("gold", "sampled")
+
+
+def sample_labels(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One token per position drawn from the model's own softmax: (B, T, vocab) → (B, T)."""
+    probs = torch.softmax(logits.detach().float(), -1).flatten(0, 1)  # (B·T, vocab)
+    return torch.multinomial(probs, 1, generator=generator).reshape(logits.shape[:2])
+
+
 def collect_gradient_stats(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], taps: Iterable[Tap], *,
-                           compute_dtype: torch.dtype = torch.float32) -> ActivationStats:
+                           compute_dtype: torch.dtype = torch.float32, labels: str = "gold",
+                           seed: int = 0) -> ActivationStats:
     """Like :func:`collect_stats`, with a backward pass of the next-token loss after each forward.
 
     Taps with ``where="output_grad"`` measure ``∂L/∂output`` per token, where ``L`` is the
     *summed* (not averaged) next-token cross-entropy of the batch, so ``E[ggᵀ]`` is the
     per-token empirical Fisher of that output — the second-order cost of perturbing it.
+    With ``labels="sampled"`` the targets are drawn from the model's own next-token softmax
+    (seeded by ``seed``), so ``E[ggᵀ]`` is the true Fisher instead of the empirical one.
     Parameters get no gradients (they are frozen for the pass and restored after).
     """
+    if labels not in LABELS:
+        raise GeoCompError(f"labels must be one of {', '.join(LABELS)}, got {labels!r}.")
+    gen = torch.Generator().manual_seed(seed)
     taps = list(taps)
     device = next(model.parameters()).device
     frozen = [(p, p.requires_grad) for p in model.parameters()]
@@ -506,10 +521,11 @@ def collect_gradient_stats(model: nn.Module, batches: Iterable[Mapping[str, torc
             for batch in batches:
                 batch = {k: v.to(device) for k, v in batch.items()}
                 logits = model(**batch, use_cache=False).logits  # (B, T, vocab)
-                labels = batch["input_ids"][:, 1:]
+                target = (batch["input_ids"][:, 1:] if labels == "gold" else
+                          sample_labels(logits[:, :-1], gen).to(logits.device))  # (B, T-1)
                 if "attention_mask" in batch:
-                    labels = labels.masked_fill(batch["attention_mask"][:, 1:] == 0, -100)
-                loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
+                    target = target.masked_fill(batch["attention_mask"][:, 1:] == 0, -100)
+                loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), target.flatten(),
                                                          ignore_index=-100, reduction="sum")
                 loss.backward()
     finally:
