@@ -200,7 +200,8 @@ def add_study_parsers(sub, lazy, add_model_data, add_prune_options) -> None:
     add_model_data(f, tokens=4096)
     f.add_argument("--eval-data", default="shakespeare:evaluation", help="held-out text (default evaluation split)")
     f.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens (default 4096)")
-    f.add_argument("--sparsities", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.5])
+    f.add_argument("--sparsities", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.5],
+                   help="fractions of block parameters removed or folded away")
     f.add_argument("--methods", nargs="+", default=[
         "fold:none", "fold:data_free", "fold:data", "prune:variance:none", "prune:variance:bias+refit",
         "prune:wanda:none", "prune:wanda:bias+refit", "prune:magnitude:none", "prune:magnitude:bias+refit"],
@@ -232,7 +233,8 @@ def add_study_parsers(sub, lazy, add_model_data, add_prune_options) -> None:
     v.add_argument("--kfac-tokens", type=int, default=2048, help="K-FAC tokens (default 2048)")
     v.add_argument("--kfac-batch", type=int, default=4, help="blocks per K-FAC backward pass (default 4)")
     v.add_argument("--labels", default="sampled", help="sampled (true Fisher) or gold (default sampled)")
-    v.add_argument("--keeps", type=float, nargs="+", default=[1.0, 0.5, 0.2, 0.1, 0.05])
+    v.add_argument("--keeps", type=float, nargs="+", default=[1.0, 0.5, 0.2, 0.1, 0.05],
+                   help="keep fractions of the curvature mass")
     v.add_argument("--rules", nargs="+", default=["per_factor", "product"], help="keep rules (default both)")
     v.add_argument("--baselines", nargs="*", default=["prune:variance:bias+refit", "fold:data_free"],
                    help="measured at the parameters of every smaller per-factor row")
