@@ -159,7 +159,7 @@ def run_job(job: JobConfig, overwrite: bool = False, progress: bool = True, comm
     from transformers import DynamicCache
 
     from . import arch
-    from .data import BUNDLED_MODELS, calibration_loader, load_corpus, load_model
+    from .data import BUNDLED_MODELS, calibration_loader, load_corpus, load_model, resolve_model
     from .eval.memory import tensor_bytes
     from .geometry import collect_stats
     from .hub import GeoCompConfig, export, mark_compressed
@@ -171,6 +171,7 @@ def run_job(job: JobConfig, overwrite: bool = False, progress: bool = True, comm
 
     # ---- everything that can be wrong is found before the model loads --------------------------
     check_output(job.output, overwrite)
+    resolve_model(job.model)
     pcfg, kcfg = job.prune_config(), job.kv_config()
     quant = [parse_quant(q) for q in job.kv_baselines] if kcfg is not None else []
     for source in [job.calibration, *job.eval_data]:

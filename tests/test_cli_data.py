@@ -159,7 +159,7 @@ def test_run_recipe_equals_the_command(tmp_path, capsys, tiny_llama_dir, text_fi
 @pytest.mark.parametrize("body, message", [
     ("command: analyze\ntokenz: 5\n", "recipe key 'tokenz' is not an option of `analyze`"),
     ("command: analyse\n", "recipe command 'analyse' is not one of"),
-    ("model: x\n", "must be a mapping with a `command:` key"),
+    ("model: x\n", "model 'x' is not a bundled name"),  # a job recipe (no command): its model is checked first
     ("command: analyze\nsave_stats: 3\n", "is a switch"),
     ("command: [unclosed\n", "not valid YAML"),
 ])
