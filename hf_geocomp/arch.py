@@ -412,11 +412,20 @@ def set_attention_heads(model: nn.Module, attn: nn.Module, num_heads: int, num_k
                 setattr(attn, name, num_heads if name == "num_heads" else num_kv_heads)
 
 
+# The ``attn_implementation`` of a config whose checkpoint stock transformers would rebuild wrongly
+# (hf_geocomp.hub writes it; ``ensure_bias`` too): stock transformers refuses it before reading a weight.
+PLUGIN_GUARD = "hf_geocomp-required: pip install hf-geocomp, then import hf_geocomp before from_pretrained"
+
+
 def ensure_bias(model: nn.Module, kind: str) -> None:
     """Give every ``kind`` ("mlp" or "heads") projection of every block a bias (zeros where new).
 
-    Needed when compensation folds a constant into a layer that has none; the config flag is
-    set too, so a stock ``from_pretrained`` builds the same modules.
+    Needed when compensation folds a constant into a layer that has none. Where the family's
+    config can turn the bias on, that flag is set, so a stock ``from_pretrained`` builds the same
+    modules. Where it cannot (the family builds the layer without a bias whatever its config
+    says), the config gets :data:`PLUGIN_GUARD`, so stock transformers refuses the checkpoint
+    instead of dropping the bias; ``hf_geocomp.hub.mark_compressed`` then records the biases and
+    ``from_pretrained`` after ``import hf_geocomp`` rebuilds them.
     """
     spec = get_spec(model)
     names = (*spec.mlp_in, spec.mlp_out) if kind == "mlp" else tuple(
@@ -427,9 +436,7 @@ def ensure_bias(model: nn.Module, kind: str) -> None:
             m = model.get_submodule(prefix + n)
             if getattr(m, "bias", None) is None:
                 if flag is None:
-                    raise GeoCompError(f"{spec.family} builds layer {prefix + n} without a bias whatever its config "
-                                       "says, so a bias folded in by compensation would not reload; use compensation "
-                                       "'refit' or 'none'.")
+                    model.config.attn_implementation = PLUGIN_GUARD
                 m.bias = nn.Parameter(torch.zeros(linear_weight(m).shape[0], dtype=m.weight.dtype,
                                                   device=m.weight.device))
     if flag is not None:

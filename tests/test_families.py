@@ -200,20 +200,31 @@ def test_pruning_cuts_and_reloads(name, tmp_path):
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
-def test_bias_compensation_reloads_or_is_refused(name, tmp_path):
-    """Compensation that adds a bias works where the family's config can turn the bias on, else one clear error."""
+def test_bias_compensation_reloads_or_is_refused_by_stock(name, tmp_path):
+    """Compensation that adds a bias reloads with stock transformers where the family's config can turn the bias
+    on; elsewhere stock transformers refuses the checkpoint and the geocomp loader rebuilds the biases."""
+    from transformers import AutoModelForCausalLM
+
+    import hf_geocomp  # noqa: F401
+    from hf_geocomp.hub import mark_compressed
+
     model = FAMILIES[name]()
     spec = arch.get_spec(model)
     batch = random_batch(4, 16)
     stats = collect_stats(model, [batch], prune_taps(model, ("mlp",)), compute_dtype=torch.float64)
     has_bias = model.get_submodule(arch.block_prefixes(model)[0] + spec.mlp_out).bias is not None
+    _, plan = prune(model, stats, sparsity=0.2, targets=("mlp",), compensation="bias")
     if spec.bias_flags[0] is None and not has_bias:
-        with pytest.raises(GeoCompError, match="without a bias"):
-            prune(model, stats, sparsity=0.2, targets=("mlp",), compensation="bias")
-        return
-    prune(model, stats, sparsity=0.2, targets=("mlp",), compensation="bias")
-    model.save_pretrained(tmp_path)
-    again = type(model).from_pretrained(tmp_path).eval()
+        assert model.config.attn_implementation == arch.PLUGIN_GUARD
+        model.save_pretrained(tmp_path / "plain")
+        with pytest.raises(ValueError, match="hf_geocomp-required"):
+            type(model).from_pretrained(tmp_path / "plain")  # never a model that silently lost its biases
+        mark_compressed(model, plan)
+        model.save_pretrained(tmp_path / "geocomp")
+        again = AutoModelForCausalLM.from_pretrained(tmp_path / "geocomp").eval()
+    else:
+        model.save_pretrained(tmp_path)
+        again = type(model).from_pretrained(tmp_path).eval()
     torch.testing.assert_close(_out(again, batch), _out(model, batch), rtol=0, atol=0)
 
 

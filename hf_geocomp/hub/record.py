@@ -17,7 +17,7 @@ from .shapes import read_shapes, replaced_modules, stock_differences, stock_shap
 # would load wrongly: without hf_geocomp, building the model stops with
 # `Specified attn_implementation="<this>" is not supported` before any weight is read; with it,
 # the quantizer puts the real attention back (see GeoCompHfQuantizer.update_attn_implementation).
-GUARD = "hf_geocomp-required: pip install hf-geocomp, then import hf_geocomp before from_pretrained"
+GUARD = arch.PLUGIN_GUARD
 
 
 def prune_record(prune_plan) -> dict | None:

@@ -63,14 +63,15 @@ def read_shapes(model: nn.Module) -> dict:
         down = _dims(model.get_submodule(prefix + spec.mlp_out))
         up = _dims(model.get_submodule(prefix + spec.mlp_in[0]))
         if down or up:
-            out["mlp_widths"][i] = down[1] if down else up[0]
+            out["mlp_widths"][i] = down[1] if down else up[0] // spec.mlp_chunks
         o = _dims(model.get_submodule(prefix + spec.o))
         if o:
             out["num_heads"][i] = o[1] // hd
-        if spec.qkv:
+        if spec.qkv:  # fused [q | k | v] rows: (heads + 2·kv_heads)·head_dim (GPT-2: kv_heads = heads)
             qkv = _dims(model.get_submodule(prefix + spec.qkv))
             if qkv:
-                out["num_heads"][i] = out["num_kv_heads"][i] = qkv[0] // (3 * hd)
+                nq = out["num_heads"][i] if o else qkv[0] // (3 * hd)
+                out["num_heads"][i], out["num_kv_heads"][i] = nq, (qkv[0] // hd - nq) // 2
         else:
             k = _dims(model.get_submodule(prefix + spec.k))
             if k:
@@ -148,8 +149,8 @@ def rebuild(model: nn.Module, shapes: dict, replaced: dict[str, dict], dtype: to
         if min(w, nq, nkv) < 1 or nq % nkv:
             raise GeoCompError(f"the geocomp plan's layer {i} has impossible shapes (width {w}, heads {nq}/{nkv}).")
         if w != stock["mlp_widths"][i]:
-            for name in spec.mlp_in:
-                _resize(model, prefix + name, out_f=w)
+            for name in spec.mlp_in:  # a fused [gate | up] (Phi-3) holds mlp_chunks rows per neuron
+                _resize(model, prefix + name, out_f=w * spec.mlp_chunks)
             _resize(model, prefix + spec.mlp_out, in_f=w)
         if (nq, nkv) != (stock["num_heads"][i], stock["num_kv_heads"][i]):
             if spec.qkv:
