@@ -119,9 +119,11 @@ def load_model(name: str, task: str = "auto", dtype: torch.dtype = torch.float32
     extra = {"gguf_file": gguf} if gguf else {}
     try:
         config = AutoConfig.from_pretrained(where, **extra)
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
+    except Exception as e:  # a damaged GGUF file fails anywhere in its reader (struct.error, IndexError, ...)
         if gguf:
             raise GeoCompError(f"cannot parse GGUF file {gguf!r} in {where}: {str(e).splitlines()[0]}") from None
+        if not isinstance(e, (OSError, ValueError, KeyError, RuntimeError)):
+            raise
         raise GeoCompError(f"cannot load model {name!r} (not a local model, and not in the Hugging Face "
                            f"cache or reachable on the Hub): {str(e).splitlines()[0]}") from None
     from .arch import check_config

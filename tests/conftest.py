@@ -58,17 +58,20 @@ def random_batch(batch=3, seq=10, seed=0, pad_last=0):
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def _tiny_tokenizer():
+def _tiny_tokenizer(encoder: bool = False):
+    """A byte-level BPE of VOCAB ids trained on Python's docs; ``encoder``: with BERT's [CLS]/[SEP]-style tokens."""
     from pydoc_data.topics import topics
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<unk>", "<eos>"], show_progress=False,
+    specials = ["<unk>", "<eos>"] + (["<cls>", "<sep>"] if encoder else [])
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=specials, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(list(topics.values())[:40], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>", pad_token="<eos>")
+    extra = dict(cls_token="<cls>", sep_token="<sep>") if encoder else {}
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>", pad_token="<eos>", **extra)
 
 
 @pytest.fixture(scope="session")
@@ -77,6 +80,15 @@ def tiny_llama_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-llama")
     tiny_llama().save_pretrained(path)
     _tiny_tokenizer().save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory):
+    """A saved tiny BERT encoder with a tokenizer: what the classifier benchmarks fine-tune."""
+    path = tmp_path_factory.mktemp("tiny-bert")
+    tiny_bert().save_pretrained(path)
+    _tiny_tokenizer(encoder=True).save_pretrained(path)
     return str(path)
 
 

@@ -140,18 +140,41 @@ def test_per_kind_scope_on_tiny_models(name):
         assert 0.99 * share <= sum(m["rank"] * (m["in_features"] + m["out_features"]) for m in group) <= share
 
 
+def _independent_eigh(moments):
+    """Eigenpairs of the uncentred second moment, descending, by numpy (not the package's solvers)."""
+    import numpy as np
+
+    evals, vecs = np.linalg.eigh((moments.outer / moments.count).numpy())
+    return torch.from_numpy(evals[::-1].copy()), torch.from_numpy(vecs[:, ::-1].copy())
+
+
+def _check_init_rows(a, moments, whitened):
+    """Rows of A are the top eigenvectors of E[xxᵀ]; whitened: scaled by 1/√λ_i, mean squared row norm 1."""
+    evals, vecs = _independent_eigh(moments)
+    rank = a.shape[0]
+    a = a.detach().double()
+    cos = torch.nn.functional.cosine_similarity(a, vecs[:, :rank].T, dim=1)
+    assert torch.allclose(cos.abs(), torch.ones_like(cos), atol=1e-5)
+    norms = a.norm(dim=1)
+    assert norms.pow(2).mean() == pytest.approx(1.0, rel=1e-5)
+    if whitened:  # ‖a_i‖ ∝ 1/√λ_i: the components of A·x have equal second moments
+        torch.testing.assert_close(norms * evals[:rank].sqrt(), (norms * evals[:rank].sqrt()).mean().expand(rank),
+                                   rtol=1e-4, atol=0)
+        second = torch.einsum("ri,ij,rj->r", a, (moments.outer / moments.count), a)
+        torch.testing.assert_close(second, second.mean().expand(rank), rtol=1e-4, atol=0)
+    else:
+        torch.testing.assert_close(norms, torch.ones_like(norms), rtol=1e-5, atol=0)
+
+
 @pytest.mark.parametrize("init", ["principal", "whitened"])
 def test_data_init_sets_eigenvectors_and_keeps_outputs(init):
     pm, cfg = _spectral("llama", spectral_init=init)
     batch = random_batch(seed=5)
     assert torch.equal(_out(pm, batch), _out(TINY_MODELS["llama"](), batch))  # B = 0
-    name = "model.layers.1.mlp.down_proj"
-    a = pm.base_model.model.get_submodule(name).lora_A["default"].weight  # (rank, in)
-    from hf_geocomp.geometry.spectrum import sym_eigh
-
-    _, vecs = sym_eigh(cfg.stats.input_of(name).second_moment())
-    cos = torch.nn.functional.cosine_similarity(a.double(), vecs[:, : a.shape[0]].T, dim=1)
-    assert torch.allclose(cos, torch.ones_like(cos), atol=1e-5)
+    for m in cfg.spectral_allocation["modules"]:
+        if m["rank"] > 1:
+            a = pm.base_model.model.get_submodule(m["name"]).lora_A["default"].weight  # (rank, in)
+            _check_init_rows(a, cfg.stats.input_of(m["name"]), init == "whitened")
 
 
 @pytest.mark.parametrize("name, task_type, expected", [("llama", None, "whitened"), ("gpt2", None, "whitened"),
@@ -160,14 +183,43 @@ def test_data_init_sets_eigenvectors_and_keeps_outputs(init):
 def test_auto_init_is_whitened_for_causal_lms_only(name, task_type, expected, tmp_path):
     pm, cfg = _spectral(name, task_type=task_type) if task_type else _spectral(name)
     assert cfg.spectral_init == expected
-    if expected == "whitened":  # A really is the whitened eigenbasis
-        from hf_geocomp.lora.allocate import init_directions
-
-        m = cfg.spectral_allocation["modules"][0]
-        a = pm.base_model.model.get_submodule(m["name"]).lora_A["default"].weight
-        assert torch.allclose(a.double(), init_directions(cfg.stats.input_of(m["name"]), m["rank"], True), atol=1e-6)
+    m = max(cfg.spectral_allocation["modules"], key=lambda m: m["rank"])
+    a = pm.base_model.model.get_submodule(m["name"]).lora_A["default"].weight
+    if expected == "whitened":  # A really is the whitened eigenbasis, checked against numpy's eigh
+        _check_init_rows(a, cfg.stats.input_of(m["name"]), True)
+    else:  # PEFT's own random A: not the eigenbasis
+        evals, vecs = _independent_eigh(cfg.stats.input_of(m["name"]))
+        cos = torch.nn.functional.cosine_similarity(a.detach().double(), vecs[:, : a.shape[0]].T, dim=1)
+        assert cos.abs().max() < 0.99
     pm.save_pretrained(tmp_path)  # saved resolved, so a reload never depends on how "auto" is defined
     assert json.loads((tmp_path / "adapter_config.json").read_text())["spectral_init"] == expected
+
+
+@pytest.mark.parametrize("d,k", [(640, 8), (640, 48), (1536, 32)])
+def test_randomized_eigensolver_matches_eigh(d, k, monkeypatch):
+    """d >= 512 (every SmolLM2 input) takes randomized subspace iteration: top-k eigenpairs as torch.linalg.eigh's,
+    with the sign convention of sym_eigh, on a spectrum like an activation's (a few huge directions, a slow tail)."""
+    import importlib
+
+    alloc = importlib.import_module("hf_geocomp.lora.allocate")
+
+    g = torch.Generator().manual_seed(d + k)
+    q = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))[0]
+    lam = torch.arange(1, d + 1, dtype=torch.float64) ** -1.0
+    lam[:3] = torch.tensor([400.0, 60.0, 9.0])  # massive activations
+    cov = (q * lam) @ q.T
+    full_solves = []
+    real = alloc.sym_eigh
+    monkeypatch.setattr(alloc, "sym_eigh", lambda m: full_solves.append(m.shape) or real(m))
+    evals, vecs = alloc.top_eigenvectors(cov, k)
+    assert (d, d) not in full_solves  # the randomized branch ran
+    ref_vals, ref_vecs = torch.linalg.eigh(cov)
+    ref_vals, ref_vecs = ref_vals.flip(0)[:k], ref_vecs.flip(1)[:, :k]
+    torch.testing.assert_close(evals, ref_vals, rtol=1e-7, atol=0)
+    idx = ref_vecs.abs().argmax(0)
+    ref_vecs = ref_vecs * torch.sign(ref_vecs[idx, torch.arange(k)])  # largest-magnitude entry positive
+    torch.testing.assert_close(vecs, ref_vecs, rtol=0, atol=1e-4)  # a wrong sign, order or vector is O(1)
+    assert (vecs * ref_vecs).sum(0).min() > 1 - 1e-6
 
 
 FRESH = r"""
@@ -242,6 +294,46 @@ def test_bad_input(kwargs, match):
     cfg.stats = _stats(model)
     with pytest.raises(GeoCompError, match=match):
         get_peft_model(model, cfg)
+
+
+def test_foreign_or_stale_statistics_are_refused_by_get_peft_model():
+    model = TINY_MODELS["llama"]()
+    cfg = SpectralLoraConfig(r=2, target_modules=TARGETS["llama"])
+    wide = type(model)(model.config.__class__(**{**model.config.to_dict(), "intermediate_size": 64}))
+    cfg.stats = _stats(wide)  # the same module names, other shapes
+    with pytest.raises(GeoCompError, match="different model"):
+        get_peft_model(model, cfg)
+    cfg.stats = _stats(model)
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[3, 5] += 1e-3
+    with pytest.raises(GeoCompError, match="stale"):
+        get_peft_model(model, cfg)
+    assert not any("lora_" in n for n, _ in model.named_parameters())  # refused before any adapter was built
+
+
+@pytest.mark.parametrize("kw", [{"budget": 1500}, {"budget": 6000, "allocation": "k_tau"}])
+def test_explicit_budget_is_spent(kw):
+    pm, cfg = _spectral("llama", **kw)
+    assert cfg.spectral_allocation["budget"] == kw["budget"]
+    assert 0.99 * kw["budget"] <= _lora_params(pm) <= kw["budget"]
+
+
+def test_min_and_max_rank_bound_every_module():
+    free = [m["rank"] for m in _spectral("llama", r=4)[1].spectral_allocation["modules"]]
+    assert min(free) < 3 and max(free) > 4
+    for kw, lo, hi in (({"min_rank": 3}, 3, None), ({"max_rank": 4}, None, 4)):
+        pm, cfg = _spectral("llama", r=4, **kw)
+        ranks = [m["rank"] for m in cfg.spectral_allocation["modules"]]
+        assert (lo is None or min(ranks) == lo) and (hi is None or max(ranks) == hi)
+        assert 0.99 * cfg.spectral_allocation["budget"] <= _lora_params(pm) <= cfg.spectral_allocation["budget"]
+
+
+def test_uniform_allocation_is_uniform_lora():
+    """The H2 control: allocation='uniform' gives every module the reference rank (and the same parameters)."""
+    pm, cfg = _spectral("llama", r=4, allocation="uniform")
+    assert {m["rank"] for m in cfg.spectral_allocation["modules"]} == {4}
+    plain = get_peft_model(TINY_MODELS["llama"](), __import__("peft").LoraConfig(r=4, target_modules=TARGETS["llama"]))
+    assert _lora_params(pm) == _lora_params(plain) == cfg.spectral_allocation["budget"]
 
 
 def test_statistics_missing_a_target_or_absent():

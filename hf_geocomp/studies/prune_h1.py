@@ -34,8 +34,7 @@ def genre_passages(tok, works: list[str], per_genre: int, block: int, seed: int)
     rows = {g: [] for g in LABELS}
     for w in works:
         blocks = token_blocks(tok, Corpus(w, [(w, read_text_file(texts / f"{w}_gut.txt"))]), block - 2)
-        for ids in blocks["input_ids"]:
-            rows[GENRE_OF[w]].append(ids)
+        rows[GENRE_OF[w]].extend(blocks[:]["input_ids"])  # one (blocks, block - 2) tensor: not row by row
     rng = random.Random(seed)
     out = []
     for label, g in enumerate(LABELS):
