@@ -37,6 +37,7 @@ KINDS = {
     "uniform": (dict(targets=("mlp",), allocation="uniform"), False),
     "global": (dict(targets=("mlp", "heads"), allocation="global"), False),
     "heads": (dict(targets=("heads",), allocation="uniform"), False),
+    "kv-groups": (dict(targets=("mlp", "heads"), head_mode="kv", allocation="global"), False),  # whole GQA groups
     "kv": (None, True),
     "kv+prune": (dict(targets=("mlp",), allocation="global"), True),
 }
@@ -89,6 +90,8 @@ def test_round_trip(saved, family, kind):
         assert torch.equal(again(input_ids=IDS).logits, logits)
     if kind == "global":
         assert len(set(plan["shapes"]["mlp_widths"])) > 1 and not plan["stock_loadable"]
+    if kind == "kv-groups" and family != "gpt2":
+        assert min(plan["shapes"]["num_kv_heads"]) < 2 and not plan["stock_loadable"]
     out = again.generate(input_ids=IDS, **GEN)
     assert torch.equal(out.sequences, gen.sequences)
     if KINDS[kind][1]:  # the coded cache without past_key_values=, holding the plan's bytes

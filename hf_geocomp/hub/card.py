@@ -18,7 +18,8 @@ from torch import nn
 from ..errors import GeoCompError
 
 TEMPLATE = "geocomp_model.md"
-COLUMNS = ("method", "params", "params_ratio", "kv_bytes_ratio", "ppl", "ppl_ratio", "eval_data")
+COLUMNS = ("method", "params", "params_ratio", "kv_bytes_ratio", "ppl", "ppl_ratio", "continuation_ppl",
+           "continuation_ppl_ratio", "eval_data")
 
 
 def template_path(name: str = TEMPLATE) -> Path:
@@ -118,7 +119,9 @@ def _results(results: dict | None):
     def fmt(v):
         return f"{v:.4g}" if isinstance(v, float) else ("-" if v is None else str(v))
 
-    note = f"Data: {results['data']}." if results.get("data") else ""
+    data = results.get("data")
+    note = "; ".join(f"{k}: {v}" for k, v in data.items()) if isinstance(data, dict) else str(data or "")
+    note = f"Data: {note}." if note else ""
     return cols, [[fmt(r.get(c)) for c in cols] for r in table], note, rows
 
 

@@ -112,6 +112,15 @@ class GeoCompConfig(QuantizationConfigMixin):
             raise GeoCompError("KV coding needs the same head counts in every layer: with kv, prune heads with "
                                "allocation='uniform' or prune targets=('mlp',) only.")
 
+    def __deepcopy__(self, memo):
+        """A copy sharing ``plan`` (a record, never changed in place; a large KV plan makes the deep copies
+        transformers takes of the config during ``from_pretrained`` slow)."""
+        import copy
+
+        new = copy.copy(self)
+        new.prune, new.kv = copy.deepcopy(self.prune, memo), copy.deepcopy(self.kv, memo)
+        return new
+
     @property
     def is_compressed(self) -> bool:
         return self.plan is not None

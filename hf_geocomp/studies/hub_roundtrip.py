@@ -140,6 +140,10 @@ def main(argv=None) -> None:
     p.add_argument("--base-model-id", default="HuggingFaceTB/SmolLM2-135M-Instruct", help="for the card metadata")
     p.add_argument("--card-dir", default="model_cards/examples/smollm2-135m-geocomp")
     p.add_argument("--output", "-o", default="recipes/results/hub_smollm2_roundtrip.json")
+    p.add_argument("--card-only", action="store_true", help="only re-render the example card from --work and --output")
+    p.add_argument("--load-times", default=None, metavar="JSON",
+                   help="only time loads of the saved base and compressed folders, and of --push-repo-id from the "
+                        "populated cache under HF_HOME with HF_HUB_OFFLINE=1, alternated; results to this JSON")
     p.add_argument("--recipe", default=None, help="the script that ran this (recorded in the results)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--source", help=argparse.SUPPRESS)
@@ -149,6 +153,14 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if args.child:
         return child(args)
+    if args.card_only:  # re-render the example card of the committed results from the saved model
+        from transformers import AutoModelForCausalLM
+
+        result = json.loads(Path(args.output).read_text())
+        return example_card(AutoModelForCausalLM.from_pretrained(args.work), result, args)
+    if args.load_times:
+        return load_times(args, "python -m hf_geocomp.studies.hub_roundtrip " +
+                          shlex.join(sys.argv[1:] if argv is None else argv))
     run(args, "python -m hf_geocomp.studies.hub_roundtrip " + shlex.join(sys.argv[1:] if argv is None else argv))
 
 
@@ -158,8 +170,7 @@ def run(args, command: str) -> None:
 
     from ..errors import GeoCompError
     from ..hub import GeoCompConfig, export, push
-    from ..hub.card import plot_plan, render_card, versions
-    from ..hub.shapes import stock_shapes
+    from ..hub.card import versions
     from ..io import write_json
 
     for path in (args.work, args.card_dir):
@@ -213,16 +224,66 @@ def run(args, command: str) -> None:
               "rows": [row], "versions": versions(),
               "note": "2 CPU cores shared with other jobs; load times are a ratio of medians of alternated loads."}
     write_json(args.output, result)
+    example_card(model, result, args)
+    print(json.dumps(row, indent=1))
+
+
+def example_card(model, result: dict, args) -> None:
+    """The example model card of a results file (``--card-only`` re-renders it from the saved model)."""
+    from ..hub.card import COLUMNS, plot_plan, render_card
+    from ..hub.shapes import stock_shapes
+
     card_dir = Path(args.card_dir)
     card_dir.mkdir(parents=True, exist_ok=True)
+    plan = model.config.quantization_config.plan
     plot = plot_plan(plan, stock_shapes(model), card_dir / "plan.png")
-    card = render_card(model, {**result, "rows": [{k: row[k] for k in ("method", "params", "params_ratio",
-                                                                       "kv_bytes_ratio", "ppl", "ppl_ratio",
-                                                                       "eval_data")}]},
-                       base_model=args.base_model_id, repo_id=args.push_repo_id or "your-namespace/smollm2-135m-geocomp",
-                       command=command, plot=plot)
+    rows = [{k: r[k] for k in COLUMNS if k in r} for r in result["rows"]]
+    command = result["command"] + (f"  # run by {result['recipe']}" if result.get("recipe") else "")
+    card = render_card(model, {**result, "rows": rows}, base_model=args.base_model_id,
+                       repo_id=args.push_repo_id or "your-namespace/smollm2-135m-geocomp", command=command, plot=plot)
     card.save(str(card_dir / "README.md"))
-    print(json.dumps(row, indent=1))
+
+
+TIMED = """
+import json, sys, time, torch
+import hf_geocomp
+from transformers import AutoModelForCausalLM
+torch.set_num_threads(int(sys.argv[1]))
+repeats, sources = int(sys.argv[2]), sys.argv[3:]
+times = {s: [] for s in sources}
+for _ in range(repeats):
+    for s in sources:
+        t = time.perf_counter()
+        AutoModelForCausalLM.from_pretrained(s, dtype=torch.float32)
+        times[s].append(time.perf_counter() - t)
+print(json.dumps(times))
+"""
+
+
+def load_times(args, command: str) -> None:
+    """Load time of the compressed model from its folder and from the offline HF cache by repo id, as ratios to
+    the base folder's (alternated in one fresh process, median of ``--load-repeats``)."""
+    import os
+
+    from ..io import write_json
+
+    sources = [args.base_dir, args.work] + ([args.push_repo_id] if args.push_repo_id else [])
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", TIMED, str(args.threads), str(args.load_repeats), *sources],
+                         check=True, capture_output=True, text=True, env=env).stdout
+    times = json.loads(out.strip().splitlines()[-1])
+    base = _median(times[args.base_dir])
+    rows = [{"method": "compressed, saved folder", "load_time_ratio": _median(times[args.work]) / base,
+             "load_s": times[args.work]}]
+    if args.push_repo_id:
+        rows.append({"method": f"compressed, repo id {args.push_repo_id} from the HF cache (HF_HUB_OFFLINE=1)",
+                     "load_time_ratio": _median(times[args.push_repo_id]) / base, "load_s": times[args.push_repo_id]})
+    write_json(args.load_times, {"command": command, "model": args.model, "data": None,
+                                 "baseline": {"method": "base folder", "load_s": times[args.base_dir]}, "rows": rows,
+                                 "note": f"HF_HOME={os.environ.get('HF_HOME')} (populated by the round trip); one fresh "
+                                         "process, loads alternated base / folder / repo id; 2 CPU cores shared with "
+                                         "other jobs"})
+    print(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":
