@@ -60,12 +60,13 @@ def parse_domains(specs: list[str]) -> dict[str, tuple[str, str]]:
 
 
 def calibration_sets(domains) -> dict[str, list[str]]:
-    """Each domain alone, the mix of all, and the mix of all but one (``mix-no-<domain>``)."""
+    """Each domain alone, the mix of all but one (``mix-no-<domain>``), then the mix of all (run in this order,
+    results written after each, so the in-domain and off-mix rows the targets compare come first)."""
     sets = {d: [d] for d in domains}
-    sets["mix"] = list(domains)
     if len(domains) > 2:
         for d in domains:
             sets[f"mix-no-{d}"] = [o for o in domains if o != d]
+    sets["mix"] = list(domains)
     return sets
 
 
