@@ -114,6 +114,11 @@ def run_cross_domain(args) -> dict:
     torch.set_num_threads(args.threads)
     domains = parse_domains(args.domains)
     sets = calibration_sets(domains)
+    if args.calibrations:
+        unknown = [c for c in args.calibrations if c not in sets]
+        if unknown:
+            raise GeoCompError(f"--calibrations names {', '.join(unknown)}; allowed: {', '.join(sets)}.")
+        sets = {c: sets[c] for c in sets if c in args.calibrations}
     robust = set(args.robust_calibrations or [n for n in sets if n.startswith("mix")])
     for name in robust:
         if name not in sets:
@@ -152,7 +157,7 @@ def run_cross_domain(args) -> dict:
                            "quant": args.quant, "threads": args.threads, "robust_calibrations": sorted(robust),
                            "robust_compensations": args.robust_compensations, "refit_damps": args.refit_damps,
                            "shrinkage": args.shrinkage, "min_bits": args.min_bits},
-              "baseline": baseline, "rows": rows,
+              "baseline": baseline, "rows": rows, "complete": False,
               "notes": "ppl_ratio is to the uncompressed model on the same evaluation domain in this run; KV rows "
                        "are continuation perplexity with the uncompressed DynamicCache as baseline; the machine's "
                        "2 cores were shared with other jobs (times are not comparable across rows)."}
@@ -220,6 +225,8 @@ def run_cross_domain(args) -> dict:
         print(f"calibration {name}: {time.time() - t:.0f}s", flush=True)
         result["summary"] = summarize(result)
         write_json(args.output, result)
+    result["complete"] = True  # every calibration set ran (results are written after each one)
+    write_json(args.output, result)
     return result
 
 
