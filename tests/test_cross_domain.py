@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from hf_geocomp import GeoCompError
 from hf_geocomp.cli import main
@@ -119,3 +120,33 @@ def test_smollm2_tokenizer_adds_no_bos():
     tok = AutoTokenizer.from_pretrained(where, gguf_file=gguf)
     assert tok("hello world")["input_ids"] == tok("hello world", add_special_tokens=False)["input_ids"]
     assert tokenizer_bos(tok) is None
+
+
+# ---- robustness options of the coded KV cache ----------------------------------------------------------
+
+def test_kv_floor_of_bits_and_shrinkage():
+    from hf_geocomp.kv import KVConfig, build_plan, collect_kv_stats
+    from hf_geocomp.kv.allocate import FULL
+
+    from .conftest import random_batch
+    from .families import FAMILIES
+
+    model = FAMILIES["llama3"]()
+    stats = collect_kv_stats(model, [random_batch(4, 24, seed=s) for s in range(2)], "fisher")
+    d = 2 * 8  # kv_heads · head_dim
+    plain = build_plan(model, stats, KVConfig(budget=0.125, group_size=8, sink_tokens=0))
+    floor = build_plan(model, stats, KVConfig(budget=0.125, group_size=8, sink_tokens=0, min_bits=1))
+    assert floor.ratio <= 0.125
+    coded = lambda plan: {k: sum(len(c) for b, c in g) for k, g in plan.groups.items()}  # noqa: E731
+    assert all(n == d for n in coded(floor).values())  # nothing dropped
+    assert any(n < d for n in coded(plain).values())  # without the floor the allocator drops components
+    assert all(b == FULL or b >= 1 for g in floor.groups.values() for b, _ in g)
+    with pytest.raises(GeoCompError, match="min_bits"):
+        build_plan(model, stats, KVConfig(budget=0.02, group_size=8, sink_tokens=0, min_bits=2))
+    with pytest.raises(GeoCompError, match="min_bits"):
+        KVConfig(min_bits=3)
+    with pytest.raises(GeoCompError, match="shrinkage"):
+        KVConfig(shrinkage=1.5)
+    shrunk = build_plan(model, stats, KVConfig(budget=0.25, group_size=8, shrinkage=1.0, rope="none", method="pca"))
+    enc = shrunk.tensors["0.v.enc"]  # a diagonal second moment: PCA axes are the coordinate axes
+    assert torch.allclose(enc.abs().gt(1e-6).sum(1).float(), torch.ones(enc.shape[:2]))

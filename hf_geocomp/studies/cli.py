@@ -171,6 +171,8 @@ def add_study_parsers(sub, lazy, add_model_data, add_prune_options) -> None:
     c.add_argument("--block-size", type=int, default=256, help="tokens per block (default 256)")
     c.add_argument("--batch-size", type=int, default=8, help="blocks per forward pass (default 8)")
     c.add_argument("--seed", type=int, default=0, help="seed of the share each mix takes of a domain (default 0)")
+    c.add_argument("--calibrations", nargs="*", default=None,
+                   help="only these calibration sets (domains, mix-no-<domain>, mix; default all)")
     c.add_argument("--sparsity", type=float, default=0.2, help="pruned fraction of block parameters (default 0.2)")
     c.add_argument("--targets", default="mlp", help="pruned units: mlp, heads or mlp+heads (default mlp)")
     c.add_argument("--criteria", nargs="+", default=["variance", "wanda"], help="calibrated criteria (default "

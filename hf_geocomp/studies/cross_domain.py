@@ -59,12 +59,13 @@ def parse_domains(specs: list[str]) -> dict[str, tuple[str, str]]:
 
 
 def calibration_sets(domains) -> dict[str, list[str]]:
-    """Each domain alone, the mix of all, and the mix of all but one (``mix-no-<domain>``)."""
+    """Each domain alone, the mix of all but one (``mix-no-<domain>``), then the mix of all (run in this order,
+    results written after each, so the in-domain and off-mix rows the targets compare come first)."""
     sets = {d: [d] for d in domains}
-    sets["mix"] = list(domains)
     if len(domains) > 2:
         for d in domains:
             sets[f"mix-no-{d}"] = [o for o in domains if o != d]
+    sets["mix"] = list(domains)
     return sets
 
 
@@ -112,6 +113,11 @@ def run_cross_domain(args) -> dict:
     torch.set_num_threads(args.threads)
     domains = parse_domains(args.domains)
     sets = calibration_sets(domains)
+    if args.calibrations:
+        unknown = [c for c in args.calibrations if c not in sets]
+        if unknown:
+            raise GeoCompError(f"--calibrations names {', '.join(unknown)}; allowed: {', '.join(sets)}.")
+        sets = {c: sets[c] for c in sets if c in args.calibrations}
     robust = set(args.robust_calibrations or [n for n in sets if n.startswith("mix")])
     for name in robust:
         if name not in sets:
@@ -150,7 +156,7 @@ def run_cross_domain(args) -> dict:
                            "quant": args.quant, "threads": args.threads, "robust_calibrations": sorted(robust),
                            "robust_compensations": args.robust_compensations, "refit_damps": args.refit_damps,
                            "shrinkage": args.shrinkage, "min_bits": args.min_bits},
-              "baseline": baseline, "rows": rows,
+              "baseline": baseline, "rows": rows, "complete": False,
               "notes": "ppl_ratio is to the uncompressed model on the same evaluation domain in this run; KV rows "
                        "are continuation perplexity with the uncompressed DynamicCache as baseline; the machine's "
                        "2 cores were shared with other jobs (times are not comparable across rows)."}
@@ -218,6 +224,8 @@ def run_cross_domain(args) -> dict:
         print(f"calibration {name}: {time.time() - t:.0f}s", flush=True)
         result["summary"] = summarize(result)
         write_json(args.output, result)
+    result["complete"] = True  # every calibration set ran (results are written after each one)
+    write_json(args.output, result)
     return result
 
 
