@@ -186,8 +186,8 @@ class GeoKVLayer(DynamicLayer):
 
             exact = self.segments[0] if len(self.segments) > 1 else None
             (ck, cv) = coded.codecs
-            hand_over(self.layer_idx, exact.length if exact else 0, coded.length, ck.latents(coded.parts[0]),
-                      cv.latents(coded.parts[1]), ck.dec, cv.dec)
+            hand_over(self.layer_idx, exact.length if exact else 0, coded.length, ck, coded.parts[0], cv,
+                      coded.parts[1])
             coded.append(key_states, value_states)  # the sink is full once coded tokens exist
             if exact is None:
                 return key_states, value_states
