@@ -132,6 +132,29 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--plot", default=None, help="also plot perplexity against cache bytes to this PNG")
     k.set_defaults(handler=_lazy(".eval.kv_bench:run_kv_bench"))
 
+    ks = sub.add_parser("bench-kv-speed", help="decode/prefill speed of KV caches as ratios to DynamicCache "
+                        "(interleaved A X A ..., median with min-max, beside the bytes-read bound)")
+    _add_model_data(ks, tokens=4096)
+    ks.add_argument("--eval-data", default="shakespeare:evaluation", help="text of the timed contexts")
+    ks.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="model dtype")
+    ks.add_argument("--budgets", type=float, nargs="+", default=[0.25, 0.125], help="geocomp budgets (fisher-bits)")
+    ks.add_argument("--quant", nargs="*", default=["quanto:4", "hqq:4"], help="QuantizedCache baselines backend:bits")
+    ks.add_argument("--group-size", type=int, default=64, help="latent components per float16 scale (default 64)")
+    ks.add_argument("--sink-tokens", type=int, default=4, help="first tokens kept exact (default 4)")
+    ks.add_argument("--configs", nargs="+", default=["1x4096", "8x4096", "1x8064"],
+                    help="batch x context pairs timed (default 1x4096 8x4096 1x8064)")
+    ks.add_argument("--steps", type=int, default=16, help="greedy decode steps per timed run, unless a config says :STEPS")
+    ks.add_argument("--repeats", type=int, default=3, help="interleaved repeats per configuration (default 3)")
+    ks.add_argument("--prefill-context", type=int, default=4096, help="prefill timed at batch 1 (0: skip)")
+    ks.add_argument("--prefill-repeats", type=int, default=3, help="interleaved prefill repeats (default 3)")
+    ks.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    ks.add_argument("--torch-path", action="store_true",
+                    help="also time the smallest budget on the PyTorch path (no fused kernel), first config only")
+    ks.add_argument("--allow-torch-path", action="store_true",
+                    help="run even if the fused kernel cannot be built (then geocomp rows time the PyTorch path)")
+    ks.add_argument("--output", "-o", default="recipes/results/kv_smollm2_decode_speed_fused.json", help="results JSON")
+    ks.set_defaults(handler=_lazy(".studies.kv_speed:run_kv_speed"))
+
     _add_prune_parsers(sub)
 
     r = sub.add_parser("run", help="run a YAML recipe: `command:` names a subcommand, other keys are its options")
