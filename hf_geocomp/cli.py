@@ -150,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     ks.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     ks.add_argument("--torch-path", action="store_true",
                     help="also time the smallest budget on the PyTorch path (no fused kernel), first config only")
+    ks.add_argument("--profile-steps", type=int, default=0,
+                    help="also profile this many decode steps per cache at the first config (torch.profiler)")
     ks.add_argument("--allow-torch-path", action="store_true",
                     help="run even if the fused kernel cannot be built (then geocomp rows time the PyTorch path)")
     ks.add_argument("--output", "-o", default="recipes/results/kv_smollm2_decode_speed_fused.json", help="results JSON")

@@ -137,7 +137,8 @@ def coded_scores(q: torch.Tensor, codec, parts: list[torch.Tensor], length: int)
         return torch.einsum("bkmn,btn->bkmt", q_lat, _latents(codec, parts))
     b, k, m, _ = q.shape
     out = q.new_empty(b, k * m, length)
-    kernel().scores(q_lat.reshape(b, k * m, -1).contiguous(), *_kernel_args(codec, lay, parts), length, out)
+    with torch.profiler.record_function("geocomp::fused_scores"):
+        kernel().scores(q_lat.reshape(b, k * m, -1).contiguous(), *_kernel_args(codec, lay, parts), length, out)
     return out.reshape(b, k, m, length)
 
 
@@ -156,6 +157,7 @@ def coded_values(p: torch.Tensor, codec, parts: list[torch.Tensor], length: int)
             flat = flat.contiguous()
         blocks = -(-length // BLOCK)
         partial = p.new_zeros(b, blocks, k * m, lay.n)
-        kernel().values(flat, *_kernel_args(codec, lay, parts), length, BLOCK, partial)
+        with torch.profiler.record_function("geocomp::fused_values"):
+            kernel().values(flat, *_kernel_args(codec, lay, parts), length, BLOCK, partial)
         y = partial.sum(1).reshape(b, k, m, lay.n)
     return torch.einsum("bkmn,knd->bkmd", y, rows)  # values lifted after the weighted sum

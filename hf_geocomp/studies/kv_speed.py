@@ -66,6 +66,19 @@ def decode_rate(model, cache, token: torch.Tensor, steps: int) -> float:
     return token.shape[0] * steps / (time.perf_counter() - start)
 
 
+@torch.no_grad()
+def profile_decode(model, cache, token: torch.Tensor, steps: int, top: int = 15) -> dict:
+    """torch.profiler over ``steps`` decode steps: total and the ``top`` operators by self CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        decode_rate(model, cache, token, steps)
+    ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    total = sum(e.self_cpu_time_total for e in ops)
+    return {"steps": steps, "self_cpu_ms_total": total / 1e3,
+            "top": [{"op": e.key, "self_cpu_ms": e.self_cpu_time_total / 1e3, "calls": e.count} for e in ops[:top]]}
+
+
 def _summary(ratios: list[float]) -> dict:
     return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios), "all": ratios}
 
@@ -126,7 +139,7 @@ def run_kv_speed(args) -> dict:
     text = torch.cat([b["input_ids"] for b in token_blocks(tok, load_corpus(args.eval_data), 1024,
                                                              max_tokens=max(c for _, c in configs) * 8)])
     weights = weight_bytes(model)
-    rows = []
+    rows, profiles = [], {}
 
     def timed_decode(make, impl, states, token, torch_path=False):
         with attention(model, impl), fused.disabled(torch_path):
@@ -172,6 +185,12 @@ def run_kv_speed(args) -> dict:
                          "bound_ratio": (weights + base_bytes) / (weights + used)})
             print(f"decode b={batch} ctx={ctx}: {label:40s} {r['median']:.2f}x [{r['min']:.2f}, {r['max']:.2f}]  "
                   f"bound {rows[-1]['bound_ratio']:.2f}x  bytes {used / base_bytes:.3f}", flush=True)
+        if args.profile_steps and (batch, ctx) == configs[0]:
+            for label, (_, _, make, impl) in [("dynamic", (None, None, dynamic, "sdpa")),
+                                              *[(k, m) for k, m in chosen.items() if k.startswith("geocomp")]]:
+                with attention(model, impl), fused.disabled(label.endswith("+torch_path")):
+                    profiles[f"{label} b={batch} ctx={ctx}"] = profile_decode(model, fill(make(), states), token,
+                                                                              args.profile_steps)
         del ref, states
 
     prefill = []
@@ -201,7 +220,7 @@ def run_kv_speed(args) -> dict:
     result = {"command": args.command_line, "model": args.model, "dtype": args.dtype,
               "data": {"calibration": args.data, "calibration_tokens": stats.tokens, "context_text": args.eval_data},
               "baseline": {"method": "dynamic", "weights_bytes": weights},
-              "rows": rows, "prefill": prefill,
+              "rows": rows, "prefill": prefill, "profiles": profiles,
               "machine": {"threads": args.threads, "cpus": os.cpu_count(), "load_before": load_before,
                           "load_after": _load(), "fused_kernel": fused.kernel() is not None,
                           "shared": "other jobs shared the cores during this run (see load averages)"},
