@@ -150,3 +150,27 @@ def test_missing_compiler_falls_back_loudly(llama, monkeypatch):
     messages = [str(w.message) for w in caught if "fused decode kernel" in str(w.message)]
     assert len(messages) == 1 and "g++: command not found" in messages[0]
     assert torch.allclose(out, ref, atol=1e-5)
+
+
+def test_speed_study_writes_interleaved_ratios(tiny_llama_dir, tmp_path):
+    """The speed study on a tiny model: rows per cache with median/min/max ratios, bytes and the bytes bound."""
+    import json
+
+    from hf_geocomp.cli import main
+
+    out = tmp_path / "speed.json"
+    main(["bench-kv-speed", "--model", tiny_llama_dir, "--dtype", "float32", "--data", "pydoc:calibration",
+          "--eval-data", "pydoc:evaluation", "--tokens", "256", "--block-size", "32", "--quant", "--group-size", "8",
+          "--budgets", "0.25", "--configs", "1x40:2", "2x24", "--steps", "2", "--repeats", "2",
+          "--prefill-context", "16", "--prefill-repeats", "1", "--profile-steps", "1", "--allow-torch-path",
+          "-o", str(out)])
+    result = json.loads(out.read_text())
+    rows = {(r["method"], r["batch"], r["context"]): r for r in result["rows"]}
+    assert set(rows) == {(m, b, c) for m in ("baseline", "dynamic", "geocomp-fisher-bits") for b, c in ((1, 40), (2, 24))}
+    geo = rows["geocomp-fisher-bits", 1, 40]
+    assert len(geo["ratios"]) == 2 and geo["ratio_min"] <= geo["tokens_per_s_ratio"] <= geo["ratio_max"]
+    assert geo["kv_bytes"] <= geo["kv_bytes_allocated"] and geo["kv_bytes_ratio"] < 0.5 and geo["bound_ratio"] > 1
+    assert result["prefill"][0]["latency_ratio"] > 0 and result["machine"]["load_before"]
+    assert any(k.startswith("geocomp") for k in result["profiles"]) and result["command"].startswith("hf-geocomp")
+    assert main(["bench-kv-speed", "--model", tiny_llama_dir, "--configs", "4096", "-o", str(tmp_path / "x.json")]) == 2
+    assert not (tmp_path / "x.json").exists()
