@@ -157,6 +157,21 @@ def build_parser() -> argparse.ArgumentParser:
     ks.add_argument("--output", "-o", default="recipes/results/kv_smollm2_decode_speed_fused.json", help="results JSON")
     ks.set_defaults(handler=_lazy(".studies.kv_speed:run_kv_speed"))
 
+    kk = sub.add_parser("bench-kv-kernel", help="one layer's decode-step attention on a synthetic coded cache: "
+                        "the fused path vs SDPA + cat (no model; seconds)")
+    kk.add_argument("--widths", nargs="+", required=True,
+                    help="LABEL=bits:n,bits:n,... components per width of each codec (bits 0: full precision)")
+    kk.add_argument("--configs", nargs="+", default=["1x4096", "8x4096", "1x8192"], help="BATCHxLENGTH pairs")
+    kk.add_argument("--kv-heads", type=int, default=3, help="KV heads (default 3)")
+    kk.add_argument("--head-dim", type=int, default=64, help="head dim (default 64)")
+    kk.add_argument("--query-group", type=int, default=3, help="query heads per KV head (default 3)")
+    kk.add_argument("--group-size", type=int, default=64, help="components per float16 scale (default 64)")
+    kk.add_argument("--calls", type=int, default=20, help="calls per timed run (default 20)")
+    kk.add_argument("--repeats", type=int, default=5, help="interleaved repeats (default 5)")
+    kk.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    kk.add_argument("--output", "-o", default="recipes/results/kv_smollm2_decode_kernel.json", help="results JSON")
+    kk.set_defaults(handler=_lazy(".studies.kv_speed:run_kv_kernel_speed"))
+
     _add_prune_parsers(sub)
 
     r = sub.add_parser("run", help="run a YAML recipe: `command:` names a subcommand, other keys are its options")

@@ -232,3 +232,79 @@ def run_kv_speed(args) -> dict:
                        "prefill latency_ratio: time to prefill into the cache over DynamicCache, same interleaving."}
     write_json(args.output, result)
     return result
+
+
+def synthetic_codec(kv_heads: int, head_dim: int, widths: dict, group_size: int, seed: int = 0):
+    """A codec with ``widths`` {bits: components} (bits 0: full precision) over random columns and bases."""
+    from ..kv.allocate import FULL
+    from ..kv.cache import Codec
+
+    g = torch.Generator().manual_seed(seed)
+    cols = torch.randperm(kv_heads * head_dim, generator=g).tolist()
+    groups, start = [], 0
+    for bits, n in widths.items():
+        groups.append((FULL if bits == 0 else bits, cols[start: start + n]))
+        start += n
+    enc = torch.linalg.qr(torch.randn(kv_heads, head_dim, head_dim, generator=g))[0]
+    return Codec(groups, enc, enc.transpose(1, 2).contiguous(), group_size)
+
+
+def run_kv_kernel_speed(args) -> dict:
+    """One attention layer's decode step on a synthetic coded cache (no model): the fused path (and the
+    PyTorch path) against SDPA on the bfloat16 keys and values plus the DynamicCache append (torch.cat)."""
+    from ..kv import fused
+
+    if fused.kernel() is None:
+        raise GeoCompError("the fused decode kernel is not available (see the warning above).")
+    torch.set_num_threads(args.threads)
+    load_before = _load()
+    kv_heads, d, group = args.kv_heads, args.head_dim, args.query_group
+    rows = []
+    for spec in args.widths:  # "label=bits:n,bits:n,..." per codec (K and V alike)
+        label, _, body = spec.partition("=")
+        widths = {int(b): int(n) for b, n in (item.split(":") for item in body.split(","))}
+        codec = synthetic_codec(kv_heads, d, widths, args.group_size)
+        for batch, length in [tuple(int(x) for x in c.split("x")) for c in args.configs]:
+            g = torch.Generator().manual_seed(1)
+            x = torch.randn(batch, kv_heads, length, d, generator=g).bfloat16()
+            parts = codec.encode(x)
+            q = torch.randn(batch, kv_heads * group, 1, d, generator=g).bfloat16()
+            p = torch.rand(batch, kv_heads, group, length, generator=g).softmax(-1)
+            one = x[:, :, :1]
+
+            def plain():
+                start = time.perf_counter()
+                for _ in range(args.calls):
+                    k, v = torch.cat([x, one], -2), torch.cat([x, one], -2)  # DynamicCache.update
+                    torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+                return args.calls / (time.perf_counter() - start)
+
+            def coded(torch_path=False):
+                qf = q.float().reshape(batch, kv_heads, group, d)
+                with fused.disabled(torch_path):
+                    start = time.perf_counter()
+                    for _ in range(args.calls):
+                        fused.coded_scores(qf, codec, parts, length)
+                        fused.coded_values(p, codec, parts, length)
+                    return args.calls / (time.perf_counter() - start)
+
+            result = interleaved(plain, {"fused": coded, "torch_path": lambda: coded(True)}, args.repeats)
+            nbytes = sum(t.numel() * t.element_size() for t in parts) * 2  # K and V
+            for path in ("fused", "torch_path"):
+                r = result[path]
+                rows.append({"method": f"geocomp-{path}", "budget": label, "batch": batch, "context": length,
+                             "widths": widths, "speed_ratio": r["median"], "ratio_min": r["min"], "ratio_max": r["max"],
+                             "kv_bytes_ratio": nbytes / (2 * x.numel() * x.element_size())})
+                print(f"{label:8s} b={batch} T={length}: {path:10s} {r['median']:.2f}x [{r['min']:.2f}, {r['max']:.2f}] "
+                      f"of SDPA + cat", flush=True)
+    result = {"command": args.command_line, "model": f"synthetic layer: {kv_heads} KV heads x {d}, {group} queries "
+                                                     "per KV head (SmolLM2-135M's shape)",
+              "data": "random keys and values", "baseline": {"method": "sdpa+cat", "dtype": "bfloat16"}, "rows": rows,
+              "machine": {"threads": args.threads, "cpus": os.cpu_count(), "load_before": load_before,
+                          "load_after": _load(), "shared": "other jobs shared the cores during this run"},
+              "options": resolved_args(args),
+              "notes": "speed_ratio: calls/s of one layer's decode-step attention over the coded cache (scores + value "
+                       "sums, K and V) over SDPA on the bfloat16 cache plus DynamicCache's torch.cat append; median of "
+                       "interleaved repeats (A X A ...), min/max beside it."}
+    write_json(args.output, result)
+    return result
