@@ -5,4 +5,4 @@ from setuptools import find_packages, setup
 
 setup(packages=find_packages(include=["hf_geocomp*"]) + ["hf_geocomp.model_cards"],
       package_dir={"hf_geocomp.model_cards": "model_cards"},
-      package_data={"hf_geocomp": ["py.typed"], "hf_geocomp.model_cards": ["*.md"]})
+      package_data={"hf_geocomp": ["py.typed", "kv/_fused.cpp"], "hf_geocomp.model_cards": ["*.md"]})

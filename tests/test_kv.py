@@ -80,7 +80,8 @@ def test_budget_respected_and_bytes_measured(setup, budget, bits):
     batch = random_batch(3, 20, seed=7)
     logits = _two_step_logits(model, cache, batch)
     assert torch.isfinite(logits).all()
-    assert tensor_bytes(cache) == plan.cache_bytes(20, batch=3)  # bytes held == the coded layout
+    assert cache.nbytes() == plan.cache_bytes(20, batch=3)  # bytes of the cached tokens == the coded layout
+    assert tensor_bytes(cache) == cache.nbytes(used=False) >= cache.nbytes()  # allocated: what the tensors hold
     dyn = DynamicCache(config=model.config)
     model(**batch, past_key_values=dyn)
     assert tensor_bytes(dyn) == plan.cache_bytes(20, batch=3, full=True)
@@ -429,7 +430,7 @@ def test_sink_tokens_exact_counted_and_cropped(setup):
     batch = random_batch(2, 20, seed=12)
     cache = plan.cache(model)
     _two_step_logits(model, cache, batch, split=2)  # the sink fills across two updates
-    assert tensor_bytes(cache) == plan.cache_bytes(20, batch=2)
+    assert cache.nbytes() == plan.cache_bytes(20, batch=2) and tensor_bytes(cache) == cache.nbytes(used=False)
     dyn = DynamicCache(config=model.config)
     model(**batch, past_key_values=dyn)
     for layer, ref in zip(cache.layers, dyn.layers):  # the first 3 tokens are stored exactly
@@ -547,3 +548,42 @@ def test_refine_improves_a_worse_fit_and_round_trips():
     assert all(torch.equal(fitted[k], plan.tensors[k]) for k in fitted)
     with pytest.raises(GeoCompError, match="prefill"):
         refine(model, plan, windows, prefill=24)
+
+
+def test_capacity_growth_keeps_bytes_and_contents(setup):
+    """Token-by-token appends write into buffers with room: contents are each token's codes, the buffer
+    is reused while it has room, grows geometrically, and batch operations act on it."""
+    model, stats = setup
+    plan = build_plan(model, stats, KVConfig(budget=0.25, group_size=8, sink_tokens=2, reference_tokens=16))
+    heads = arch.head_layout(model)
+    g = torch.Generator().manual_seed(15)
+    keys, values = (torch.randn(3, heads.num_kv_heads, 40, heads.head_dim, generator=g) for _ in range(2))
+    stepped, whole = plan.cache(model), plan.cache(model)
+    stepped.update(keys[:, :, :4], values[:, :, :4], 0)
+    seg = stepped.layers[0].segments[-1]
+    pointers, sizes = set(), set()
+    for t in range(4, 40):
+        stepped.update(keys[:, :, t:t + 1], values[:, :, t:t + 1], 0)
+        pointers.add(seg.buffers[1][0].data_ptr())
+        sizes.add(seg.allocated)
+    assert len(pointers) == 1 and sizes == {2 + seg.GROW_TOKENS}  # 2 coded tokens, one growth covers 36 more
+    codecs = seg.codecs
+    each = [sum((c.encode(x[:, :, t:t + 1]) for c, x in zip(codecs, (keys, values))), []) for t in range(2, 40)]
+    stored = [t.clone() for t in sum(seg.parts, [])]
+    assert all(torch.equal(s, torch.cat(parts, 1)) for s, parts in zip(stored, zip(*each)))
+    for i in range(2):  # every layer holds 40 tokens: the plan's layout
+        whole.update(keys, values, i)
+    stepped.update(keys, values, 1)
+    assert stepped.nbytes() == whole.nbytes() == plan.cache_bytes(40, batch=3)
+    assert tensor_bytes(stepped) == stepped.nbytes(used=False) > stepped.nbytes()
+    assert tensor_bytes(whole) == whole.nbytes()  # one append allocates exactly what it holds
+    length = seg.allocated
+    for _ in range(2):  # growth of a full buffer: by max(GROW_TOKENS, allocated // GROW_DIVISOR)
+        seg._grow(seg.buffers, seg.allocated + 1)
+    assert seg.allocated == length + 2 * seg.GROW_TOKENS and seg.nbytes() == whole.layers[0].segments[-1].nbytes()
+    stepped.reorder_cache(torch.tensor([2, 0, 1]))
+    stepped.batch_select_indices(torch.tensor([0, 1]))
+    stepped.batch_repeat_interleave(2)
+    idx = torch.tensor([2, 2, 0, 0])
+    assert all(t.shape[0] == 4 for t in sum(seg.buffers, []))
+    assert all(torch.equal(s[idx], t) for s, t in zip(stored, sum(seg.parts, [])))

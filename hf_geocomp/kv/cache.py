@@ -4,7 +4,9 @@ Each layer keeps, per K and V, the latents of every cached token grouped by bit 
 full-precision components as the model dtype (batch, seq, n), quantised ones as packed
 uint8 codes (batch, seq, bytes) with float16 scales (batch, seq, groups). Every stored
 tensor has the token axis at dim 1 and the batch at dim 0, so crop, beam reorder and batch
-selection are slices, and the bytes the cache holds are the bytes of these tensors.
+selection are slices. The tensors are buffers with room for later tokens (an append writes
+only the new ones); ``cache.nbytes()`` is the bytes of the cached tokens, ``nbytes(used=False)``
+the bytes allocated, which is what the cache's tensors hold (``tensor_bytes(cache)``).
 
 As in transformers' ``QuantizedLayer``, ``update`` returns the decoded past followed by the
 new states as given; the new states are stored coded. A layer built with ``reduced=True``
@@ -38,7 +40,7 @@ class Codec:
 
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
         if self.enc is None:
-            return [x.transpose(1, 2).clone(memory_format=torch.contiguous_format)]  # (batch, seq, heads, d), own storage
+            return [x.transpose(1, 2)]  # (batch, seq, heads, d), copied into the segment's buffer
         b, h, t, d = x.shape
         z = torch.einsum("bhtd,hdk->bthk", x.float(), self.enc.to(x.device)).reshape(b, t, h * d)
         out = []
@@ -75,28 +77,84 @@ class Codec:
 
 
 class _Segment:
-    """Consecutive cached tokens stored by one pair of codecs: K parts and V parts, token axis at dim 1."""
+    """Consecutive cached tokens stored by one pair of codecs: K parts and V parts, token axis at dim 1.
+
+    The stored tensors live in buffers with room for more tokens, (batch, allocated, ...), so an
+    append writes only the new tokens. The first append allocates exactly what it holds; when
+    full, a buffer grows by ``max(GROW_TOKENS, allocated // GROW_DIVISOR)`` tokens (one copy),
+    so appends cost O(1) amortised and the slack is at most 1/16 of the tokens (or 64 tokens).
+    ``parts`` are views of the used tokens.
+    """
+
+    GROW_TOKENS, GROW_DIVISOR = 64, 16
 
     def __init__(self, codecs: tuple[Codec, Codec], capacity: int | None):
         self.codecs, self.capacity = codecs, capacity  # capacity None: unbounded
-        self.parts: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
-        self.length = 0
+        self.buffers: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None  # (batch, allocated, ...) each
+        self.length = self.allocated = 0
+
+    @property
+    def parts(self) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
+        """The stored tensors of the ``length`` used tokens (views of the buffers)."""
+        if self.buffers is None:
+            return None
+        return tuple([t[:, : self.length] for t in part] for part in self.buffers)
 
     def room(self, n: int) -> int:
         return n if self.capacity is None else max(0, min(n, self.capacity - self.length))
 
+    def nbytes(self, used: bool = True) -> int:
+        """Bytes of the stored tensors: of the used tokens, or (``used=False``) all allocated."""
+        if self.buffers is None:
+            return 0
+        n = self.length if used else self.allocated
+        return sum(t[:, :n].numel() * t.element_size() for part in self.buffers for t in part)
+
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         new = tuple(c.encode(x) for c, x in zip(self.codecs, (keys, values)))
-        self.parts = new if self.parts is None else tuple(
-            [torch.cat([a, b], dim=1) for a, b in zip(old, fresh)] for old, fresh in zip(self.parts, new))
-        self.length += keys.shape[-2]
+        start, end = self.length, self.length + keys.shape[-2]
+        if end > self.allocated:
+            self._grow(new, end)
+        for bufs, fresh in zip(self.buffers, new):
+            for buf, t in zip(bufs, fresh):
+                buf[:, start:end] = t
+        self.length = end
+
+    def _grow(self, like: tuple[list[torch.Tensor], list[torch.Tensor]], needed: int) -> None:
+        size = needed if self.buffers is None else max(needed, self.allocated + max(
+            self.GROW_TOKENS, self.allocated // self.GROW_DIVISOR))
+        if self.capacity is not None:
+            size = min(size, self.capacity)
+        grown = []
+        for i, part in enumerate(like):
+            bufs = []
+            for j, t in enumerate(part):
+                try:
+                    buf = t.new_empty((t.shape[0], size, *t.shape[2:]))
+                except RuntimeError as e:  # out of memory: name what was asked for
+                    raise GeoCompError(f"the coded KV cache cannot hold {needed} tokens at batch {t.shape[0]}: "
+                                       f"allocating {size} tokens failed ({e}).") from e
+                if self.buffers is not None:
+                    buf[:, : self.length] = self.buffers[i][j][:, : self.length]
+                bufs.append(buf)
+            grown.append(bufs)
+        self.buffers, self.allocated = tuple(grown), size
+
+    def keep(self, start: int, stop: int) -> None:
+        """Keep tokens ``start:stop`` in buffers of exactly that size (the rest is released)."""
+        if stop <= start:
+            self.buffers, self.length, self.allocated = None, 0, 0
+            return
+        self.map(lambda t: t[:, start:stop].clone())
+        self.length = self.allocated = stop - start
 
     def decode(self, like: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         return tuple(c.decode(p, x, self.length) for c, p, x in zip(self.codecs, self.parts, like))
 
     def map(self, fn) -> None:
-        if self.parts is not None:
-            self.parts = tuple([fn(t) for t in part] for part in self.parts)
+        """Apply ``fn`` to every buffer (batch operations: the token axis is untouched)."""
+        if self.buffers is not None:
+            self.buffers = tuple([fn(t) for t in part] for part in self.buffers)
 
 
 class GeoKVLayer(DynamicLayer):
@@ -128,8 +186,8 @@ class GeoKVLayer(DynamicLayer):
 
             exact = self.segments[0] if len(self.segments) > 1 else None
             (ck, cv) = coded.codecs
-            hand_over(self.layer_idx, exact.length if exact else 0, coded.length, ck.latents(coded.parts[0]),
-                      cv.latents(coded.parts[1]), ck.dec, cv.dec)
+            hand_over(self.layer_idx, exact.length if exact else 0, coded.length, ck, coded.parts[0], cv,
+                      coded.parts[1])
             coded.append(key_states, value_states)  # the sink is full once coded tokens exist
             if exact is None:
                 return key_states, value_states
@@ -159,8 +217,12 @@ class GeoKVLayer(DynamicLayer):
 
     def reset(self) -> None:
         for seg in self.segments:
-            seg.parts, seg.length = None, 0
+            seg.buffers, seg.length, seg.allocated = None, 0, 0
         super().reset()
+
+    def nbytes(self, used: bool = True) -> int:
+        """Bytes this layer's stored tensors hold for its tokens (``used=False``: all allocated)."""
+        return sum(seg.nbytes(used) for seg in self.segments)
 
     def crop(self, max_length: int) -> None:
         """Keep the first ``max_length`` tokens; a negative value removes that many from the end."""
@@ -168,8 +230,7 @@ class GeoKVLayer(DynamicLayer):
         for seg in self.segments:
             n = max(0, min(seg.length, keep))
             if n < seg.length:  # copies, so that the dropped tokens' memory is released
-                seg.map(lambda t: t[:, :n].clone())
-                seg.parts, seg.length = (seg.parts if n else None), n
+                seg.keep(0, n)
             keep -= n
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -203,8 +264,7 @@ class GeoKVSlidingLayer(GeoKVLayer):
         self.cumulative_length += key_states.shape[-2]
         seg, keep = self.segments[0], self.sliding_window - 1
         if seg.length > keep:  # copies, so that tokens leaving the window release their memory
-            seg.map(lambda t: t[:, -keep:].clone())
-            seg.length = keep
+            seg.keep(seg.length - keep, seg.length)
         return keys, values
 
     def get_seq_length(self) -> int:
@@ -248,6 +308,11 @@ class GeoKVCache(Cache):
                   else GeoKVLayer(codecs[i, "k"], codecs[i, "v"], plan.config.sink_tokens, i, reduced)
                   for i, (kind, kw) in enumerate(arch.attention_layer_types(model))]
         super().__init__(layers=layers)
+
+    def nbytes(self, used: bool = True) -> int:
+        """Bytes of the stored keys and values: of the cached tokens, or (``used=False``) allocated,
+        room for later tokens included (what ``tensor_bytes(cache)`` measures)."""
+        return sum(layer.nbytes(used) for layer in self.layers)
 
 
 def plan_codecs(plan) -> dict[tuple[int, str], Codec]:

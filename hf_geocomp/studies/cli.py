@@ -247,3 +247,43 @@ def add_study_parsers(sub, lazy, add_model_data, add_prune_options) -> None:
     v.add_argument("--output", "-o", default="recipes/results/curvature_smollm2_canaries.json", help="results JSON")
     v.add_argument("--plot", default=None, help="also plot perplexities against parameters to this PNG")
     v.set_defaults(handler=lazy(".studies.curvature_bench:run_curvature_bench"))
+
+    ks = sub.add_parser("bench-kv-speed", help="decode/prefill speed of KV caches as ratios to DynamicCache "
+                        "(interleaved A X A ..., median with min-max, beside the bytes-read bound)")
+    add_model_data(ks, tokens=4096)
+    ks.add_argument("--eval-data", default="shakespeare:evaluation", help="text of the timed contexts")
+    ks.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="model dtype")
+    ks.add_argument("--budgets", type=float, nargs="+", default=[0.25, 0.125], help="geocomp budgets (fisher-bits)")
+    ks.add_argument("--quant", nargs="*", default=["quanto:4", "hqq:4"], help="QuantizedCache baselines backend:bits")
+    ks.add_argument("--group-size", type=int, default=64, help="latent components per float16 scale (default 64)")
+    ks.add_argument("--sink-tokens", type=int, default=4, help="first tokens kept exact (default 4)")
+    ks.add_argument("--configs", nargs="+", default=["1x4096", "8x4096", "1x8064"],
+                    help="batch x context pairs timed (default 1x4096 8x4096 1x8064)")
+    ks.add_argument("--steps", type=int, default=16, help="greedy decode steps per timed run, unless a config says :STEPS")
+    ks.add_argument("--repeats", type=int, default=3, help="interleaved repeats per configuration (default 3)")
+    ks.add_argument("--prefill-context", type=int, default=4096, help="prefill timed at batch 1 (0: skip)")
+    ks.add_argument("--prefill-repeats", type=int, default=3, help="interleaved prefill repeats (default 3)")
+    ks.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    ks.add_argument("--torch-path", action="store_true",
+                    help="also time the smallest budget on the PyTorch path (no fused kernel), first config only")
+    ks.add_argument("--profile-steps", type=int, default=0,
+                    help="also profile this many decode steps per cache at the first config (torch.profiler)")
+    ks.add_argument("--allow-torch-path", action="store_true",
+                    help="run even if the fused kernel cannot be built (then geocomp rows time the PyTorch path)")
+    ks.add_argument("--output", "-o", default="recipes/results/kv_smollm2_decode_speed_fused.json", help="results JSON")
+    ks.set_defaults(handler=lazy(".studies.kv_speed:run_kv_speed"))
+
+    kk = sub.add_parser("bench-kv-kernel", help="one layer's decode-step attention on a synthetic coded cache: "
+                        "the fused path vs SDPA + cat (no model; seconds)")
+    kk.add_argument("--widths", nargs="+", required=True,
+                    help="LABEL=bits:n,bits:n,... components per width of each codec (bits 0: full precision)")
+    kk.add_argument("--configs", nargs="+", default=["1x4096", "8x4096", "1x8192"], help="BATCHxLENGTH pairs")
+    kk.add_argument("--kv-heads", type=int, default=3, help="KV heads (default 3)")
+    kk.add_argument("--head-dim", type=int, default=64, help="head dim (default 64)")
+    kk.add_argument("--query-group", type=int, default=3, help="query heads per KV head (default 3)")
+    kk.add_argument("--group-size", type=int, default=64, help="components per float16 scale (default 64)")
+    kk.add_argument("--calls", type=int, default=20, help="calls per timed run (default 20)")
+    kk.add_argument("--repeats", type=int, default=5, help="interleaved repeats (default 5)")
+    kk.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    kk.add_argument("--output", "-o", default="recipes/results/kv_smollm2_decode_kernel.json", help="results JSON")
+    kk.set_defaults(handler=lazy(".studies.kv_speed:run_kv_kernel_speed"))

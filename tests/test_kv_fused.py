@@ -1,0 +1,176 @@
+"""The fused decode path of reduced attention (kv.fused): equal to attention on the decoded cache."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from hf_geocomp import arch
+from hf_geocomp.kv import KVConfig, build_plan, collect_kv_stats, fused, use_reduced_attention
+from hf_geocomp.kv.allocate import FULL
+
+from .conftest import random_batch, tiny_llama
+
+WIDTHS = (FULL, 8, 4, 2, 1)
+
+
+def _every_width(plan, seed=0):
+    """Give every (layer, K/V) of ``plan`` groups of every width, of odd sizes mixing heads, some components dropped."""
+    g = torch.Generator().manual_seed(seed)
+    d = plan.num_kv_heads * plan.head_dim
+    for key in plan.groups:
+        cols = torch.randperm(d, generator=g)[: d - 3].tolist()
+        cuts = sorted(torch.randperm(len(cols) - 1, generator=g)[: len(WIDTHS) - 1].add(1).tolist())
+        parts = [cols[a:b] for a, b in zip([0, *cuts], [*cuts, len(cols)])]
+        plan.groups[key] = [(w, c) for w, c in zip(WIDTHS, parts)]
+    plan._codecs = None
+    return plan
+
+
+@pytest.fixture(scope="module")
+def llama():
+    model = tiny_llama()
+    stats = collect_kv_stats(model, [random_batch(4, 32, seed=s) for s in range(2)], "fisher")
+    plan = build_plan(model, stats, KVConfig(budget=0.25, group_size=4, sink_tokens=3, reference_tokens=16))
+    return model, _every_width(plan)
+
+
+@pytest.fixture(params=["kernel", "torch"])
+def path(request, monkeypatch):
+    if request.param == "kernel" and fused.kernel() is None:
+        pytest.skip("the fused kernel could not be built here")
+    if request.param == "torch":
+        monkeypatch.setattr(fused, "_use_kernel", lambda *t: False)
+    return request.param
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scores_and_values_equal_decoded(llama, path, dtype):
+    """Per codec, every width present: q·k̂ and Σ p·v̂ from the codes equal products with the decoded cache."""
+    model, plan = llama
+    heads = arch.head_layout(model)
+    g = torch.Generator().manual_seed(1)
+    cache = plan.cache(model)
+    x = torch.randn(3, heads.num_kv_heads, 37, heads.head_dim, generator=g).to(dtype)
+    cache.update(x[:, :, :30], x[:, :, :30] * 0.5, 0)
+    cache.update(x[:, :, 30:], x[:, :, 30:] * 0.5, 0)  # a second append: views of buffers with room
+    seg = cache.layers[0].segments[-1]
+    length = seg.length
+    for codec, part in zip(seg.codecs, seg.parts):
+        assert {b for b, _ in codec.groups} == set(WIDTHS)
+        decoded = codec.decode(part, x[:, :, :length].float(), length)  # (3, kv_heads, L, d), lifted in float32
+        q = torch.randn(3, heads.num_kv_heads, 5, heads.head_dim, generator=g)
+        p = torch.rand(3, heads.num_kv_heads, 5, length + 2, generator=g)[..., 1:-1]  # strided, as sliced probs
+        assert torch.allclose(fused.coded_scores(q, codec, part, length), q @ decoded.transpose(-1, -2), atol=1e-5)
+        assert torch.allclose(fused.coded_values(p, codec, part, length), p @ decoded, atol=1e-5)
+
+
+def _logits(model, cache, batch, chunks=((0, 12), (12, 16), (16, 17), (17, 18))):
+    with torch.no_grad():
+        return torch.cat([model(input_ids=batch["input_ids"][:, a:b], attention_mask=batch["attention_mask"][:, :b],
+                                past_key_values=cache).logits for a, b in chunks], 1)
+
+
+def _reduced(model):
+    class Ctx:
+        def __enter__(self):
+            self.plain = model.config._attn_implementation
+            use_reduced_attention(model)
+
+        def __exit__(self, *exc):
+            model.set_attn_implementation(self.plain)
+    return Ctx()
+
+
+def test_model_equal_decoded_batch_padding_beams_crop(llama, path):
+    """Logits through reduced attention on the codes equal attention on the decoded cache (left padding,
+    a prefill chunk and decode steps), and so do beam search and a cropped cache continued."""
+    model, plan = llama
+    batch = random_batch(3, 20, seed=3)
+    batch["attention_mask"][1, :4] = 0
+    real = batch["attention_mask"].bool()[:, :18]
+    ref = _logits(model, plan.cache(model), batch)
+    kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, num_beams=3)
+    ref_beams = model.generate(**{k: v[:, :10] for k, v in batch.items()}, past_key_values=plan.cache(model), **kw)
+    decoded = plan.cache(model)
+    _logits(model, decoded, batch, ((0, 16),))
+    decoded.crop(-4)
+    ref_crop = _logits(model, decoded, batch, ((12, 14),))
+    with _reduced(model):
+        assert torch.allclose(_logits(model, plan.cache(model, reduced=True), batch)[real], ref[real], atol=1e-5)
+        beams = model.generate(**{k: v[:, :10] for k, v in batch.items()},
+                               past_key_values=plan.cache(model, reduced=True), **kw)
+        cache = plan.cache(model, reduced=True)
+        _logits(model, cache, batch, ((0, 16),))
+        cache.crop(-4)
+        crop = _logits(model, cache, batch, ((12, 14),))
+    assert torch.equal(beams, ref_beams)
+    assert torch.allclose(crop, ref_crop, atol=1e-5)
+
+
+def test_sliding_window_model(path):
+    """A full and a sliding-window layer: the full one reads its codes, the sliding one decodes; equal logits."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=300, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=8, use_sliding_window=True, sliding_window=6, max_window_layers=1)
+    model = Qwen2ForCausalLM(cfg).eval()
+    stats = collect_kv_stats(model, [random_batch(2, 16)], "fisher")
+    plan = _every_width(build_plan(model, stats, KVConfig(budget=0.25, group_size=4, sink_tokens=2,
+                                                         reference_tokens=16)), seed=2)
+    batch = random_batch(2, 18, seed=4)
+    ref = _logits(model, plan.cache(model), batch)
+    with _reduced(model):
+        cache = plan.cache(model, reduced=True)
+        out = _logits(model, cache, batch)
+    assert cache.layers[0].reduced and not cache.layers[1].reduced
+    assert torch.allclose(out, ref, atol=1e-5)
+
+
+def test_missing_compiler_falls_back_loudly(llama, monkeypatch):
+    """A kernel that cannot be built: one warning naming why, then the PyTorch path, same results."""
+    import torch.utils.cpp_extension as ext
+
+    model, plan = llama
+    batch = random_batch(2, 18, seed=5)
+    ref = _logits(model, plan.cache(model), batch)
+
+    def no_compiler(*a, **k):
+        raise RuntimeError("Error building extension: g++: command not found")
+
+    monkeypatch.setattr(ext, "load", no_compiler)
+    monkeypatch.setattr(fused, "_KERNEL", [])
+    with _reduced(model), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = _logits(model, plan.cache(model, reduced=True), batch)
+        _logits(model, plan.cache(model, reduced=True), batch)
+    messages = [str(w.message) for w in caught if "fused decode kernel" in str(w.message)]
+    assert len(messages) == 1 and "g++: command not found" in messages[0]
+    assert torch.allclose(out, ref, atol=1e-5)
+
+
+def test_speed_study_writes_interleaved_ratios(tiny_llama_dir, tmp_path):
+    """The speed study on a tiny model: rows per cache with median/min/max ratios, bytes and the bytes bound."""
+    import json
+
+    from hf_geocomp.cli import main
+
+    out = tmp_path / "speed.json"
+    main(["bench-kv-speed", "--model", tiny_llama_dir, "--dtype", "float32", "--data", "pydoc:calibration",
+          "--eval-data", "pydoc:evaluation", "--tokens", "256", "--block-size", "32", "--quant", "--group-size", "8",
+          "--budgets", "0.25", "--configs", "1x40:2", "2x24", "--steps", "2", "--repeats", "2",
+          "--prefill-context", "16", "--prefill-repeats", "1", "--profile-steps", "1", "--allow-torch-path",
+          "-o", str(out)])
+    result = json.loads(out.read_text())
+    rows = {(r["method"], r["batch"], r["context"]): r for r in result["rows"]}
+    assert set(rows) == {(m, b, c) for m in ("baseline", "dynamic", "geocomp-fisher-bits") for b, c in ((1, 40), (2, 24))}
+    geo = rows["geocomp-fisher-bits", 1, 40]
+    assert len(geo["ratios"]) == 2 and geo["ratio_min"] <= geo["tokens_per_s_ratio"] <= geo["ratio_max"]
+    assert geo["kv_bytes"] <= geo["kv_bytes_allocated"] and geo["kv_bytes_ratio"] < 0.5 and geo["bound_ratio"] > 1
+    assert result["prefill"][0]["latency_ratio"] > 0 and result["machine"]["load_before"]
+    assert any(k.startswith("geocomp") for k in result["profiles"]) and result["command"].startswith("hf-geocomp")
+    assert main(["bench-kv-speed", "--model", tiny_llama_dir, "--configs", "4096", "-o", str(tmp_path / "x.json")]) == 2
+    assert not (tmp_path / "x.json").exists()
