@@ -68,23 +68,21 @@ def _configs(args) -> dict:
             for c in args.criteria for b in args.sparsities}
 
 
-def _arm(model, control: str, calib, targets, head_mode, taylor_batches: int, need_grads: bool):
-    """(model pruned from, statistics the scorer reads, statistics compensation reads, grads, record)."""
-    taps = prune_taps(model, targets)
-    stats = collect_stats(model, calib, taps)
-    record = {}
-    if control == "reparam":
-        work = copy.deepcopy(model)
-        reparametrise(work, unit_groups(work, targets, head_mode),
-                      whitening_maps(model, unit_groups(model, targets, head_mode), stats))
-        with torch.no_grad():
-            probe = {k: v[:1] for k, v in calib[0].items()}
-            record["max_logit_change"] = float((work(**probe).logits - model(**probe).logits).abs().max())
-        stats = collect_stats(work, calib, taps)
-        model = work
-    grads = taylor_grads(model, calib[:taylor_batches], targets) if need_grads else None
-    score_stats = whiten_stats(stats) if control == "removed" else stats
-    return model, score_stats, stats, grads, record
+def _measure(model, calib, targets, taylor_batches: int, need_grads: bool):
+    """(statistics, Taylor gradients or None) of ``model`` on the calibration batches."""
+    stats = collect_stats(model, calib, prune_taps(model, targets))
+    return stats, taylor_grads(model, calib[:taylor_batches], targets) if need_grads else None
+
+
+def _reparametrised(model, calib, stats, targets, head_mode):
+    """A copy of ``model`` with its whitening folded in, and the largest logit change on one calibration block."""
+    work = copy.deepcopy(model)
+    reparametrise(work, unit_groups(work, targets, head_mode),
+                  whitening_maps(model, unit_groups(model, targets, head_mode), stats))
+    with torch.no_grad():
+        probe = {k: v[:1] for k, v in calib[0].items()}
+        change = float((work(**probe).logits - model(**probe).logits).abs().max())
+    return work, change
 
 
 def run_h3(args) -> dict:
@@ -107,13 +105,19 @@ def run_h3(args) -> dict:
     for seed in range(args.seeds):
         calib = list(calibration_loader(model, tok, args.data, args.tokens, args.block_size, args.batch_size,
                                         seed=seed))
+        t = time.time()
+        measured = _measure(model, calib, targets, args.taylor_batches, "taylor" in args.criteria)
+        seconds = time.time() - t
         for control in args.controls:
-            t = time.time()
-            work, score_stats, comp_stats, grads, record = _arm(model, control, calib, targets, args.head_mode,
-                                                                args.taylor_batches, "taylor" in args.criteria)
-            if control == "reparam":
-                record["dense_ppl_ratio"] = perplexity(work, evals) / baseline["ppl"]
-            arms_info.append({"seed": seed, "control": control, "stats_seconds": time.time() - t, **record})
+            work, (comp_stats, grads), record = model, measured, {"stats_seconds": seconds}
+            if control == "reparam":  # statistics, gradients and pruning all on the reparametrised model
+                t = time.time()
+                work, record["max_logit_change"] = _reparametrised(model, calib, comp_stats, targets, args.head_mode)
+                comp_stats, grads = _measure(work, calib, targets, args.taylor_batches, "taylor" in args.criteria)
+                record = {"stats_seconds": time.time() - t, **record,
+                          "dense_ppl_ratio": perplexity(work, evals) / baseline["ppl"]}
+            score_stats = whiten_stats(comp_stats) if control == "removed" else comp_stats
+            arms_info.append({"seed": seed, "control": control, **record})
             groups = unit_groups(work, targets, args.head_mode)
             for criterion in args.criteria:
                 copied = control == "removed" and not get_scorer(criterion).needs_stats and "plain" in args.controls
@@ -141,7 +145,6 @@ def run_h3(args) -> dict:
                     del pruned
                     print(f"seed {seed} {control:8s} {criterion:14s} budget {budget:.2f} ppl {ppl:10.3f} "
                           f"({100 * (ppl / baseline['ppl'] - 1):+.1f}%) {time.time() - t:.0f}s", flush=True)
-            del work
         write_json(args.output, _result(args, baseline, rows, arms_info, load))
     return _result(args, baseline, rows, arms_info, load)
 
