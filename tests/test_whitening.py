@@ -119,7 +119,7 @@ def test_cli_bench_h3(tmp_path, tiny_llama_dir, text_file):
     argv = ["bench-h3", "--model", tiny_llama_dir, "--data", text_file, "--tokens", "128", "--block-size", "32",
             "--eval-data", text_file, "--eval-tokens", "128", "--sparsities", "0.2", "0.4", "--seeds", "3",
             "--criteria", "variance", "wanda", "magnitude", "random", "-o", str(out)]
-    assert main(argv) == 0
+    assert main(argv + ["--plot", str(tmp_path / "h3.png")]) == 0 and (tmp_path / "h3.png").exists()
     res = json.loads(out.read_text())
     assert {"command", "model", "data", "baseline", "rows"} <= set(res)
     assert len(res["rows"]) == 3 * 3 * 4 * 2  # seeds × controls × criteria × budgets
@@ -154,3 +154,19 @@ def test_bench_h3_refuses_gelu_mlps_before_calibrating(tmp_path, text_file):
             "--eval-data", text_file, "--eval-tokens", "64", "--seeds", "2", "-o", str(tmp_path / "g.json")]
     assert main(argv) == 2 and not (tmp_path / "g.json").exists()
     assert main(argv[:-2] + ["--targets", "heads", "--controls", "plain", "reparam", "-o", str(tmp_path / "h.json")]) == 0
+
+
+def test_h3_recipes_parse_and_name_their_results_after_the_model():
+    import pathlib
+
+    from hf_geocomp.cli import build_parser, recipe_argv
+    from hf_geocomp.studies.h3 import default_output
+
+    root = pathlib.Path(__file__).parents[1] / "recipes"
+    parser = build_parser()
+    small = parser.parse_args(recipe_argv(parser, str(root / "h3_smollm2_small.yaml"), []))
+    assert small.command == "bench-h3" and small.seeds == 5 and small.controls == ["plain", "removed", "reparam"]
+    big = parser.parse_args(recipe_argv(parser, str(root / "h3_verdict.yaml"), ["model=HuggingFaceTB/SmolLM2-1.7B"]))
+    assert big.output is None and big.model == "HuggingFaceTB/SmolLM2-1.7B"
+    assert default_output(big.model) == "recipes/results/prune_h3_smollm2-1.7b.json"
+    assert default_output("smollm2-135m") == "recipes/results/prune_h3_smollm2-135m.json"

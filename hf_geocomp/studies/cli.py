@@ -180,6 +180,7 @@ def add_study_parsers(sub, lazy, add_model_data, add_prune_options) -> None:
     w.add_argument("--threads", type=int, default=1, help="torch threads (default 1: fastest on a shared CPU)")
     w.add_argument("--output", "-o", default=None,
                    help="results JSON (default recipes/results/prune_h3_<model name>.json)")
+    w.add_argument("--plot", default=None, help="also plot the advantages against budget to this PNG")
     w.set_defaults(handler=lazy(".studies.h3:run_h3"))
 
     c = sub.add_parser("bench-cross-domain", help="calibrate on one domain or a mix, evaluate on every domain: "

@@ -68,6 +68,12 @@ def _configs(args) -> dict:
             for c in args.criteria for b in args.sparsities}
 
 
+def default_output(model: str) -> str:
+    """``recipes/results/prune_h3_<model name>.json`` (the last path part of a Hub id or folder, lower case)."""
+    slug = re.sub(r"[^a-z0-9.]+", "-", model.lower().rstrip("/").rsplit("/", 1)[-1]).strip("-.")
+    return f"recipes/results/prune_h3_{slug}.json"
+
+
 def _measure(model, calib, targets, taylor_batches: int, need_grads: bool):
     """(statistics, Taylor gradients or None) of ``model`` on the calibration batches."""
     stats = collect_stats(model, calib, prune_taps(model, targets))
@@ -90,8 +96,7 @@ def run_h3(args) -> dict:
     load = os.getloadavg()[0]  # other jobs may share the cores: recorded, as is the thread count
     configs = _configs(args)
     if args.output is None:  # named after the model, so pointing a recipe at another model is its only change
-        slug = re.sub(r"[^a-z0-9]+", "-", args.model.lower().rsplit("/", 1)[-1]).strip("-")
-        args.output = f"recipes/results/prune_h3_{slug}.json"
+        args.output = default_output(args.model)
         check_output(args.output, getattr(args, "overwrite", False))
     targets = next(iter(configs.values())).targets
     model, tok = load_model(args.model)
@@ -146,7 +151,10 @@ def run_h3(args) -> dict:
                     print(f"seed {seed} {control:8s} {criterion:14s} budget {budget:.2f} ppl {ppl:10.3f} "
                           f"({100 * (ppl / baseline['ppl'] - 1):+.1f}%) {time.time() - t:.0f}s", flush=True)
         write_json(args.output, _result(args, baseline, rows, arms_info, load))
-    return _result(args, baseline, rows, arms_info, load)
+    result = _result(args, baseline, rows, arms_info, load)
+    if args.plot:
+        plot_h3(result, args.plot)
+    return result
 
 
 def _digest(plan) -> str:
@@ -233,3 +241,31 @@ def _result(args, baseline, rows, arms_info, load: float) -> dict:
             "advantage": "log ppl(baseline) - log ppl(criterion), paired over seeds; positive: criterion better",
             "alpha": ALPHA, "baseline": baseline, "arms": arms_info, "rows": rows,
             **analyse(rows, args.criteria, args.baselines, args.controls, args.sparsities)}
+
+
+def plot_h3(result: dict, path: str) -> None:
+    """The advantage (log ppl, 95% t interval) of every criterion over every baseline against budget, one panel per control."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    controls = result["controls"]
+    fig, axes = plt.subplots(1, len(controls), figsize=(4.2 * len(controls), 3.8), sharey=True, squeeze=False)
+    for ax, control in zip(axes[0], controls):
+        tests = [t for t in result["tests"] if t["control"] == control]
+        for name in dict.fromkeys(t["method"] for t in tests):
+            pts = sorted((t["budget"], t["advantage_log_ppl"], t["ci_low"], t["ci_high"]) for t in tests
+                         if t["method"] == name)
+            err = [[p[1] - p[2] if p[2] is not None else 0 for p in pts], [p[3] - p[1] if p[3] is not None else 0
+                                                                            for p in pts]]
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=err, marker="o", capsize=2, label=name)
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set_title(f"{control}")
+        ax.set_xlabel("fraction of block parameters removed")
+    axes[0][0].set_ylabel("advantage: log ppl(baseline) − log ppl(criterion)")
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle(f"{result['model']}: criterion vs baseline, mean and 95% CI over seeds", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
