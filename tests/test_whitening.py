@@ -143,6 +143,23 @@ def test_cli_bench_h3(tmp_path, tiny_llama_dir, text_file):
     assert not (tmp_path / "x.json").exists() and not (tmp_path / "y.json").exists()
 
 
+def test_bench_h3_gqa_heads(tmp_path, tiny_llama_dir, text_file):
+    import json
+
+    from hf_geocomp.cli import main
+
+    out = tmp_path / "heads.json"
+    argv = ["bench-h3", "--model", tiny_llama_dir, "--data", text_file, "--tokens", "128", "--block-size", "32",
+            "--eval-data", text_file, "--eval-tokens", "64", "--sparsities", "0.3", "--seeds", "2", "--targets",
+            "mlp,heads", "--controls", "plain", "reparam", "--criteria", "variance", "magnitude", "--baselines",
+            "magnitude", "-o", str(out)]
+    assert main(argv) == 0
+    res = json.loads(out.read_text())
+    inv = {i["criterion"]: i["same_units_seeds"] for i in res["invariance"]}
+    assert inv == {"variance": 2, "magnitude": 0}
+    assert [t["method"] for t in res["tests"]] == ["variance vs magnitude"] * 2
+
+
 def test_bench_h3_refuses_gelu_mlps_before_calibrating(tmp_path, text_file):
     from hf_geocomp.cli import main
     from tests.conftest import _tiny_tokenizer

@@ -11,7 +11,8 @@ each budget by each criterion, with one compensation held equal for every criter
   taylor) are then the plain rows, copied and marked ``same_as_plain``;
 * ``reparam`` — the model is first reparametrised by the function-preserving whitening
   (statistics, gradients and pruning all on the reparametrised model; its dense perplexity
-  and largest logit change are recorded per seed).
+  and largest logit change are recorded per seed). The bias+refit compensation is equivariant
+  to the reparametrisation up to its ridge, which scales with the mean input variance.
 
 Held-out perplexity (``--eval-data``, never calibrated on) of every row is compared in one
 run with the unpruned model. Comparisons pair seeds: the advantage of a criterion over a
