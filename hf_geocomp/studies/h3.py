@@ -87,15 +87,27 @@ def _measure(model, calib, targets, taylor_batches: int, need_grads: bool):
     return stats, taylor_grads(model, calib[:taylor_batches], targets) if need_grads else None
 
 
-def _reparametrised(model, calib, stats, targets, head_mode):
-    """A copy of ``model`` with its whitening folded in, and the largest logit change on one calibration block."""
-    work = copy.deepcopy(model)
-    reparametrise(work, unit_groups(work, targets, head_mode),
-                  whitening_maps(model, unit_groups(model, targets, head_mode), stats))
-    with torch.no_grad():
-        probe = {k: v[:1] for k, v in calib[0].items()}
-        change = float((work(**probe).logits - model(**probe).logits).abs().max())
-    return work, change
+def control_arm(model, control: str, calib, measured: tuple, targets, head_mode: str, measure):
+    """(model pruned from, statistics the scorer reads, ``measured`` of that model, record) for one control.
+
+    ``measured`` is ``measure(model)``, e.g. (statistics, gradients) of the unchanged model; for
+    ``reparam`` the copy with its whitening folded in is measured afresh, and the record holds the
+    largest change of its logits (or outputs) on one calibration block.
+    """
+    if control not in CONTROLS:
+        raise GeoCompError(f"control {control!r} does not exist; allowed: {', '.join(CONTROLS)}.")
+    record = {}
+    if control == "reparam":
+        work = copy.deepcopy(model)
+        reparametrise(work, unit_groups(work, targets, head_mode),
+                      whitening_maps(model, unit_groups(model, targets, head_mode), measured[0]))
+        with torch.no_grad():
+            probe = {k: v[:1] for k, v in calib[0].items()}
+            a, b = work(**probe), model(**probe)
+            a, b = (a.logits, b.logits) if hasattr(a, "logits") else (a.last_hidden_state, b.last_hidden_state)
+            record["max_logit_change"] = float((a - b).abs().max())
+        model, measured = work, measure(work)
+    return model, whiten_stats(measured[0]) if control == "removed" else measured[0], measured, record
 
 
 def run_h3(args) -> dict:
@@ -121,14 +133,13 @@ def run_h3(args) -> dict:
         measured = _measure(model, calib, targets, args.taylor_batches, "taylor" in args.criteria)
         seconds = time.time() - t
         for control in args.controls:
-            work, (comp_stats, grads), record = model, measured, {"stats_seconds": seconds}
-            if control == "reparam":  # statistics, gradients and pruning all on the reparametrised model
-                t = time.time()
-                work, record["max_logit_change"] = _reparametrised(model, calib, comp_stats, targets, args.head_mode)
-                comp_stats, grads = _measure(work, calib, targets, args.taylor_batches, "taylor" in args.criteria)
-                record = {"stats_seconds": time.time() - t, **record,
-                          "dense_ppl_ratio": perplexity(work, evals) / baseline["ppl"]}
-            score_stats = whiten_stats(comp_stats) if control == "removed" else comp_stats
+            t = time.time()
+            work, score_stats, (comp_stats, grads), record = control_arm(
+                model, control, calib, measured, targets, args.head_mode,
+                lambda m: _measure(m, calib, targets, args.taylor_batches, "taylor" in args.criteria))
+            record = {"stats_seconds": time.time() - t if control == "reparam" else seconds, **record}
+            if control == "reparam":
+                record["dense_ppl_ratio"] = perplexity(work, evals) / baseline["ppl"]
             arms_info.append({"seed": seed, "control": control, **record})
             groups = unit_groups(work, targets, args.head_mode)
             for criterion in args.criteria:
