@@ -161,6 +161,28 @@ def add_study_parsers(sub, lazy, add_model_data, add_prune_options) -> None:
     h.add_argument("--output", "-o", default="recipes/results/prune_h1_minilm.json", help="results JSON")
     h.set_defaults(handler=lazy(".studies.prune_h1:run_h1"))
 
+    w = sub.add_parser("bench-h3", help="H1/H3: pruning criteria vs magnitude and Wanda-sp over seeds, plain, with "
+                       "variance removed and after a function-preserving whitening (hf_geocomp.studies.h3)")
+    add_model_data(w, tokens=2048)
+    w.add_argument("--eval-data", default="shakespeare:evaluation", help="held-out text (default evaluation split)")
+    w.add_argument("--eval-tokens", type=int, default=2048, help="held-out tokens (default 2048)")
+    w.add_argument("--sparsities", type=float, nargs="+", default=[0.2], help="fractions of block parameters removed")
+    w.add_argument("--criteria", nargs="+", default=["variance", "wanda", "magnitude"],
+                   help="criteria (variance, variance_cond, wanda, taylor, magnitude, random)")
+    w.add_argument("--baselines", nargs="+", default=["magnitude", "wanda"], help="criteria every other is compared with")
+    w.add_argument("--controls", nargs="+", default=["plain", "removed", "reparam"], help="plain, removed, reparam")
+    w.add_argument("--compensation", default="bias+refit", help="held equal for every criterion (default bias+refit)")
+    add_prune_options(w)
+    w.set_defaults(targets="mlp")  # heads: the V/O whitening; mlp needs a gated MLP for the reparam control
+    w.add_argument("--allocation", default="uniform", help="uniform or global (default uniform)")
+    w.add_argument("--seeds", type=int, default=5, help="seeds: calibration subsets (default 5)")
+    w.add_argument("--taylor-batches", type=int, default=4, help="calibration batches for Taylor gradients")
+    w.add_argument("--threads", type=int, default=1, help="torch threads (default 1: fastest on a shared CPU)")
+    w.add_argument("--output", "-o", default=None,
+                   help="results JSON (default recipes/results/prune_h3_<model name>.json)")
+    w.add_argument("--plot", default=None, help="also plot the advantages against budget to this PNG")
+    w.set_defaults(handler=lazy(".studies.h3:run_h3"))
+
     c = sub.add_parser("bench-cross-domain", help="calibrate on one domain or a mix, evaluate on every domain: "
                        "pruning vs magnitude, coded KV cache vs QuantizedCache")
     c.add_argument("--model", default="smollm2-135m", help="bundled name, model folder, .gguf file or Hub id")
