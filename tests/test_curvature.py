@@ -186,3 +186,28 @@ def test_cli_bench_curvature(tmp_path, tiny_llama_dir, text_file, capsys):
     assert res["finetune"]["steps"] <= 4 and (tmp_path / "c.png").exists()
     assert res["finetune"]["trained_parameters"] == 3 * 32 * 48  # the last block's gate, up and down
     assert main(argv[:-4] + ["--keeps", "0"]) == 2  # a bad keep fraction fails before any work
+
+
+@pytest.mark.parametrize("name", ["llama"])  # GPT-2: transformers' own weight init reads `mlp.c_proj.weight` on load
+def test_three_factor_model_reloads_with_from_pretrained(tmp_path, name):
+    """Through the hub: the plan records the replaced modules, from_pretrained rebuilds them with identical logits,
+    and stock transformers (the guard) refuses the checkpoint instead of loading random dense weights."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    import hf_geocomp  # noqa: F401
+    from hf_geocomp.hub import GUARD, mark_compressed
+
+    model = TINY_MODELS[name]()
+    batch = random_batch()
+    compress(model, kfac_factors(model, [random_batch(seed=1)]), CurvatureConfig(keep=0.3))
+    mark_compressed(model)
+    with torch.no_grad():
+        ref = model(**batch).logits
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["attn_implementation"] == GUARD
+    again = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert all(isinstance(again.get_submodule(n), CurvatureSubspaceLinear) for n in mlp_linears(again))
+    with torch.no_grad():
+        torch.testing.assert_close(again(**batch).logits, ref, rtol=0, atol=0)

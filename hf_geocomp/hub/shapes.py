@@ -17,7 +17,9 @@ from .. import arch
 from ..errors import GeoCompError
 
 # kind → "module.path:ClassName" of a replacement module (resolved lazily, on reload only).
-MODULE_KINDS: dict[str, str] = {}
+MODULE_KINDS: dict[str, str] = {
+    "curvature_subspace": "hf_geocomp.curvature.modules:CurvatureSubspaceLinear",  # K-FAC W ≈ L·C·Rᵀ
+}
 
 
 def register_module_kind(kind: str, target: str) -> None:
