@@ -187,3 +187,48 @@ def test_h3_recipes_parse_and_name_their_results_after_the_model():
     assert big.output is None and big.model == "HuggingFaceTB/SmolLM2-1.7B"
     assert default_output(big.model) == "recipes/results/prune_h3_smollm2-1.7b.json"
     assert default_output("smollm2-135m") == "recipes/results/prune_h3_smollm2-135m.json"
+    minilm = parser.parse_args(recipe_argv(parser, str(root / "h3_minilm.yaml"), []))
+    assert minilm.command == "bench-prune-h1" and minilm.targets == "heads" and len(minilm.controls) == 3
+
+
+def test_bench_prune_h1_controls(tmp_path, monkeypatch):
+    """The MiniLM classifier study with its controls, on a tiny BERT classifier (heads: BERT's MLP has no reparam)."""
+    import json
+
+    from hf_geocomp.studies import prune_h1
+
+    short = {"train": ["julius_caesar", "henry_v", "twelfth_night"], "calibration": ["macbeth"],
+             "evaluation": ["john", "tempest"]}  # one short play per genre (tokenising every play is slow)
+    monkeypatch.setattr(prune_h1, "SHAKESPEARE_SPLITS", short)
+
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from hf_geocomp.cli import main
+    from tests.conftest import _tiny_tokenizer
+
+    tok = _tiny_tokenizer()
+    tok.add_special_tokens({"cls_token": "<cls>", "sep_token": "<sep>"})
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48,
+                                                     num_hidden_layers=2, num_attention_heads=4, num_labels=3,
+                                                     max_position_embeddings=64))
+    path = tmp_path / "bert"
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    out = tmp_path / "h1.json"
+    argv = ["bench-prune-h1", "--model", str(path), "--targets", "heads", "--sparsities", "0.1", "--criteria",
+            "variance", "magnitude", "wanda", "--seeds", "2", "--block-size", "32", "--train-per-genre", "8",
+            "--test-per-genre", "8", "--calibration-passages", "16", "--epochs", "1", "--batch-size", "8",
+            "--controls", "plain", "removed", "reparam", "-o", str(out)]
+    assert main(argv) == 0
+    res = json.loads(out.read_text())
+    rows = {(r["criterion"], r["control"], r["seed"]): r for r in res["rows"]}
+    assert len(rows) == 3 * 3 * 2
+    assert rows["variance", "plain", 0]["method"] == "variance" and rows["variance", "reparam", 1]["method"] == \
+        "variance/reparam"
+    for s in (0, 1):  # the invariant criterion classifies exactly as before on the reparametrised model
+        assert rows["variance", "reparam", s]["accuracy"] == rows["variance", "plain", s]["accuracy"]
+    assert {t["control"] for t in res["tests"]} == {"plain", "removed", "reparam"}
+    assert all(t["p_holm"] is None or t["p_holm"] >= t["p_value"] for t in res["tests"])
+    bad = argv[:-2] + ["--targets", "mlp", "-o", str(tmp_path / "bad.json")]
+    assert main(bad) == 2 and not (tmp_path / "bad.json").exists()

@@ -158,6 +158,8 @@ def add_study_parsers(sub, lazy, add_model_data, add_prune_options) -> None:
     h.add_argument("--epochs", type=float, default=1.0, help="fine-tuning epochs")
     h.add_argument("--lr", type=float, default=5e-5, help="fine-tuning learning rate")
     h.add_argument("--batch-size", type=int, default=16, help="fine-tuning batch size")
+    h.add_argument("--controls", nargs="+", default=["plain"],
+                   help="plain, removed (variance removed), reparam (whitening folded into V/O; targets heads)")
     h.add_argument("--output", "-o", default="recipes/results/prune_h1_minilm.json", help="results JSON")
     h.set_defaults(handler=lazy(".studies.prune_h1:run_h1"))
 

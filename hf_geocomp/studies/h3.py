@@ -11,8 +11,11 @@ each budget by each criterion, with one compensation held equal for every criter
   taylor) are then the plain rows, copied and marked ``same_as_plain``;
 * ``reparam`` — the model is first reparametrised by the function-preserving whitening
   (statistics, gradients and pruning all on the reparametrised model; its dense perplexity
-  and largest logit change are recorded per seed). The bias+refit compensation is equivariant
-  to the reparametrisation up to its ridge, which scales with the mean input variance.
+  and largest logit change are recorded per seed). ``bias`` and ``none`` compensation are exactly
+  invariant to it; ``refit``'s ridge λ·mean(diag C)·I is not (after whitening every input has
+  unit variance, so the ridge is relatively far weaker on the low-variance units), so with
+  ``bias+refit`` a reparam row can move through the compensation alone: read it beside the
+  ``invariance`` entry (same units removed, different perplexity).
 
 Held-out perplexity (``--eval-data``, never calibrated on) of every row is compared in one
 run with the unpruned model. Comparisons pair seeds: the advantage of a criterion over a

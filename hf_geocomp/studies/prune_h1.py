@@ -7,7 +7,10 @@ seed, MiniLM-L6 is fine-tuned (seeded data order and head init), statistics are 
 on training passages, and copies of the same fine-tuned model are pruned one-shot to the
 same fraction of block parameters by each criterion (no compensation, no recovery: the
 criterion alone is compared). Paired t-tests across seeds compare variance with magnitude
-and with Wanda-sp.
+and with Wanda-sp. With ``--controls`` the criteria are also run with the variance removed
+and after the function-preserving whitening of :mod:`hf_geocomp.prune.whitening` (heads
+only: BERT's GELU MLP has none); the comparisons then carry :func:`compare`'s statistics
+and Holm-corrected p-values over the table.
 """
 
 from __future__ import annotations
@@ -19,11 +22,14 @@ import statistics
 import torch
 
 from ..data import GENRE_OF, SHAKESPEARE_SPLITS, Corpus, _shakespeare_dir, load_model, read_text_file, token_blocks
-from ..eval.significance import paired_t
+from ..eval.significance import compare, holm, paired_t
 from ..geometry import collect_stats
 from ..io import write_json
-from ..prune.api import prune, prune_taps
-from ..prune.units import block_params
+from ..prune.api import prune, prune_taps, score_groups
+from ..prune.config import PruneConfig
+from ..prune.units import block_params, unit_groups
+from ..prune.whitening import check_reparametrisable
+from .h3 import control_arm
 
 LABELS = ["comedy", "tragedy", "history"]
 
@@ -78,46 +84,61 @@ def run_h1(args) -> dict:
     for seed in range(args.seeds):
         torch.manual_seed(seed)
         model, tok = load_model(args.model, task="sequence-classification", num_labels=len(LABELS))
+        if "reparam" in args.controls:  # before any fine-tuning
+            check_reparametrisable(model, tuple(args.targets.split(",")))
         train = genre_passages(tok, train_works, args.train_per_genre, args.block_size, seed)
         test = _batches(genre_passages(tok, test_works, args.test_per_genre, args.block_size, 0), 32)
         model = finetune(model, train, seed, args.epochs, args.lr, args.batch_size)
         base = accuracy(model, test)
         baseline_acc.append(base)
         calib = _batches(train[: args.calibration_passages], 16, ("input_ids", "attention_mask"))
-        st = collect_stats(model, calib, prune_taps(model, tuple(args.targets.split(","))))
+        targets = tuple(args.targets.split(","))
+        taps = prune_taps(model, targets)
+        st = collect_stats(model, calib, taps)
         n0 = block_params(model)
         print(f"seed {seed}: fine-tuned accuracy {base:.4f}", flush=True)
-        for sparsity in args.sparsities:
-            for criterion in args.criteria:
-                pruned = copy.deepcopy(model)
-                prune(pruned, st, sparsity=sparsity, criterion=criterion, targets=args.targets, seed=seed)
-                acc = accuracy(pruned, test)
-                rows.append({"method": criterion, "sparsity": 1 - block_params(pruned) / n0, "budget": sparsity,
-                             "params": block_params(pruned), "accuracy": acc, "accuracy_drop": base - acc,
-                             "baseline_accuracy": base, "seed": seed})
-                print(f"  {criterion:14s} budget {sparsity:.2f} accuracy {acc:.4f}", flush=True)
+        for control in args.controls:
+            work, sc, _, _ = control_arm(model, control, calib, (st,), targets, "query",
+                                         lambda m: (collect_stats(m, calib, taps),))
+            for sparsity in args.sparsities:
+                for criterion in args.criteria:
+                    cfg = PruneConfig(sparsity=sparsity, criterion=criterion, targets=args.targets, seed=seed)
+                    pruned = copy.deepcopy(work)
+                    prune(pruned, config=cfg, scores=score_groups(work, unit_groups(work, cfg.targets), cfg, sc))
+                    acc = accuracy(pruned, test)
+                    method = criterion if control == "plain" else f"{criterion}/{control}"
+                    rows.append({"method": method, "criterion": criterion, "control": control,
+                                 "sparsity": 1 - block_params(pruned) / n0, "budget": sparsity,
+                                 "params": block_params(pruned), "accuracy": acc, "accuracy_drop": base - acc,
+                                 "baseline_accuracy": base, "seed": seed})
+                    print(f"  {method:22s} budget {sparsity:.2f} accuracy {acc:.4f}", flush=True)
         write_json(args.output, _result(args, rows, baseline_acc, train_works, test_works))
     return _result(args, rows, baseline_acc, train_works, test_works)
 
 
 def _result(args, rows, baseline_acc, train_works, test_works) -> dict:
     summary, tests = [], []
-    for sparsity in args.sparsities:
-        accs = {c: [r["accuracy"] for r in rows if r["method"] == c and r["budget"] == sparsity]
-                for c in args.criteria}
-        for c, a in accs.items():
-            if a:
-                summary.append({"method": c, "budget": sparsity, "n": len(a), "accuracy_mean": statistics.mean(a),
-                                "accuracy_sd": statistics.stdev(a) if len(a) > 1 else None})
-        for other in ("magnitude", "wanda"):
-            for mine in ("variance", "variance_cond"):
-                a, b = accs.get(mine, []), accs.get(other, [])
-                if len(a) >= 2 and len(a) == len(b):
-                    diff = [x - y for x, y in zip(a, b)]
-                    p = paired_t(a, b)["p"] if any(diff) else 1.0
-                    tests.append({"method": f"{mine} vs {other}", "budget": sparsity, "n": len(a),
-                                  "mean_difference": statistics.mean(diff), "p_value": p,
-                                  "h1_margin_met": statistics.mean(diff) >= 0.02 and p < 0.05})
+    for control in args.controls:
+        for sparsity in args.sparsities:
+            accs = {c: [r["accuracy"] for r in rows if r["criterion"] == c and r["control"] == control
+                        and r["budget"] == sparsity] for c in args.criteria}
+            suffix = "" if control == "plain" else f"/{control}"
+            for c, a in accs.items():
+                if a:
+                    summary.append({"method": c + suffix, "control": control, "budget": sparsity, "n": len(a),
+                                    "accuracy_mean": statistics.mean(a),
+                                    "accuracy_sd": statistics.stdev(a) if len(a) > 1 else None})
+            for other in ("magnitude", "wanda"):
+                for mine in ("variance", "variance_cond"):
+                    a, b = accs.get(mine, []), accs.get(other, [])
+                    if len(a) >= 2 and len(a) == len(b):
+                        diff = [x - y for x, y in zip(a, b)]
+                        p = paired_t(a, b)["p"] if any(diff) else 1.0
+                        tests.append({**compare(a, b), "method": f"{mine} vs {other}{suffix}", "control": control,
+                                      "budget": sparsity, "n": len(a), "mean_difference": statistics.mean(diff),
+                                      "p_value": p, "h1_margin_met": statistics.mean(diff) >= 0.02 and p < 0.05})
+    for t, p in zip(tests, holm([t["p_value"] for t in tests])):
+        t["p_holm"] = p
     return {"command": args.command_line, "model": args.model,
             "data": {"task": "passage -> genre (comedy/tragedy/history)", "train_works": train_works,
                      "test_works": test_works, "block_size": args.block_size,
