@@ -34,7 +34,8 @@ def test_pruned_smollm2_reloads_identically(smollm2, tmp_path):
     model = copy.deepcopy(base)
     stats = collect_stats(model, calib, prune_taps(model))
     _, plan = prune(model, stats, sparsity=0.3, head_mode="kv", compensation="bias+refit")
-    assert plan.widths("heads") == [2] * 30 and model.config.num_key_value_heads == 2  # one of 3 KV groups per layer
+    heads = plan.widths("heads")
+    assert heads == [2] * len(heads) and model.config.num_key_value_heads == 2  # one of 3 KV groups in every layer
     assert 0.25 < plan.achieved_sparsity <= 0.3 and model.config.geocomp_pruning["stock_loadable"]
     model.save_pretrained(tmp_path)
     again = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
@@ -94,7 +95,12 @@ def test_spectral_lora_allocation_with_the_randomized_solver(smollm2):
         second = cfg.stats.input_of(m["name"]).second_moment()
         evals, vecs = torch.linalg.eigh(second)
         evals, vecs = evals.flip(0)[: a.shape[0]], vecs.flip(1)[:, : a.shape[0]]
+        unit = a / a.norm(dim=1, keepdim=True)
+        captured = torch.einsum("ri,ij,rj->", unit, second, unit)  # variance the rows span, at most Σ top λ
+        assert captured == pytest.approx(float(evals.sum()), rel=1e-3), (m["name"], float(captured / evals.sum() - 1))
+        rayleigh = torch.einsum("ri,ij,rj->r", unit, second, unit)
+        torch.testing.assert_close(rayleigh, evals, rtol=1e-3, atol=0)
         cos = torch.nn.functional.cosine_similarity(a, vecs.T, dim=1).abs()
-        assert cos.min() > 1 - 1e-6, (m["name"], cos.min())
+        assert cos.min() > 0.99, (m["name"], cos.min())  # a wrong order or vector is far off
         scaled = a.norm(dim=1) * evals.sqrt()  # whitened: ‖a_i‖ ∝ 1/√λ_i
-        torch.testing.assert_close(scaled, scaled.mean().expand_as(scaled), rtol=1e-4, atol=0)
+        torch.testing.assert_close(scaled, scaled.mean().expand_as(scaled), rtol=2e-3, atol=0)
