@@ -14,6 +14,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 VOCAB = 300
 
 
+def pytest_collection_modifyitems(config, items):
+    """``slow`` tests load the real bundled models: they run only with HF_GEOCOMP_SLOW=1 (as .ci/run does)."""
+    if os.environ.get("HF_GEOCOMP_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="loads a real bundled model; set HF_GEOCOMP_SLOW=1 to run it")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
 def tiny_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
