@@ -263,8 +263,8 @@ def test_sliding_window_bytes_and_budget(budget, reference):
             model(**batch, past_key_values=prefilled)
             for c in (cache, dyn):
                 _two_step_logits(model, c, batch, split=tokens - 1)
-        assert tensor_bytes(prefilled) == plan.cache_bytes(tokens, batch=2)
-        assert tensor_bytes(cache) == plan.cache_bytes(tokens, batch=2)  # storage held
+        assert prefilled.nbytes() == plan.cache_bytes(tokens, batch=2) <= tensor_bytes(prefilled)
+        assert cache.nbytes() == plan.cache_bytes(tokens, batch=2) <= tensor_bytes(cache)  # used; storage held ≥
         # DynamicCache's kept tokens (its sliding layer slices a view, whose storage holds one token more)
         kept = sum(t.numel() * t.element_size() for layer in dyn.layers for t in (layer.keys, layer.values))
         assert kept == plan.cache_bytes(tokens, batch=2, full=True)
@@ -413,7 +413,7 @@ def test_max_rank_caps_every_head(setup):
     batch = random_batch(2, 16, seed=18)
     cache = plan.cache(model)
     assert torch.isfinite(_two_step_logits(model, cache, batch)).all()
-    assert tensor_bytes(cache) == plan.cache_bytes(16, batch=2)
+    assert cache.nbytes() == plan.cache_bytes(16, batch=2) <= tensor_bytes(cache)
 
 
 def test_fisher_needs_gradient_statistics(setup):
@@ -437,7 +437,7 @@ def test_sink_tokens_exact_counted_and_cropped(setup):
         sink = layer.segments[0].parts[0][0]  # (batch, 3, kv_heads, d)
         assert torch.allclose(sink, ref.keys[:, :, :3].transpose(1, 2), atol=1e-6)
     cache.crop(2)
-    assert cache.get_seq_length() == 2 and tensor_bytes(cache) == plan.cache_bytes(2, batch=2)
+    assert cache.get_seq_length() == 2 and cache.nbytes() == plan.cache_bytes(2, batch=2)
     with pytest.raises(GeoCompError, match="sink_tokens"):
         KVConfig(budget=0.1, sink_tokens=200, reference_tokens=1024)
 

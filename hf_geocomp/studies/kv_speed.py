@@ -26,7 +26,7 @@ import torch
 
 from ..data import calibration_loader, load_corpus, load_model, token_blocks
 from ..errors import GeoCompError
-from ..eval.kv_bench import cache_factories
+from .kv_bench import cache_factories
 from ..eval.memory import tensor_bytes
 from ..io import resolved_args, write_json
 
