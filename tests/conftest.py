@@ -68,6 +68,13 @@ def random_batch(batch=3, seq=10, seed=0, pad_last=0):
     return {"input_ids": ids, "attention_mask": mask}
 
 
+def model_output(model, batch):
+    """Logits of a model with a head, else its last hidden state (encoders), without gradients."""
+    with torch.no_grad():
+        out = model(**batch)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
 def _tiny_tokenizer(encoder: bool = False):
     """A byte-level BPE of VOCAB ids trained on Python's docs; ``encoder``: with BERT's [CLS]/[SEP]-style tokens."""
     from pydoc_data.topics import topics

@@ -21,7 +21,7 @@ from hf_geocomp.kv import KVConfig, build_plan, collect_kv_stats, use_reduced_at
 from hf_geocomp.kv.allocate import FULL
 from hf_geocomp.prune import apply_masks, apply_plan, prune, prune_taps, unit_groups
 
-from .conftest import random_batch
+from .conftest import random_batch, model_output as _out
 from .families import DECODERS, FAMILIES
 
 
@@ -160,10 +160,6 @@ def test_kv_coding_exact_and_reduced_equals_decoded(name, kv_setup):
     assert torch.equal(out, expected)
 
 
-def _out(model, batch):
-    with torch.no_grad():
-        out = model(**batch)
-    return out.logits if hasattr(out, "logits") else out.last_hidden_state
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))

@@ -9,7 +9,7 @@ from hf_geocomp.fold import (FoldConfig, FoldPlan, apply_fold, fold, fold_ar_sca
 from hf_geocomp.geometry import collect_stats
 from hf_geocomp.prune import block_params, prune_taps, unit_groups
 
-from .conftest import TINY_MODELS, random_batch
+from .conftest import TINY_MODELS, random_batch, model_output as _out
 
 CASES = [  # (model, fold kwargs, reloads with stock from_pretrained)
     ("llama", {"targets": "mlp+heads", "head_mode": "query"}, True),
@@ -22,10 +22,6 @@ CASES = [  # (model, fold kwargs, reloads with stock from_pretrained)
 ]
 
 
-def _out(model, batch):
-    with torch.no_grad():
-        out = model(**batch)
-    return out.logits if hasattr(out, "logits") else out.last_hidden_state
 
 
 @pytest.mark.parametrize("name", sorted(TINY_MODELS))

@@ -13,7 +13,7 @@ from hf_geocomp.geometry import ActivationStats, Moments, Tap, collect_stats, li
 from hf_geocomp.lora import SpectralLoraConfig, export_plain_lora, uniform_params
 from hf_geocomp.lora.allocate import allocate, split_budget
 
-from .conftest import TINY_MODELS, random_batch
+from .conftest import TINY_MODELS, random_batch, model_output as _out
 
 # (tiny model, target_modules): every dense layer of the blocks
 TARGETS = {
@@ -38,10 +38,6 @@ def _lora_params(model):
     return sum(p.numel() for n, p in model.named_parameters() if "lora_" in n and p.requires_grad)
 
 
-def _out(model, batch):
-    with torch.no_grad():
-        out = model(**batch)
-    return out.logits if hasattr(out, "logits") else out.last_hidden_state
 
 
 @pytest.mark.parametrize("name", sorted(TINY_MODELS))

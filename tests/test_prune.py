@@ -8,7 +8,7 @@ from hf_geocomp.geometry import Moments, collect_stats
 from hf_geocomp.prune import (PruneConfig, PrunePlan, allocate, apply_masks, apply_plan, block_params, get_scorer,
                               prune, prune_taps, taylor_grads, unit_groups)
 
-from .conftest import TINY_MODELS, random_batch
+from .conftest import TINY_MODELS, random_batch, model_output as _out
 
 # (name, model, pruning kwargs): the matrix every generic check runs over
 CASES = [
@@ -30,10 +30,6 @@ def _setup(name):
     return model, batch, stats
 
 
-def _out(model, batch):
-    with torch.no_grad():
-        out = model(**batch)
-    return out.logits if hasattr(out, "logits") else out.last_hidden_state
 
 
 # ---- scorers: a constructed case with a known answer ----------------------------------------------

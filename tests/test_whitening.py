@@ -12,7 +12,7 @@ from hf_geocomp.errors import GeoCompError
 from hf_geocomp.geometry import collect_stats
 from hf_geocomp.prune import get_scorer, prune_taps, taylor_grads, unit_groups
 from hf_geocomp.prune.whitening import check_reparametrisable, reparametrise, whiten_stats, whitening_maps
-from tests.conftest import TINY_MODELS, random_batch
+from tests.conftest import TINY_MODELS, random_batch, model_output as _out
 from tests.families import FAMILIES
 
 
@@ -26,10 +26,6 @@ def _targets(model):
     return ("mlp",) * gated + ("heads",) * (spec.head_pruning is None)
 
 
-def _out(model, batch):
-    with torch.no_grad():
-        o = model(**batch)
-    return o.logits if hasattr(o, "logits") else o.last_hidden_state
 
 
 def _whitened(model, targets):

@@ -1,7 +1,7 @@
 """KV-cache transform coding: rotate keys and values into fitted bases, spend bits by reverse water-filling.
 
 Based on the weighted projector (reduced-rank regression) and reverse water-filling of
-DESIGN.md; the cache layout follows KIVI (arXiv:2402.02750) as transformers' QuantizedCache does.
+docs/design.md; the cache layout follows KIVI (arXiv:2402.02750) as transformers' QuantizedCache does.
 
 >>> model, plan = compress(model, loader, budget=0.25, method="fisher")
 >>> model.generate(**inputs, past_key_values=plan.cache(model))

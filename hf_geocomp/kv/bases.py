@@ -1,6 +1,6 @@
 """Bases per layer, KV head, K and V: weighted projectors from the statistics engine.
 
-Reduced-rank regression (DESIGN.md, "Weighted projector"): to code ``x`` with second
+Reduced-rank regression (docs/design.md, "Weighted projector"): to code ``x`` with second
 moment ``C`` where errors matter through a consumer with second moment ``M``, take the
 eigenpairs ``(λ_j, u_j)`` of ``M^½ C M^½``; the latent ``z_j = u_jᵀ M^½ x / √λ_j`` has unit
 variance and an error ``e`` in it costs ``λ_j e²`` in the consumer's metric, so the

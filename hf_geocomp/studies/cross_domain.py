@@ -1,8 +1,8 @@
 """Cross-domain benchmark: calibrate on one domain (or a mix), evaluate on every domain, in one run.
 
 Users calibrate on generic text and serve their own, so a calibrated method is judged off its
-calibration domain beside the calibration-free baselines of the same run (DESIGN.md,
-"Measuring"): magnitude pruning and transformers' ``QuantizedCache``. Domains are offline
+calibration domain beside the calibration-free baselines of the same run (docs/design.md,
+"How we measure"): magnitude pruning and transformers' ``QuantizedCache``. Domains are offline
 text sources with disjoint calibration and evaluation splits (plays by work, documentation
 topics by name, standard-library source files by file). Calibration sets: each domain alone,
 the mix of all domains (the default, :data:`hf_geocomp.data.DEFAULT_CALIBRATION`), and for

@@ -1,6 +1,6 @@
 """Benchmark: coded KV caches against transformers' QuantizedCache and the uncompressed cache.
 
-Continuation perplexity (DESIGN.md "Measuring"): each window prefills ``prefill`` tokens into
+Continuation perplexity (docs/design.md, "How we measure"): each window prefills ``prefill`` tokens into
 the cache, then the next ``score`` tokens are scored in one forward pass through that cache
 (every scored prediction reads the stored context). All caches see the same windows of the
 held-out split in the same process; ratios are to the uncompressed ``DynamicCache`` of the
