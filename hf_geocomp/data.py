@@ -11,6 +11,9 @@ Text sources are strings:
 * ``pydoc`` / ``pydoc:calibration`` / ``pydoc:evaluation`` (topics split by name);
 * ``pystdlib`` / ``pystdlib:calibration`` / ``pystdlib:evaluation``: Python source code, the
   standard library's own ``*.py`` files (no install), split by file;
+* development splits for choosing defaults without touching evaluation text: ``pydoc:dev`` and
+  ``pystdlib:dev`` are every fourth document of the calibration split, ``pydoc:fit`` and
+  ``pystdlib:fit`` the rest of it (``shakespeare:train`` plays the same part for the plays);
 * ``mix:<source>,<source>,...``: equal shares of tokens from each source (the calibration default,
   :data:`DEFAULT_CALIBRATION`);
 * ``file:a.txt+b.txt`` or a path to a text file;
@@ -267,6 +270,17 @@ def mix_parts(source: str) -> list[str]:
     return parts
 
 
+SPLITS = ("all", "calibration", "evaluation", "fit", "dev")
+
+
+def _splits(items: list, calibration: list, evaluation: list) -> dict[str, list]:
+    """The splits of a document list: ``dev`` (every fourth calibration document) and ``fit`` (the rest of
+    calibration) choose defaults on text that evaluation never sees; ``calibration`` is unchanged by them."""
+    dev = calibration[::4]
+    return {"": items, "all": items, "calibration": calibration, "evaluation": evaluation, "dev": dev,
+            "fit": [x for x in calibration if x not in set(dev)]}
+
+
 def load_corpus(source: str) -> Corpus:
     """Documents of a text source string (see the module docstring)."""
     kind, _, rest = source.partition(":")
@@ -281,10 +295,9 @@ def load_corpus(source: str) -> Corpus:
     if kind == "pystdlib":
         files = stdlib_files()
         evaluation = set(files[::5])  # every fifth file, by path
-        chosen = {"": files, "all": files, "evaluation": sorted(evaluation),
-                  "calibration": [f for f in files if f not in evaluation]}.get(rest)
+        chosen = _splits(files, [f for f in files if f not in evaluation], sorted(evaluation)).get(rest)
         if chosen is None:
-            raise GeoCompError(f"pystdlib split {rest!r} is not one of all, calibration, evaluation.")
+            raise GeoCompError(f"pystdlib split {rest!r} is not one of {', '.join(SPLITS)}.")
         return Corpus(source, [(f.name, f.read_text(encoding="utf-8", errors="replace")) for f in chosen])
     if kind == "shakespeare":
         texts = _shakespeare_dir()
@@ -295,10 +308,9 @@ def load_corpus(source: str) -> Corpus:
 
         names = sorted(topics)
         evaluation = names[::5]  # every fifth topic, by name
-        chosen = {"": names, "all": names, "evaluation": evaluation,
-                  "calibration": [n for n in names if n not in evaluation]}.get(rest)
+        chosen = _splits(names, [n for n in names if n not in evaluation], evaluation).get(rest)
         if chosen is None:
-            raise GeoCompError(f"pydoc split {rest!r} is not one of all, calibration, evaluation.")
+            raise GeoCompError(f"pydoc split {rest!r} is not one of {', '.join(SPLITS)}.")
         return Corpus(source, [(n, topics[n]) for n in chosen])
     if kind == "hf":
         return _hf_corpus(source, rest)

@@ -22,6 +22,18 @@ def test_pystdlib_split_by_file_and_disjoint():
         load_corpus("pystdlib:train")
 
 
+@pytest.mark.parametrize("source", ["pydoc", "pystdlib"])
+def test_dev_splits_partition_calibration_and_leave_it_unchanged(source):
+    names = {s: [(d, hash(t)) for d, t in load_corpus(f"{source}:{s}").documents] for s in ("calibration", "evaluation", "fit",
+                                                                                  "dev")}
+    assert sorted(names["fit"] + names["dev"]) == sorted(names["calibration"])
+    assert len(names["fit"]) + len(names["dev"]) == len(names["calibration"])  # a partition (same multiset)
+    assert len(names["dev"]) >= len(names["calibration"]) // 4
+    assert not set(names["dev"]) & set(names["evaluation"]) - {n for n in names["dev"] if n[1] == hash("")}
+    # calibration is what it was before the dev split existed: everything but every fifth document
+    assert len(names["calibration"]) + len(names["evaluation"]) == len(load_corpus(source).documents)
+
+
 def test_mix_gives_equal_shares_and_names_unknown_sources(tiny_llama_dir):
     from transformers import AutoTokenizer
 
