@@ -73,6 +73,20 @@ def test_cross_domain_bench_end_to_end(tiny_llama_dir, text_file, tmp_path, caps
     assert code == 2 and "at least two domains" in capsys.readouterr().err
 
 
+def test_cross_domain_pruning_only_with_refit_shrinkage(tiny_llama_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "prune_only.json"
+    code = main(["bench-cross-domain", "--model", tiny_llama_dir, "--domains", "pydoc", f"doc=file:{text_file}|file:{text_file}",
+                 "--tokens", "256", "--eval-tokens", "256", "--block-size", "32", "--windows", "1", "--prefill", "32",
+                 "--score", "8", "--budgets", "--refit-shrinkages", "0.5", "1", "--calibrations", "pydoc", "doc",
+                 "--robust-calibrations", "doc", "--output", str(out)])
+    assert code == 0, capsys.readouterr().err
+    result = json.loads(out.read_text())
+    assert not [r for r in result["rows"] if r["kind"] == "kv"] and "kv" not in result["baseline"]["doc"]
+    shrunk = {r["method"]: r["ppl"] for r in result["rows"] if r["calibration"] == "doc" and r["eval_data"] == "doc"}
+    assert {"variance/bias+refit-shrink0.5", "variance/bias+refit-shrink1"} <= set(shrunk)
+    assert len(set(shrunk.values())) == len(shrunk)  # each variant prunes to a different model
+
+
 # ---- BOS conventions -------------------------------------------------------------------------------
 
 def _tokenizer(bos: bool, adds: bool):

@@ -210,6 +210,37 @@ def test_compensation_is_the_least_squares_solution(compensation):
         torch.testing.assert_close(down.bias.double(), expect_b, rtol=1e-4, atol=1e-5)
 
 
+def test_refit_shrinkage_blends_toward_the_diagonal():
+    """α = 0 is the refit, α = 1 reads no cross-correlation (kept columns only rescaled by c/(c + λ)), and
+    α in between lies between them."""
+    from hf_geocomp.prune.surgery import _consumer_weights
+
+    torch.manual_seed(0)
+    X = torch.randn(400, 6, dtype=torch.float64) @ torch.randn(6, 6, dtype=torch.float64)  # correlated inputs
+
+    class M:  # the two moments the surgery asks of its statistics
+        def mean(self):
+            return X.mean(0)
+
+        def covariance(self):
+            return torch.cov(X.T, correction=0)
+
+    W = torch.randn(3, 6, dtype=torch.float64)
+    keep, drop = torch.tensor([0, 2, 3, 5]), torch.tensor([1, 4])
+    full, _ = _consumer_weights(W, None, keep, drop, M(), True, True, 1e-2)
+    same, _ = _consumer_weights(W, None, keep, drop, M(), True, True, 1e-2, 0.0)
+    diag, _ = _consumer_weights(W, None, keep, drop, M(), True, True, 1e-2, 1.0)
+    half, _ = _consumer_weights(W, None, keep, drop, M(), True, True, 1e-2, 0.5)
+    torch.testing.assert_close(same, full)
+    c = M().covariance().diagonal()[keep]
+    lam = 1e-2 * c.mean()
+    torch.testing.assert_close(diag, W[:, keep] * c / (c + lam))
+    d_full, d_diag = (half - full).norm(), (half - diag).norm()
+    assert 0 < d_full < (full - diag).norm() and 0 < d_diag < (full - diag).norm()
+    with pytest.raises(GeoCompError, match="refit_shrinkage"):
+        PruneConfig(refit_shrinkage=1.5)
+
+
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
 def test_compensation_reduces_error(name):
     errs = {}

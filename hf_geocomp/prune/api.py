@@ -105,6 +105,6 @@ def prune(model: nn.Module, stats=None, sparsity: float = 0.2, criterion: str = 
     if scores is None:
         scores = score_groups(model, groups, cfg, stats, grads)
     plan = allocate(groups, scores, cfg, block_params(model))
-    apply_plan(model, groups, plan, stats, cfg.compensation, cfg.refit_damp)
+    apply_plan(model, groups, plan, stats, cfg.compensation, cfg.refit_damp, cfg.refit_shrinkage)
     update_config(model, plan)
     return model, plan

@@ -128,7 +128,8 @@ class VarianceWeightedPruningCallback(TrainerCallback):
         forced = {gp.key: set(gp.removed) for gp in self.plan.groups} if self.plan is not None else None
         scores = score_groups(self._model, self._groups, cfg, stats, self._grads)
         self.plan = allocate(self._groups, scores, cfg, self._total, forced)
-        apply_masks(self._model, self._groups, self.plan, stats, cfg.compensation, cfg.refit_damp)
+        apply_masks(self._model, self._groups, self.plan, stats, cfg.compensation, cfg.refit_damp,
+                    cfg.refit_shrinkage)
         self.history.append({"step": step, "sparsity": sparsity, "achieved": self.plan.achieved_sparsity,
                              "tokens": int(stats.tokens) if stats is not None else None})
         old = self._collector.stats  # start afresh: later scores see the masked model's activations

@@ -29,6 +29,8 @@ class PruneConfig:
         max_keep: each layer keeps at most this fraction of its units.
         round_to: kept MLP widths are rounded up to a multiple of this.
         refit_damp: ridge added to the refit, relative to the mean diagonal of the kept block.
+        refit_shrinkage: ``α`` in [0, 1]: the refit reads ``(1 − α)·C + α·diag(C)`` instead of the
+            calibration text's moment matrix ``C`` (less tied to its correlations; 1: no cross terms).
         seed: seed of the random criterion.
     """
 
@@ -42,6 +44,8 @@ class PruneConfig:
     max_keep: float = field(default=1.0, metadata={"help": "most fraction of units a layer keeps, in (0, 1]"})
     round_to: int = field(default=1, metadata={"help": "kept MLP widths rounded up to a multiple of this (>= 1)"})
     refit_damp: float = field(default=1e-2, metadata={"help": "relative ridge of the least-squares refit (>= 0)"})
+    refit_shrinkage: float = field(default=0.0, metadata={"help": "blend of the refit's moments toward their "
+                                                                   "diagonal, in [0, 1]"})
     seed: int = field(default=0, metadata={"help": "seed of the random criterion"})
 
     def __post_init__(self):
@@ -67,6 +71,8 @@ class PruneConfig:
             raise GeoCompError(f"round_to must be a positive integer, got {self.round_to!r}.")
         if self.refit_damp < 0:
             raise GeoCompError(f"refit_damp must be >= 0, got {self.refit_damp}.")
+        if not 0 <= self.refit_shrinkage <= 1:
+            raise GeoCompError(f"refit_shrinkage must be in [0, 1], got {self.refit_shrinkage}.")
 
     @property
     def bias(self) -> bool:

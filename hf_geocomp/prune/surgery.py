@@ -25,8 +25,13 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def _consumer_weights(W: torch.Tensor, b: torch.Tensor | None, keep: torch.Tensor, drop: torch.Tensor,
-                      moments, bias: bool, refit: bool, damp: float):
-    """(W', b') of the consumer for kept input columns ``keep``; W is (out, in) float64."""
+                      moments, bias: bool, refit: bool, damp: float, shrinkage: float = 0.0):
+    """(W', b') of the consumer for kept input columns ``keep``; W is (out, in) float64.
+
+    ``shrinkage`` α blends the refit's moment matrix toward its diagonal, ``(1 − α)·C + α·diag(C)``:
+    at 1 no cross-correlation of the calibration text is read and the refit only rescales kept columns
+    by ``c/(c + λ)`` (the ridge), close to bias compensation alone; at 0 it is the full refit.
+    """
     if not (bias or refit) or drop.numel() == 0:
         return W[:, keep], b
     mu = moments.mean()
@@ -35,6 +40,8 @@ def _consumer_weights(W: torch.Tensor, b: torch.Tensor | None, keep: torch.Tenso
     if not refit:
         return W[:, keep], b + W[:, drop] @ mu[drop]
     C = moments.covariance() if bias else moments.second_moment()  # (in, in)
+    if shrinkage:
+        C = (1 - shrinkage) * C + shrinkage * torch.diag(C.diagonal())
     ckk = C[keep][:, keep]
     ridge = damp * ckk.diagonal().mean().clamp_min(1e-12) * torch.eye(len(keep), dtype=C.dtype)
     Wn = torch.linalg.solve(ckk + ridge, (W @ C[:, keep]).T).T  # W C[:, K] (C_KK + λI)⁻¹, (out, |K|)
@@ -52,7 +59,7 @@ def _pruned(groups: list[UnitGroup], plan: PrunePlan):
 
 
 def apply_plan(model: nn.Module, groups: list[UnitGroup], plan: PrunePlan, stats=None,
-               compensation: str = "none", damp: float = 1e-2) -> nn.Module:
+               compensation: str = "none", damp: float = 1e-2, shrinkage: float = 0.0) -> nn.Module:
     """Replace the modules of ``groups`` by smaller ones holding only the kept units (in place)."""
     plan.validate(groups)
     bias, refit = "bias" in compensation, "refit" in compensation
@@ -79,7 +86,7 @@ def apply_plan(model: nn.Module, groups: list[UnitGroup], plan: PrunePlan, stats
             W = arch.linear_weight(m)
             moments = stats.input_of(g.consumer) if (bias or refit) else None
             Wn, bn = _consumer_weights(W.double(), None if m.bias is None else m.bias.double(), keep, drop,
-                                       moments, bias, refit, damp)
+                                       moments, bias, refit, damp, shrinkage)
             _set_module(model, g.consumer, arch.new_linear(m, Wn.to(W.dtype), None if bn is None else bn.to(W.dtype)))
             if g.kind == "heads":
                 heads = arch.head_layout(model)
@@ -92,7 +99,7 @@ def apply_plan(model: nn.Module, groups: list[UnitGroup], plan: PrunePlan, stats
 
 
 def apply_masks(model: nn.Module, groups: list[UnitGroup], plan: PrunePlan, stats=None,
-                compensation: str = "none", damp: float = 1e-2) -> None:
+                compensation: str = "none", damp: float = 1e-2, shrinkage: float = 0.0) -> None:
     """Zero the weights of every removed unit in place (shapes unchanged): producer rows and consumer columns.
 
     With ``compensation`` (and ``stats`` of the current, already masked model) the consumer's
@@ -112,7 +119,7 @@ def apply_masks(model: nn.Module, groups: list[UnitGroup], plan: PrunePlan, stat
                 drop = g.cols[gp.removed].reshape(-1).sort().values
                 W = arch.linear_weight(m)
                 Wn, bn = _consumer_weights(W.double(), None if m.bias is None else m.bias.double(), keep, drop,
-                                           stats.input_of(g.consumer), bias, refit, damp)
+                                           stats.input_of(g.consumer), bias, refit, damp, shrinkage)
                 W[:, keep] = Wn.to(W.dtype)
                 if bn is not None:
                     m.bias.copy_(bn.to(m.bias.dtype))

@@ -202,7 +202,8 @@ def add_study_parsers(sub, lazy, add_model_data, add_prune_options) -> None:
     c.add_argument("--criteria", nargs="+", default=["variance", "wanda"], help="calibrated criteria (default "
                    "variance wanda); magnitude without compensation always runs as the calibration-free baseline")
     c.add_argument("--compensation", default="bias+refit", help="compensation of calibrated rows (default bias+refit)")
-    c.add_argument("--budgets", type=float, nargs="+", default=[0.25, 0.125], help="KV byte budgets (default 0.25 0.125)")
+    c.add_argument("--budgets", type=float, nargs="*", default=[0.25, 0.125],
+                   help="KV byte budgets (default 0.25 0.125; none: no KV rows)")
     c.add_argument("--group-size", type=int, default=64, help="latent components per float16 scale (default 64)")
     c.add_argument("--quant", nargs="*", default=["quanto:4"], help="QuantizedCache baselines (default quanto:4)")
     c.add_argument("--kv-dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="KV model dtype")
@@ -216,6 +217,8 @@ def add_study_parsers(sub, lazy, add_model_data, add_prune_options) -> None:
                    help="robustness rows: the first criterion with these compensations too")
     c.add_argument("--refit-damps", type=float, nargs="*", default=[],
                    help="robustness rows: the first criterion with these refit ridges (default ridge 0.01)")
+    c.add_argument("--refit-shrinkages", type=float, nargs="*", default=[],
+                   help="pruning robustness rows: the refit's moments blended toward their diagonal (default none)")
     c.add_argument("--robust-calibrations", nargs="*", default=None,
                    help="calibration sets that also get the robustness rows (default: every mix)")
     c.add_argument("--threads", type=int, default=1, help="torch threads (default 1: fastest on a shared CPU)")

@@ -95,6 +95,9 @@ def _prune_variants(args, robust: bool) -> list[tuple[str, str, dict]]:
         out += [(f"{crit}/{comp}", crit, {"compensation": comp}) for comp in args.robust_compensations]
         out += [(f"{crit}/{args.compensation}-damp{d:g}", crit, {"compensation": args.compensation, "refit_damp": d})
                 for d in args.refit_damps]
+        out += [(f"{crit}/{args.compensation}-shrink{a:g}", crit, {"compensation": args.compensation,
+                                                                   "refit_shrinkage": a})
+                for a in args.refit_shrinkages]
     return out
 
 
@@ -129,7 +132,8 @@ def run_cross_domain(args) -> dict:
         for budget in args.budgets:
             KVConfig(budget=budget, reference_tokens=args.prefill, sink_tokens=args.sink_tokens, **fields)
     model, tok = load_model(args.model)
-    kv_model = copy.deepcopy(model).to(getattr(torch, args.kv_dtype))
+    kv_on = bool(args.budgets)  # no budgets: a pruning-only matrix
+    kv_model = copy.deepcopy(model).to(getattr(torch, args.kv_dtype)) if kv_on else None
     bos = block_bos(tok, model)
     limit = model_max_length(model)
     t0 = time.time()
@@ -155,6 +159,7 @@ def run_cross_domain(args) -> dict:
                            "criteria": args.criteria, "budgets": args.budgets, "kv_dtype": args.kv_dtype,
                            "quant": args.quant, "threads": args.threads, "robust_calibrations": sorted(robust),
                            "robust_compensations": args.robust_compensations, "refit_damps": args.refit_damps,
+                           "refit_shrinkages": args.refit_shrinkages,
                            "shrinkage": args.shrinkage, "min_bits": args.min_bits},
               "baseline": baseline, "rows": rows, "complete": False,
               "notes": "ppl_ratio is to the uncompressed model on the same evaluation domain in this run; KV rows "
@@ -172,16 +177,17 @@ def run_cross_domain(args) -> dict:
               f"ppl {row['ppl']:9.3f} ({100 * (row['ppl_ratio'] - 1):+6.1f}%){extra}", flush=True)
 
     for d in domains:  # the uncompressed model and the calibration-free baselines
-        nll, n, nbytes = continuation_nll(kv_model, windows[d], args.prefill, _dynamic(kv_model))
-        baseline[d] = {"dense": {"ppl": perplexity(model, evals[d])},
-                       "kv": {"ppl": math.exp(nll), "kv_bytes": nbytes, "tokens": n}}
+        baseline[d] = {"dense": {"ppl": perplexity(model, evals[d])}}
+        if kv_on:
+            nll, n, nbytes = continuation_nll(kv_model, windows[d], args.prefill, _dynamic(kv_model))
+            baseline[d]["kv"] = {"ppl": math.exp(nll), "kv_bytes": nbytes, "tokens": n}
         for crit in ("magnitude",):
             pruned = copy.deepcopy(model)
             prune(pruned, None, sparsity=args.sparsity, criterion=crit, targets=args.targets)
             add({"method": f"{crit}/none", "kind": "prune", "calibration": None, "eval_data": d,
                  "sparsity": args.sparsity, "ppl": perplexity(pruned, evals[d])}, "dense")
             del pruned
-        for spec in args.quant:
+        for spec in args.quant if kv_on else []:
             backend, nbits = spec.split(":")
             try:
                 nll, n, nbytes = continuation_nll(kv_model, windows[d], args.prefill, _quantized(kv_model, backend,
@@ -207,7 +213,7 @@ def run_cross_domain(args) -> dict:
                      "in_calibration": d in parts, "sparsity": args.sparsity, "ppl": perplexity(pruned, evals[d])},
                     "dense")
             del pruned
-        kv_stats = collect_kv_stats(kv_model, loader, "fisher")
+        kv_stats = collect_kv_stats(kv_model, loader, "fisher") if kv_on else None
         for method, fields in variants:
             if fields and name not in robust:
                 continue
