@@ -188,26 +188,48 @@ def test_cli_bench_curvature(tmp_path, tiny_llama_dir, text_file, capsys):
     assert main(argv[:-4] + ["--keeps", "0"]) == 2  # a bad keep fraction fails before any work
 
 
-@pytest.mark.parametrize("name", ["llama"])  # GPT-2: transformers' own weight init reads `mlp.c_proj.weight` on load
-def test_three_factor_model_reloads_with_from_pretrained(tmp_path, name):
-    """Through the hub: the plan records the replaced modules, from_pretrained rebuilds them with identical logits,
-    and stock transformers (the guard) refuses the checkpoint instead of loading random dense weights."""
-    import json
+def _reload_case(name):
+    """(model, factors, config, auto class) for a from_pretrained reload. BERT has no next-token head, so K-FAC
+    cannot measure it; its layers get constructed factors (compression itself takes any dense layer)."""
+    from transformers import AutoModel, AutoModelForCausalLM
 
-    from transformers import AutoModelForCausalLM
+    model = TINY_MODELS[name.split(":")[0]]()
+    if name == "bert":
+        names = mlp_linears(model)
+        factors = {}
+        for i, n in enumerate(names):
+            out_f, in_f = arch.linear_weight(model.get_submodule(n)).shape
+            factors[n] = _random_factors(out_f, in_f, seed=i)
+        return model, factors, CurvatureConfig(keep=0.3), AutoModel
+    modules = ("*.attn.c_proj", "*.mlp.c_fc") if name == "gpt2:attn" else None  # GPT-2's init reads attn.c_proj too
+    cfg = CurvatureConfig(keep=0.3, modules=modules)
+    names = arch.match_modules(model, list(modules)) if modules else None
+    return model, kfac_factors(model, [random_batch(seed=1)], names), cfg, AutoModelForCausalLM
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "gpt2:attn", "bert"])
+def test_three_factor_model_reloads_with_from_pretrained(tmp_path, name):
+    """Through the hub: the plan records the replaced modules, from_pretrained rebuilds them with identical logits
+    (GPT-2: although transformers' GPT-2 init reads `c_proj.weight` of the MLP and attention modules), nothing is
+    missing or unexpected, and stock transformers (the guard) refuses the checkpoint instead of loading random
+    dense weights."""
+    import json
 
     import hf_geocomp  # noqa: F401
     from hf_geocomp.hub import GUARD, mark_compressed
 
-    model = TINY_MODELS[name]()
+    from .conftest import model_output
+
+    model, factors, cfg, auto = _reload_case(name)
     batch = random_batch()
-    compress(model, kfac_factors(model, [random_batch(seed=1)]), CurvatureConfig(keep=0.3))
+    _, summary = compress(model, factors, cfg)
+    replaced = [n for n, m in model.named_modules() if isinstance(m, CurvatureSubspaceLinear)]
+    assert len(replaced) == summary["modules"] > 0
     mark_compressed(model)
-    with torch.no_grad():
-        ref = model(**batch).logits
+    ref = model_output(model, batch)
     model.save_pretrained(tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["attn_implementation"] == GUARD
-    again = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    assert all(isinstance(again.get_submodule(n), CurvatureSubspaceLinear) for n in mlp_linears(again))
-    with torch.no_grad():
-        torch.testing.assert_close(again(**batch).logits, ref, rtol=0, atol=0)
+    again, info = auto.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert [n for n, m in again.named_modules() if isinstance(m, CurvatureSubspaceLinear)] == replaced
+    torch.testing.assert_close(model_output(again.eval(), batch), ref, rtol=0, atol=0)

@@ -26,7 +26,9 @@ nn.Module`` that builds an empty module of those shapes (values come from the st
 is called on the meta device). :func:`mark_compressed` stores ``{module_name: record}`` of every
 module that has ``geocomp_record``; on reload the kind is resolved lazily through
 :data:`~hf_geocomp.hub.shapes.MODULE_KINDS` (kind → ``"package.module:ClassName"``), extended
-with :func:`register_module_kind`. An unknown kind is an error, never a silent dense layer.
+with :func:`register_module_kind`. An unknown kind is an error, never a silent dense layer. The
+parent of a replaced module is marked initialised for transformers' load-time weight init (whose
+family code may read the dense child's ``weight`` from the parent, as GPT-2's does).
 """
 
 from .card import render_card

@@ -172,6 +172,20 @@ def rebuild(model: nn.Module, shapes: dict, replaced: dict[str, dict], dtype: to
         with torch.device("meta"):
             new = module_class(record["kind"]).from_geocomp_record(dict(record), dtype)
         _set_module(model, name, new)
+        _skip_parent_init(model, name)
+
+
+def _skip_parent_init(model: nn.Module, name: str) -> None:
+    """Mark the parent of replaced module ``name`` as initialised for transformers' weight init.
+
+    After loading, ``from_pretrained`` runs the family's ``_init_weights`` on every module not marked
+    ``_is_hf_initialized``, and some read a child's dense weight from the parent (GPT-2's MLP and
+    attention: ``module.c_proj.weight``), which a replaced module does not have. The parent's own
+    tensors are its children's, which the checkpoint fills (and ``check_checkpoint`` checks); the
+    children keep their own init pass, so nothing the checkpoint lacks goes uninitialised.
+    """
+    parent = name.rpartition(".")[0]
+    (model.get_submodule(parent) if parent else model)._is_hf_initialized = True
 
 
 def check_checkpoint(model: nn.Module, checkpoint_files: list[str] | None) -> None:
