@@ -8,6 +8,7 @@ Nothing else in the package hard-codes a module name.
 from __future__ import annotations
 
 import fnmatch
+import math
 import re
 from dataclasses import dataclass, replace
 
@@ -125,6 +126,84 @@ def block_prefixes(model: nn.Module) -> list[str]:
     root = _base_prefix(model, spec) + spec.layers
     blocks = model.get_submodule(root)
     return [f"{root}.{i}." for i in range(len(blocks))]
+
+
+# ---- which blocks a method touches (the ``layers`` field of the method configs) -------------------
+LAYERS_HELP = ("block indices (negative from the end, -1 the last) or a fraction in (0, 1] of the last blocks; "
+               "None: every block")
+
+
+def check_layers(layers, name: str = "layers"):
+    """``layers`` in canonical form (None, a float in (0, 1], or a tuple of distinct ints), else one clear error.
+
+    The model-free half of :func:`layer_indices`: configs call it in ``__post_init__``.
+    """
+    if layers is None:
+        return None
+    if isinstance(layers, float):
+        if not 0 < layers <= 1:
+            raise GeoCompError(f"{name} as a fraction of the last blocks must be in (0, 1], got {layers!r}.")
+        return layers
+    if isinstance(layers, int) and not isinstance(layers, bool):
+        layers = (layers,)
+    if not isinstance(layers, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool)
+                                                        for i in layers):
+        raise GeoCompError(f"{name} must be {LAYERS_HELP}, got {layers!r}.")
+    if not layers:
+        raise GeoCompError(f"{name} must name at least one block (or be None for every block).")
+    return tuple(layers)
+
+
+def layer_indices(model: nn.Module, layers) -> list[int] | None:
+    """The sorted block indices ``layers`` names in ``model`` (None stays None: every block).
+
+    A float f keeps the last ceil(f·n) of the n blocks; ints are block indices, negative from the end.
+    """
+    layers = check_layers(layers)
+    if layers is None:
+        return None
+    n = len(block_prefixes(model))
+    if isinstance(layers, float):
+        return list(range(n - max(1, math.ceil(layers * n - 1e-9)), n))
+    out = []
+    for i in layers:
+        if not -n <= i < n:
+            raise GeoCompError(f"layers names block {i}, but this {get_spec(model).family} model has {n} blocks "
+                               f"(0..{n - 1}, or -{n}..-1 from the end).")
+        j = i % n
+        if j in out:
+            raise GeoCompError(f"layers names block {j} twice.")
+        out.append(j)
+    return sorted(out)
+
+
+def parse_layers(text: str):
+    """A layer subset from the command line: ``all``, ``last:8`` (the last 8 blocks), ``last:0.25`` (the last
+    quarter), ``12:18`` (blocks 12..17), ``3`` or a comma list of those (``0,10:12,29``). Returns what the
+    method configs' ``layers`` field takes."""
+    text = str(text).strip()
+    bad = GeoCompError(f"layer subset {text!r} is not all, last:N, last:FRACTION, A:B, an index or a comma list "
+                       "of indices and A:B ranges (e.g. 22:30 or 0,15,29).")
+    if text == "all":
+        return None
+    try:
+        if text.startswith("last:"):
+            value = text[5:]
+            if "." in value:
+                return check_layers(float(value))
+            n = int(value)
+            if n < 1:
+                raise bad
+            return tuple(range(-n, 0))
+        out: list[int] = []
+        for item in text.split(","):
+            a, colon, b = item.partition(":")
+            out.extend(range(int(a), int(b)) if colon else [int(a)])
+    except ValueError:
+        raise bad from None
+    if not out or min(out) < 0:
+        raise bad
+    return check_layers(out)
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ import torch
 
 from hf_geocomp import GeoCompError, arch
 from hf_geocomp.curvature import (CurvatureConfig, CurvatureSubspaceLinear, KFACFactors, compress, kfac_factors,
-                                  mlp_linears, rebuild, select, stored_block_params)
+                                  mlp_linears, rebuild, select, stored_block_params, target_modules)
 from hf_geocomp.geometry import sample_labels
 
 from .conftest import TINY_MODELS, random_batch
@@ -121,6 +121,31 @@ def test_compress_and_save_reload(tmp_path, name, rule):
         torch.testing.assert_close(again.eval()(**batch).logits, ref)
 
 
+@pytest.mark.parametrize("layers,blocks", [((-1,), [1]), ([0], [0]), (0.5, [1]), (1.0, [0, 1]), (None, [0, 1])])
+def test_layers_compress_only_those_blocks(layers, blocks):
+    model = TINY_MODELS["llama"]()
+    cfg = CurvatureConfig(keep=0.3, layers=layers)
+    names = target_modules(model, cfg)
+    assert sorted({arch.layer_index(n) for n in names}) == blocks and len(names) == 3 * len(blocks)
+    _, summary = compress(model, kfac_factors(model, [random_batch()], names), cfg)
+    replaced = {n for n, m in model.named_modules() if isinstance(m, CurvatureSubspaceLinear)}
+    assert replaced == set(names) and summary["modules"] == len(names)
+    assert model.config.geocomp_curvature["layers"] == (list(layers) if isinstance(layers, tuple) else layers)
+    gpt2 = TINY_MODELS["gpt2"]()  # layers narrow module patterns too
+    assert target_modules(gpt2, CurvatureConfig(modules="*.mlp.c_proj", layers=[-1])) == ["transformer.h.1.mlp.c_proj"]
+
+
+def test_parse_layers():
+    assert arch.parse_layers("all") is None
+    assert arch.parse_layers("last:3") == (-3, -2, -1)
+    assert arch.parse_layers("last:0.25") == 0.25
+    assert arch.parse_layers("12:15") == (12, 13, 14)
+    assert arch.parse_layers("0,10:12,29") == (0, 10, 11, 29)
+    for bad in ("last:0", "x", "3:3", "-1", "last:1.5", "1,,2", ""):
+        with pytest.raises(GeoCompError, match="layer subset|fraction"):
+            arch.parse_layers(bad)
+
+
 def test_record_roundtrip():
     layer = CurvatureSubspaceLinear(6, 4, 2, 3, bias=True, masked=True)
     rec = layer.geocomp_record()
@@ -142,6 +167,10 @@ def test_bad_inputs():
         CurvatureConfig(rule="both")
     with pytest.raises(GeoCompError, match="labels"):
         CurvatureConfig(labels="teacher")
+    for layers, match in ((0.0, "fraction"), (2.0, "fraction"), ([], "at least one block"), ([True], "block indices"),
+                          ("last", "block indices")):
+        with pytest.raises(GeoCompError, match=match):
+            CurvatureConfig(layers=layers)
     model = TINY_MODELS["llama"]()
     down = mlp_linears(model)[-1]
     handle = model.get_submodule(down).register_forward_hook(lambda m, a, out: out.detach())
@@ -164,6 +193,12 @@ def test_bad_inputs():
     fake = {n: KFACFactors(torch.eye(3), torch.eye(3), 1) for n in mlp_linears(model)}
     with pytest.raises(GeoCompError, match="another model"):
         compress(model, fake)
+    with pytest.raises(GeoCompError, match=r"names block -3, but this llama model has 2 blocks"):
+        compress(model, fake, CurvatureConfig(layers=[-3]))
+    with pytest.raises(GeoCompError, match="names block 1 twice"):
+        compress(model, fake, CurvatureConfig(layers=[1, -1]))
+    with pytest.raises(GeoCompError, match="no module to compress"):
+        compress(model, fake, CurvatureConfig(modules="model.layers.0.mlp.up_proj", layers=[1]))
 
 
 def test_cli_bench_curvature(tmp_path, tiny_llama_dir, text_file, capsys):
@@ -176,16 +211,26 @@ def test_cli_bench_curvature(tmp_path, tiny_llama_dir, text_file, capsys):
             "--train-data", text_file, "--train-tokens", "256", "--train-block", "16", "--canaries", "4",
             "--canary-batch", "2", "--max-steps", "4", "--check-every", "2", "--kfac-data", text_file,
             "--kfac-tokens", "64", "--eval-data", text_file, "--eval-tokens", "128", "--keeps", "1.0", "0.3",
-            "--rules", "per_factor", "--lr", "1e-3", "--train-last", "1", "-o", str(out), "--plot", str(tmp_path / "c.png")]
+            "--rules", "per_factor", "--lr", "1e-3", "--train-last", "1", "--layers", "all", "last:1",
+            "-o", str(out), "--plot", str(tmp_path / "c.png")]
     assert main(argv) == 0
     res = json.loads(out.read_text())
-    by = {(r["method"], r.get("keep")): r for r in res["rows"]}
-    assert by[("curvature:per_factor", 1.0)]["ppl"] == pytest.approx(res["baseline"]["ppl"], rel=1e-4)
+    by = {(r["method"], r.get("keep"), r.get("layers")): r for r in res["rows"]}
+    for layers in (None, "last:1"):
+        assert by[("curvature:per_factor", 1.0, layers)]["ppl"] == pytest.approx(res["baseline"]["ppl"], rel=1e-4)
+    one = [r for r in res["rows"] if r.get("layers") == "last:1"]
+    assert {r["method"] for r in one} == {"curvature:per_factor", "prune:variance:bias+refit", "fold:data_free"}
+    assert all(r["layer_indices"] == [1] for r in one)
+    curv = next(r["params"] for r in one if r.get("keep") == 0.3)
+    fold_row = next(r for r in one if r["method"] == "fold:data_free")
+    assert fold_row["matched_keep"] == 0.3 and 0 <= fold_row["params"] - curv < 3 * 32  # matched to within a unit
     assert {r["method"] for r in res["rows"]} >= {"pretrained", "finetuned", "prune:variance:bias+refit",
                                                   "fold:data_free"}
     assert res["finetune"]["steps"] <= 4 and (tmp_path / "c.png").exists()
     assert res["finetune"]["trained_parameters"] == 3 * 32 * 48  # the last block's gate, up and down
     assert main(argv[:-4] + ["--keeps", "0"]) == 2  # a bad keep fraction fails before any work
+    assert main(argv[:-4] + ["--layers", "last:0"]) == 2  # so does a bad layer subset
+    assert main(argv[:-4] + ["--layers", "5"]) == 2  # and one the model lacks, before fine-tuning
 
 
 def _reload_case(name):

@@ -184,6 +184,19 @@ def test_budget_and_save_reload(tmp_path, name, kw, expect_stock):
             loader.from_pretrained(tmp_path)
 
 
+@pytest.mark.parametrize("kw", [{"sparsity": 0.15}, {"clusters": 20}])
+def test_layers_fold_only_those_blocks(kw):
+    model = TINY_MODELS["llama"]()
+    ref = [p.detach().clone() for p in model.model.layers[0].parameters()]
+    before = block_params(model)
+    _, plan = fold(model, layers=0.5, repair="data_free", **kw)
+    assert [len(gp.keep) for gp in plan.groups][0] == 48 and len(plan.groups[1].keep) < 48
+    assert all(torch.equal(a, b) for a, b in zip(ref, model.model.layers[0].parameters()))  # block 0 as it was
+    if "sparsity" in kw:
+        assert 0.1 < 1 - block_params(model) / before <= 0.15
+    assert FoldConfig(layers=[-1]).budget().layers == (-1,)
+
+
 def test_kmeans_and_agglomerative():
     g = torch.Generator().manual_seed(0)
     centres = torch.randn(3, 8, generator=g) * 10

@@ -305,6 +305,20 @@ def test_uniform_allocation_is_the_same_fraction_per_layer():
     assert len(set(glob.widths("mlp"))) > 1  # the control: global adapts per layer
 
 
+@pytest.mark.parametrize("allocation", ["uniform", "global"])
+def test_layers_prune_only_those_blocks_at_the_whole_model_budget(allocation):
+    model, _, stats = _setup("llama")
+    before = block_params(model)
+    _, plan = prune(model, stats, sparsity=0.15, criterion="variance", targets=("mlp",), allocation=allocation,
+                    layers=[-1])
+    assert plan.widths("mlp")[0] == 48 and plan.widths("mlp")[1] < 48  # block 0 untouched
+    assert 0.1 < 1 - block_params(model) / before <= 0.15  # a fraction of *all* block parameters, from block 1
+    assert model.config.geocomp_pruning["stock_loadable"] is False  # per-layer widths: refused by stock loading
+    assert PruneConfig(layers=0.5).to_dict()["layers"] == 0.5 and PruneConfig(layers=(0, 1)).to_dict()["layers"] == [0, 1]
+    with pytest.raises(GeoCompError, match="has 2 blocks"):
+        prune(_setup("llama")[0], stats, sparsity=0.1, layers=[2])
+
+
 def test_round_to_and_plan_roundtrip():
     model, _, stats = _setup("llama")
     _, plan = prune(model, stats, sparsity=0.3, targets=("mlp",), round_to=8, allocation="global")
@@ -350,7 +364,8 @@ def test_save_reload(tmp_path, name, kw, stock):
     ({"targets": ("ffn",)}, "target"), ({"allocation": "layerwise"}, "allocation"),
     ({"compensation": "ols"}, "compensation"), ({"min_keep": 0.0}, "min_keep"),
     ({"head_mode": "group"}, "head_mode"), ({"max_keep": 1.5}, "max_keep"), ({"round_to": 0}, "round_to"),
-    ({"targets": ()}, "target"), ({"refit_damp": -1.0}, "refit_damp"),
+    ({"targets": ()}, "target"), ({"refit_damp": -1.0}, "refit_damp"), ({"layers": 1.5}, "layers as a fraction"),
+    ({"layers": []}, "at least one block"), ({"layers": ["last"]}, "block indices"),
 ])
 def test_bad_config(kw, match):
     with pytest.raises(GeoCompError, match=match):

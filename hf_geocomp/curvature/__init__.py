@@ -7,10 +7,10 @@ statistics engine (gradients of the model's own sampled labels by default: the t
 trainable) by the product-mass or per-factor keep rule.
 """
 
-from .api import compress, rebuild, stored_block_params
+from .api import compress, rebuild, stored_block_params, target_modules
 from .config import CurvatureConfig
 from .kfac import KFACFactors, kfac_factors, kfac_taps, mlp_linears, select
 from .modules import CurvatureSubspaceLinear
 
 __all__ = ["CurvatureConfig", "CurvatureSubspaceLinear", "KFACFactors", "compress", "kfac_factors", "kfac_taps",
-           "mlp_linears", "rebuild", "select", "stored_block_params"]
+           "mlp_linears", "rebuild", "select", "stored_block_params", "target_modules"]

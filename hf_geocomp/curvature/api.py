@@ -24,7 +24,7 @@ def compress(model: nn.Module, factors: dict[str, KFACFactors] | None = None, co
     The records of the new modules go into ``model.config.geocomp_modules`` for reloading.
     """
     cfg = config or CurvatureConfig(**kwargs)
-    names = arch.match_modules(model, list(cfg.modules)) if cfg.modules else mlp_linears(model)
+    names = target_modules(model, cfg)
     if factors is None:
         if batches is None:
             raise GeoCompError("curvature compression needs K-FAC factors or calibration batches to compute them.")
@@ -50,6 +50,20 @@ def compress(model: nn.Module, factors: dict[str, KFACFactors] | None = None, co
     setattr(model.config, CONFIG_KEY, records)
     model.config.geocomp_curvature = cfg.to_dict()
     return model, {"params_before": before, "params_after": stored_block_params(model), "modules": len(names)}
+
+
+def target_modules(model: nn.Module, config: CurvatureConfig) -> list[str]:
+    """The dense layers ``config`` compresses: its ``modules`` (default every MLP linear) inside its ``layers``."""
+    names = arch.match_modules(model, list(config.modules)) if config.modules else mlp_linears(model)
+    layers = arch.layer_indices(model, config.layers)
+    if layers is None:
+        return names
+    prefixes = tuple(arch.block_prefixes(model)[i] for i in layers)
+    inside = [n for n in names if n.startswith(prefixes)]
+    if not inside:
+        raise GeoCompError(f"no module to compress lies in blocks {layers} (modules {list(config.modules or [])} "
+                           "select none there).")
+    return inside
 
 
 def rebuild(model: nn.Module, records: dict | None = None, dtype: torch.dtype | None = None) -> nn.Module:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from ..arch import LAYERS_HELP, check_layers
 from ..errors import GeoCompError
 from ..geometry.stats import LABELS
 
@@ -20,6 +21,8 @@ class CurvatureConfig:
             eigenvectors (ranks ceil(keep·out) and ceil(keep·in)).
         rule: ``product`` or ``per_factor``.
         modules: module patterns to compress (glob or ``re:``); default every MLP linear.
+        layers: only layers inside these blocks (indices, negative from the end, e.g. ``(-8, ..., -1)``, or
+            a fraction in (0, 1] of the last blocks); None: every block. Narrows ``modules`` too.
         labels: ``sampled`` (targets drawn from the model's softmax: the true Fisher) or ``gold``.
         seed: seed of the sampled labels.
     """
@@ -27,6 +30,7 @@ class CurvatureConfig:
     keep: float = field(default=0.2, metadata={"help": "fraction kept, in (0, 1]"})
     rule: str = field(default="per_factor", metadata={"help": "product (curvature mass) | per_factor (ranks)"})
     modules: tuple[str, ...] | None = field(default=None, metadata={"help": "module patterns; default MLP linears"})
+    layers: tuple[int, ...] | float | None = field(default=None, metadata={"help": "blocks compressed: " + LAYERS_HELP})
     labels: str = field(default="sampled", metadata={"help": "sampled (true Fisher) | gold (empirical Fisher)"})
     seed: int = field(default=0, metadata={"help": "seed of the sampled labels"})
 
@@ -39,8 +43,10 @@ class CurvatureConfig:
             raise GeoCompError(f"labels {self.labels!r} does not exist; allowed: {', '.join(LABELS)}.")
         if isinstance(self.modules, str):
             self.modules = (self.modules,)
+        self.layers = check_layers(self.layers)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["modules"] = list(self.modules) if self.modules else None
+        d["layers"] = list(self.layers) if isinstance(self.layers, tuple) else self.layers
         return d

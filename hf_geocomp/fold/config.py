@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from ..arch import LAYERS_HELP
 from ..errors import GeoCompError
 from ..prune.config import PruneConfig
 
@@ -34,6 +35,8 @@ class FoldConfig:
         min_keep, max_keep, round_to: as in pruning.
         iters: Lloyd iterations of k-means.
         seed: clustering seed (k-means++ initialisation).
+        layers: only these blocks are folded (as in pruning: indices, negative from the end, or a fraction of
+            the last blocks; the budget stays a fraction of all block parameters). None: every block.
     """
 
     sparsity: float = field(default=0.2, metadata={"help": "fraction of block parameters to remove, in [0, 1)"})
@@ -49,10 +52,12 @@ class FoldConfig:
     round_to: int = field(default=1, metadata={"help": "kept MLP widths rounded up to a multiple of this (>= 1)"})
     iters: int = field(default=20, metadata={"help": "Lloyd iterations of k-means (>= 1)"})
     seed: int = field(default=0, metadata={"help": "clustering seed"})
+    layers: tuple[int, ...] | float | None = field(default=None, metadata={"help": "blocks folded: " + LAYERS_HELP})
 
     def __post_init__(self):
         # the budget fields mean what they mean in pruning, and are checked by its config
-        self.targets = self.budget().targets
+        budget = self.budget()
+        self.targets, self.layers = budget.targets, budget.layers
         if self.clusters is not None and (int(self.clusters) != self.clusters or self.clusters <= 0):
             raise GeoCompError(f"clusters must be a positive integer below the number of units, got {self.clusters!r}.")
         for name, value, allowed in [("method", self.method, METHODS), ("repair", self.repair, REPAIRS),
@@ -66,7 +71,7 @@ class FoldConfig:
         """The pruning config with this budget, whose allocation gives the cluster counts."""
         return PruneConfig(sparsity=self.sparsity, criterion="magnitude", targets=self.targets,
                            allocation=self.allocation, head_mode=self.head_mode, min_keep=self.min_keep,
-                           max_keep=self.max_keep, round_to=self.round_to)
+                           max_keep=self.max_keep, round_to=self.round_to, layers=self.layers)
 
     @property
     def placement(self) -> str:
@@ -76,4 +81,5 @@ class FoldConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["targets"] = list(self.targets)
+        d["layers"] = list(self.layers) if isinstance(self.layers, tuple) else self.layers
         return d

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .. import arch
 from ..errors import GeoCompError
 from ..prune.plan import GroupPlan, PrunePlan, allocate
 from ..prune.units import UnitGroup, block_params, unit_groups
@@ -64,12 +65,17 @@ class FoldPlan(PrunePlan):
 
 
 def _counts(model: nn.Module, groups: list[UnitGroup], cfg: FoldConfig, feats: dict) -> dict[str, int]:
-    """Clusters per group: the widths pruning would keep at this budget (or ``cfg.clusters`` for MLPs)."""
+    """Clusters per group: the widths pruning would keep at this budget (or ``cfg.clusters`` for MLPs);
+    groups outside ``cfg.layers`` keep every unit."""
+    layers = arch.layer_indices(model, cfg.layers)
     if cfg.clusters is not None:
         counts = {}
         for g in groups:
             if g.kind != "mlp":
                 raise GeoCompError("clusters fixes MLP widths only; fold heads with sparsity instead.")
+            if layers is not None and g.layer not in layers:
+                counts[g.key] = g.num_units
+                continue
             if cfg.clusters >= g.num_units:
                 raise GeoCompError(f"clusters must be below the number of units of layer {g.layer} "
                                    f"({g.num_units}), got {cfg.clusters}.")
@@ -79,7 +85,7 @@ def _counts(model: nn.Module, groups: list[UnitGroup], cfg: FoldConfig, feats: d
     # uniform allocation reads only the counts; global ranks units by their data-free redundancy
     scores = {g.key: redundancy(feats[g.key]) if cfg.allocation == "global" else torch.zeros(g.num_units)
               for g in groups}
-    return {gp.key: len(gp.keep) for gp in allocate(groups, scores, pcfg, block_params(model)).groups}
+    return {gp.key: len(gp.keep) for gp in allocate(groups, scores, pcfg, block_params(model), layers=layers).groups}
 
 
 def plan_fold(model: nn.Module, config: FoldConfig) -> FoldPlan:

@@ -104,7 +104,7 @@ def prune(model: nn.Module, stats=None, sparsity: float = 0.2, criterion: str = 
     groups = unit_groups(model, cfg.targets, cfg.head_mode)
     if scores is None:
         scores = score_groups(model, groups, cfg, stats, grads)
-    plan = allocate(groups, scores, cfg, block_params(model))
+    plan = allocate(groups, scores, cfg, block_params(model), layers=arch.layer_indices(model, cfg.layers))
     apply_plan(model, groups, plan, stats, cfg.compensation, cfg.refit_damp, cfg.refit_shrinkage)
     update_config(model, plan)
     return model, plan

@@ -127,7 +127,8 @@ class VarianceWeightedPruningCallback(TrainerCallback):
         stats = self._reduced_stats() if needs else None
         forced = {gp.key: set(gp.removed) for gp in self.plan.groups} if self.plan is not None else None
         scores = score_groups(self._model, self._groups, cfg, stats, self._grads)
-        self.plan = allocate(self._groups, scores, cfg, self._total, forced)
+        layers = arch.layer_indices(self._model, cfg.layers)
+        self.plan = allocate(self._groups, scores, cfg, self._total, forced, layers)
         apply_masks(self._model, self._groups, self.plan, stats, cfg.compensation, cfg.refit_damp,
                     cfg.refit_shrinkage)
         self.history.append({"step": step, "sparsity": sparsity, "achieved": self.plan.achieved_sparsity,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from ..arch import LAYERS_HELP, check_layers
 from ..errors import GeoCompError
 from .units import HEAD_MODES, TARGETS
 
@@ -32,6 +33,8 @@ class PruneConfig:
         refit_shrinkage: ``α`` in [0, 1]: the refit reads ``(1 − α)·C + α·diag(C)`` instead of the
             calibration text's moment matrix ``C`` (less tied to its correlations; 1: no cross terms).
         seed: seed of the random criterion.
+        layers: only these blocks lose units (indices, negative from the end, or a fraction in (0, 1] of the
+            last blocks); the budget stays a fraction of *all* block parameters. None: every block.
     """
 
     sparsity: float = field(default=0.2, metadata={"help": "fraction of block parameters to remove, in [0, 1)"})
@@ -47,10 +50,12 @@ class PruneConfig:
     refit_shrinkage: float = field(default=0.0, metadata={"help": "blend of the refit's moments toward their "
                                                                    "diagonal, in [0, 1]"})
     seed: int = field(default=0, metadata={"help": "seed of the random criterion"})
+    layers: tuple[int, ...] | float | None = field(default=None, metadata={"help": "blocks pruned: " + LAYERS_HELP})
 
     def __post_init__(self):
         from .scorers import SCORERS
 
+        self.layers = check_layers(self.layers)
         if isinstance(self.targets, str):
             self.targets = tuple(t for t in self.targets.replace("+", ",").split(",") if t)
         self.targets = tuple(self.targets)
@@ -85,4 +90,5 @@ class PruneConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["targets"] = list(self.targets)
+        d["layers"] = list(self.layers) if isinstance(self.layers, tuple) else self.layers
         return d

@@ -99,8 +99,10 @@ def _removal_order(group: UnitGroup, scores: torch.Tensor, forced: set[int]) -> 
     return [[order[i] for order in per_block] for i in range(n_b)]
 
 
-def _limits(group: UnitGroup, cfg: PruneConfig) -> tuple[int, int]:
-    """(least, most) removal steps allowed in this group."""
+def _limits(group: UnitGroup, cfg: PruneConfig, layers: list[int] | None = None) -> tuple[int, int]:
+    """(least, most) removal steps allowed in this group (none outside ``layers``)."""
+    if layers is not None and group.layer not in layers:
+        return 0, 0
     n_b = group.num_units // group.blocks
     keep_min = max(1, math.ceil(cfg.min_keep * n_b - 1e-9))
     keep_max = max(keep_min, math.floor(cfg.max_keep * n_b + 1e-9))
@@ -117,15 +119,16 @@ def _rounded_steps(group: UnitGroup, steps: int, cfg: PruneConfig) -> int:
 
 
 def allocate(groups: list[UnitGroup], scores: dict[str, torch.Tensor], cfg: PruneConfig, block_params: int,
-             forced: dict[str, set[int]] | None = None) -> PrunePlan:
+             forced: dict[str, set[int]] | None = None, layers: list[int] | None = None) -> PrunePlan:
     """Choose units to remove so about ``cfg.sparsity`` of ``block_params`` goes.
 
-    ``forced`` maps group keys to units that must be removed (earlier masks).
+    ``forced`` maps group keys to units that must be removed (earlier masks). ``layers`` (``cfg.layers``
+    resolved by :func:`hf_geocomp.arch.layer_indices`): only groups of these blocks lose units.
     """
     forced = forced or {}
     budget = cfg.sparsity * block_params
     orders = {g.key: _removal_order(g, scores[g.key], forced.get(g.key, set())) for g in groups}
-    limits = {g.key: _limits(g, cfg) for g in groups}
+    limits = {g.key: _limits(g, cfg, layers) for g in groups}
     step_cost = {g.key: g.params_per_unit * g.blocks for g in groups}
 
     def removed_params(steps: dict[str, int]) -> int:

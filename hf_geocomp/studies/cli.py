@@ -265,6 +265,8 @@ def add_study_parsers(sub, lazy, add_model_data, add_prune_options) -> None:
     v.add_argument("--keeps", type=float, nargs="+", default=[1.0, 0.5, 0.2, 0.1, 0.05],
                    help="keep fractions of the curvature mass")
     v.add_argument("--rules", nargs="+", default=["per_factor", "product"], help="keep rules (default both)")
+    v.add_argument("--layers", nargs="+", default=None,
+                   help="block subsets, each swept: all, last:N, last:FRACTION, A:B or 0,15,29 (default all)")
     v.add_argument("--baselines", nargs="*", default=["prune:variance:bias+refit", "fold:data_free"],
                    help="measured at the parameters of every smaller per-factor row")
     v.add_argument("--eval-data", default="shakespeare:evaluation", help="held-out text (default evaluation split)")

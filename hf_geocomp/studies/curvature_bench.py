@@ -9,11 +9,13 @@ The memorisation protocol of Merullo et al. 2025 (arXiv:2510.24256), on CPU scal
 2. K-FAC factors of every MLP linear of the fine-tuned model come from ``--kfac-tokens`` of the
    training text (labels sampled from the model: the true Fisher), never from the canaries.
    ``--train-last N`` fine-tunes only the MLPs of the last N blocks (CPU-sized backward passes).
-3. Every ``--keeps`` × ``--rules`` compresses the MLPs; rows record held-out perplexity
-   (``--eval-data``), canary perplexity on the secret digits only (the part no model can
-   generalise to) and on the whole string, and stored block parameters (L and R included).
+3. Every ``--layers`` subset × ``--rules`` × ``--keeps`` compresses the MLPs of those blocks
+   (default: every block); rows record held-out perplexity (``--eval-data``), canary perplexity
+   on the secret digits only (the part no model can generalise to) and on the whole string, and
+   stored block parameters (L and R included).
 4. At the parameter count of every per-factor row that is smaller than the dense model,
-   variance pruning (bias+refit) and data-free folding of the MLPs are measured too.
+   variance pruning (bias+refit) and data-free folding of the MLPs of the same blocks are
+   measured too.
 
 CPU seconds (``time.process_time``) of each phase are recorded.
 """
@@ -28,7 +30,7 @@ import time
 import torch
 
 from .. import arch
-from ..curvature import CurvatureConfig, compress, kfac_factors, mlp_linears, stored_block_params
+from ..curvature import CurvatureConfig, compress, kfac_factors, mlp_linears, stored_block_params, target_modules
 from ..data import calibration_loader, load_model
 from ..errors import GeoCompError
 from ..eval.perplexity import perplexity
@@ -122,14 +124,22 @@ def finetune(model, text_blocks, ids, digits, args) -> dict:
             "cpu_seconds": time.process_time() - cpu, "wall_seconds": time.time() - wall, "log": log}
 
 
+def layer_subsets(specs: list[str] | None) -> list[tuple[str, tuple | float | None]]:
+    """(spec as given, ``layers`` value) of every ``--layers`` subset; one subset, every block, by default."""
+    return [(s, arch.parse_layers(s)) for s in specs] if specs else [("all", None)]
+
+
 def run_curvature_bench(args) -> dict:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    subsets = layer_subsets(args.layers)
     for keep in args.keeps:
         for rule in args.rules:
-            CurvatureConfig(keep=keep, rule=rule, labels=args.labels)
+            for _, layers in subsets:
+                CurvatureConfig(keep=keep, rule=rule, labels=args.labels, layers=layers)
     cpu0 = time.process_time()
     model, tok = load_model(args.model)
+    targets = {spec: target_modules(model, CurvatureConfig(layers=layers)) for spec, layers in subsets}  # checks ranges
     canaries = make_canaries(args.canaries, args.seed)
     ids, digits = encode_canaries(tok, canaries)
     evals = list(calibration_loader(model, tok, args.eval_data, args.eval_tokens, args.block_size, args.batch_size))
@@ -156,37 +166,40 @@ def run_curvature_bench(args) -> dict:
     cpu = time.process_time()
     kfac_data = list(calibration_loader(model, tok, args.kfac_data, args.kfac_tokens, args.block_size, args.kfac_batch,
                                         seed=args.seed + 1))
-    factors = kfac_factors(model, kfac_data, labels=args.labels, seed=args.seed)
+    union = list(dict.fromkeys(n for names in targets.values() for n in names))  # K-FAC once for every subset
+    factors = kfac_factors(model, kfac_data, union, labels=args.labels, seed=args.seed)
     phases["kfac_cpu_seconds"] = time.process_time() - cpu
     matched = []
-    for rule in args.rules:
-        for keep in args.keeps:
-            cpu = time.process_time()
-            work = copy.deepcopy(model)
-            compress(work, factors, CurvatureConfig(keep=keep, rule=rule, labels=args.labels))
-            row = {"method": f"curvature:{rule}", "rule": rule, "keep": keep, **_measure(work, evals, ids, digits),
-                   "cpu_seconds": time.process_time() - cpu}
-            add(row)
-            if rule == "per_factor" and row["params"] < base["params"]:
-                matched.append((keep, row["params"]))
-            del work
+    for spec, layers in subsets:
+        where = {} if layers is None else {"layers": spec, "layer_indices": arch.layer_indices(model, layers)}
+        for rule in args.rules:
+            for keep in args.keeps:
+                cpu = time.process_time()
+                work = copy.deepcopy(model)
+                compress(work, factors, CurvatureConfig(keep=keep, rule=rule, labels=args.labels, layers=layers))
+                row = {"method": f"curvature:{rule}", "rule": rule, "keep": keep, **where,
+                       **_measure(work, evals, ids, digits), "cpu_seconds": time.process_time() - cpu}
+                add(row)
+                if rule == "per_factor" and row["params"] < base["params"]:
+                    matched.append((layers, where, keep, row["params"]))
+                del work
     if matched and args.baselines:
         calib = list(calibration_loader(model, tok, args.data, args.tokens, args.block_size, args.batch_size))
         stats = collect_stats(model, calib, prune_taps(model, ("mlp",)))
-        for keep, params in matched:
+        for layers, where, keep, params in matched:
             sparsity = 1 - params / base["params"]
             for spec in args.baselines:
                 cpu = time.process_time()
                 work = copy.deepcopy(model)
                 if spec == "fold:data_free":
-                    fold(work, config=FoldConfig(sparsity=sparsity, targets="mlp", seed=args.seed))
+                    fold(work, config=FoldConfig(sparsity=sparsity, targets="mlp", seed=args.seed, layers=layers))
                 elif spec.startswith("prune:"):
                     _, crit, comp = spec.split(":")
                     prune(work, stats, config=PruneConfig(sparsity=sparsity, criterion=crit, compensation=comp,
-                                                          targets="mlp"))
+                                                          targets="mlp", layers=layers))
                 else:
                     raise GeoCompError(f"baseline {spec!r} must be fold:data_free or prune:<criterion>:<compensation>.")
-                add({"method": spec, "matched_keep": keep, **_measure(work, evals, ids, digits),
+                add({"method": spec, "matched_keep": keep, **where, **_measure(work, evals, ids, digits),
                      "cpu_seconds": time.process_time() - cpu})
                 del work
     phases["total_cpu_seconds"] = time.process_time() - cpu0
@@ -215,11 +228,14 @@ def plot_curvature(result: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    methods = list(dict.fromkeys(r["method"] for r in result["rows"] if "params_ratio" in r))
+    def series(r):
+        return r["method"] + (f" [{r['layers']}]" if "layers" in r else "")
+
+    methods = list(dict.fromkeys(series(r) for r in result["rows"] if "params_ratio" in r))
     for ax, key, label in ((axes[0], "ppl", "held-out perplexity"), (axes[1], "canary_digit_ppl",
                                                                         "canary perplexity (secret digits)")):
         for m in methods:
-            pts = sorted((r["params_ratio"], r[key]) for r in result["rows"] if r["method"] == m and "params_ratio" in r)
+            pts = sorted((r["params_ratio"], r[key]) for r in result["rows"] if series(r) == m and "params_ratio" in r)
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
         ax.axhline(result["baseline"][key], color="k", lw=0.8, label="fine-tuned")
         pre = next(r for r in result["rows"] if r["method"] == "pretrained")
