@@ -173,3 +173,10 @@ def test_recovery_bench_end_to_end(tiny_llama_dir, tmp_path):
         assert row["ppl_vs_control"] == pytest.approx(row["ppl"] / control["ppl"])
     assert main(argv[:-2] + ["--criteria", "variance", "bogus", "-o", str(tmp_path / "bad.json")]) == 2
     assert not (tmp_path / "bad.json").exists()  # refused before any fine-tune
+
+
+def test_callback_prunes_only_the_given_layers(tmp_path):
+    trainer, cb = _train(tmp_path, targets=("mlp",), layers=[-1])
+    widths = cb.plan.widths("mlp")
+    assert widths[0] == 48 and widths[1] < 48  # block 0 untouched, during training and at the end
+    assert trainer.model.model.layers[0].mlp.down_proj.weight.shape == (32, 48)
