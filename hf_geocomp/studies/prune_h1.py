@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import random
 import statistics
+from dataclasses import dataclass
 
 import torch
 
@@ -25,11 +26,12 @@ from ..data import GENRE_OF, SHAKESPEARE_SPLITS, Corpus, _shakespeare_dir, load_
 from ..eval.significance import compare, holm, paired_t
 from ..geometry import collect_stats
 from ..io import write_json
+from ..options import ModelOptions, option
 from ..prune.api import prune, prune_taps, score_groups
 from ..prune.config import PruneConfig
 from ..prune.units import block_params, unit_groups
 from ..prune.whitening import check_reparametrisable
-from .h3 import control_arm
+from .h3 import CONTROLS, control_arm
 
 LABELS = ["comedy", "tragedy", "history"]
 
@@ -77,7 +79,28 @@ def finetune(model, rows, seed: int, epochs: int, lr: float, batch: int):
     return model.eval()
 
 
-def run_h1(args) -> dict:
+@dataclass(kw_only=True)
+class H1Options(ModelOptions):
+    """H1: pruning criteria on a fine-tuned genre classifier, over seeds."""
+
+    model: str = option("minilm-l6", "encoder: bundled name, model folder or Hub id")
+    targets: str = option("mlp", "comma list of mlp, heads")
+    sparsities: list[float] = option([0.2, 0.4], "fractions of block parameters to remove", range="[0, 1)")
+    criteria: list[str] = option(["variance", "variance_cond", "magnitude", "wanda", "random"], "pruning criteria")
+    seeds: int = option(5, "fine-tuning seeds", range="[1, inf)")
+    block_size: int = option(128, "tokens per passage", range="[1, inf)")
+    train_per_genre: int = option(200, "training passages per genre", range="[1, inf)")
+    test_per_genre: int = option(150, "test passages per genre", range="[1, inf)")
+    calibration_passages: int = option(128, "training passages for statistics", range="[1, inf)")
+    epochs: float = option(1.0, "fine-tuning epochs", range="(0, inf)")
+    lr: float = option(5e-5, "fine-tuning learning rate", range="(0, inf)")
+    batch_size: int = option(16, "fine-tuning batch size", range="[1, inf)")
+    controls: list[str] = option(["plain"], "plain, removed (variance removed), reparam (whitening folded into V/O; "
+                                 "targets heads)", choices=CONTROLS)
+    output: str = "recipes/results/prune_h1_minilm.json"
+
+
+def run_h1(args: H1Options) -> dict:
     test_works = SHAKESPEARE_SPLITS["calibration"] + SHAKESPEARE_SPLITS["evaluation"]
     train_works = SHAKESPEARE_SPLITS["train"]
     rows, baseline_acc = [], []

@@ -1,0 +1,132 @@
+"""Recipes and committed commands: every recipe and every committed result's command still parse into the options
+dataclass of its command; recipe mistakes name the key and the file; the resolved recipe reruns the study."""
+
+import json
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hf_geocomp.cli import commands, main, parse_options
+from hf_geocomp.io import resolved_args
+from hf_geocomp.recipes import build, load_job, recipe_text, to_yaml_dict
+
+ROOT = Path(__file__).parents[1]
+RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
+RESULTS = sorted(p for p in (ROOT / "recipes" / "results").rglob("*.json")
+                 if str(json.loads(p.read_text()).get("command", "")).startswith("hf-geocomp "))
+
+
+def _options(path: Path):
+    return parse_options(["run", str(path)])
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_every_recipe_parses_and_its_keys_are_the_fields(path, tmp_path):
+    keys = set(yaml.safe_load(path.read_text())) - {"command"}
+    options = _options(path)
+    resolved = to_yaml_dict(options)
+    assert keys <= set(resolved)
+    if "command" not in yaml.safe_load(path.read_text()):  # the job: load_job is the recipe path too
+        assert to_yaml_dict(load_job(str(path))) == resolved
+        return
+    assert set(resolved) == set(resolved_args(options)) - {"command"}
+    # the resolved recipe saved beside results is itself a recipe that gives the same options
+    again = tmp_path / "again.yaml"
+    again.write_text(recipe_text(options))
+    assert _options(again) == options and _options(again).command == options.command
+
+
+@pytest.mark.parametrize("path", RESULTS, ids=lambda p: str(p.relative_to(ROOT / "recipes" / "results")))
+def test_every_committed_command_still_parses(path):
+    """A result's ``command`` still parses into its options (a ``run`` of a recipe through the recipe); where the
+    result also recorded its resolved options, the command resolves to exactly those today."""
+    result = json.loads(path.read_text())
+    options = parse_options(shlex.split(result["command"])[1:])
+    saved = result.get("args") or result.get("options")
+    if isinstance(saved, dict):
+        assert resolved_args(options) == {k: v for k, v in saved.items() if k != "overwrite"}
+        cls = commands()[saved["command"]][0]
+        assert build(cls, {k: v for k, v in saved.items() if k not in ("command", "overwrite")}, str(path)) == options
+
+
+def test_every_study_has_a_recipe_path_and_a_flag_per_field():
+    import dataclasses
+
+    from hf_geocomp.cli import build_parser
+
+    parser = build_parser()
+    for name, (cls, run) in commands().items():
+        dests = {a.dest for a in parser.subcommands[name]._actions} - {"help", "overwrite"}
+        assert dests == {f.name for f in dataclasses.fields(cls) if f.init}, name
+        assert callable(run) and cls.__doc__ and not cls.__doc__.startswith(cls.__name__ + "("), name
+
+
+@pytest.mark.parametrize("body, message", [
+    ("command: bench-fold\nseedz: 3\n", "unknown key 'seedz'; allowed: model, data, tokens"),
+    ("command: bench-fold\nseeds: many\n", "key 'seeds' must be int, got 'many'"),
+    ("command: bench-fold\nsparsities: 0.2\n", "key 'sparsities' must be list[float], got 0.2"),
+    ("command: bench-fold\nseeds: 0\n", "seeds must be at least 1, got 0"),
+    ("command: bench-fold\nsparsities: [0.2, 1.5]\n", "sparsities must be in [0, 1), got [0.2, 1.5]"),
+    ("command: bench-h3\ncontrols: [plain, whiten]\n", "controls 'whiten' does not exist; allowed: plain, removed"),
+    ("command: bench-kv-kernel\n", "key 'widths' is required"),
+    ("command: bench-fold\nmethods: []\n", "methods must name at least one value"),
+])
+def test_study_recipe_mistakes_name_the_key_and_the_file(body, message, tmp_path, capsys):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(body)
+    assert main(["run", str(recipe), "-o", str(tmp_path / "out.json")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and str(recipe) in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out.json").exists()
+
+
+def test_set_and_output_overrides_reach_the_dataclass(tmp_path):
+    options = parse_options(["run", str(ROOT / "recipes/fold_smollm2.yaml"), "--set", "seeds=2",
+                             "sparsities=[0.1, 0.3]", "threads=2", "-o", str(tmp_path / "f.json"), "--overwrite"])
+    assert type(options).__name__ == "FoldBenchOptions" and options.command == "bench-fold"
+    assert (options.seeds, options.sparsities, options.threads) == (2, [0.1, 0.3], 2)
+    assert options.output == str(tmp_path / "f.json") and options.overwrite
+    assert options.methods[0] == "fold:none::agglomerative"  # the rest of the recipe is kept
+    # the same settings as flags give the same dataclass
+    flags = parse_options(["bench-fold", "--seeds", "2", "--sparsities", "0.1", "0.3", "--threads", "2", "--tokens",
+                           "2048", "--eval-tokens", "1024", "--methods", *options.methods, "--plot", options.plot,
+                           "-o", str(tmp_path / "f.json")])
+    assert flags == options
+    with pytest.raises(Exception, match="unknown key 'seedz'"):
+        parse_options(["run", str(ROOT / "recipes/fold_smollm2.yaml"), "--set", "seedz=2"])
+
+
+def test_help_shows_each_commands_own_defaults():
+    from hf_geocomp.cli import build_parser
+
+    parser = build_parser()
+    flat = {name: " ".join(parser.subcommands[name].format_help().split())
+            for name in ("bench-h3", "bench-kv", "prune")}
+    assert "calibration tokens (default: 2048)" in flat["bench-h3"]  # a default changed by the study's dataclass
+    assert "calibration tokens (default: 4096)" in flat["bench-kv"]
+    assert "--controls {plain,removed,reparam}" in flat["bench-h3"]
+    assert "--sparsities SPARSITIES [SPARSITIES ...]" in flat["bench-h3"]
+    assert "--output OUTPUT, -o OUTPUT output model folder" in flat["prune"]
+    assert "--criteria CRITERIA [CRITERIA ...], --criterion CRITERIA [CRITERIA ...]" in " ".join(
+        parser.subcommands["bench-prune-recovery"].format_help().split())
+
+
+def test_lora_merge_reproduces_its_committed_result_and_saves_the_recipe(tmp_path, capsys, monkeypatch):
+    """A committed command run again (no model: it joins committed files) gives the committed numbers; the resolved
+    recipe written beside the output reruns it."""
+    committed = json.loads((ROOT / "recipes/results/lora_smollm2_lm_merged.json").read_text())
+    argv = shlex.split(committed["command"])[1:]
+    out = tmp_path / "merged.json"
+    argv[argv.index("-o") + 1] = str(out)
+    monkeypatch.chdir(ROOT)  # the command names its inputs relative to the repository
+    assert main(argv) == 0
+    merged = json.loads(out.read_text())
+    assert {k: v for k, v in merged.items() if k != "command"} == {k: v for k, v in committed.items() if k != "command"}
+    saved = tmp_path / "merged.recipe.yaml"
+    recipe = yaml.safe_load(saved.read_text())
+    assert recipe["command"] == "lora-merge" and recipe["output"] == str(out) and len(recipe["results"]) == 3
+    assert main(["run", str(saved), "-o", str(tmp_path / "again.json")]) == 0
+    assert json.loads((tmp_path / "again.json").read_text())["rows"] == merged["rows"]
+    assert main(["run", str(saved)]) == 2 and "already exists; pass --overwrite" in capsys.readouterr().err
