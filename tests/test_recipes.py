@@ -2,6 +2,7 @@
 dataclass of its command; recipe mistakes name the key and the file; the resolved recipe reruns the study."""
 
 import json
+import re
 import shlex
 from pathlib import Path
 
@@ -10,7 +11,8 @@ import yaml
 
 from hf_geocomp.cli import commands, main, parse_options
 from hf_geocomp.io import resolved_args
-from hf_geocomp.recipes import build, load_job, recipe_text, to_yaml_dict
+from hf_geocomp.options import default_of
+from hf_geocomp.recipes import build, load_job, recipe_text, to_yaml_dict, type_name
 
 ROOT = Path(__file__).parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
@@ -36,6 +38,59 @@ def test_every_recipe_parses_and_its_keys_are_the_fields(path, tmp_path):
     again = tmp_path / "again.yaml"
     again.write_text(recipe_text(options))
     assert _options(again) == options and _options(again).command == options.command
+
+
+def _comments(text: str) -> dict[str, str]:
+    """key (``section.key`` inside a section) → its comment, continuation lines (comment only) joined."""
+    out, section, last = {}, None, None
+    for line in text.splitlines():
+        m = re.match(r"^(\s*)([a-z_]+):[^#]*?(?:\s#\s*(.*))?$", line)
+        if m:
+            indent, key, comment = m.groups()
+            section = key if not indent else section
+            last = key if not indent else f"{section}.{key}"
+            out[last] = (comment or "").strip()
+        elif re.match(r"^\s+#", line) and last:
+            out[last] += " " + line.strip().lstrip("#").strip()
+        else:
+            last = None
+    return out
+
+
+def _states_default(comment: str, default) -> bool:
+    """Whether ``comment`` says ``(default X)`` (or ``(default X: why)``) with X, read as YAML, equal to ``default``."""
+    m = re.search(r"\(default (.*?)\)(?:$|[;,. ])", comment)
+    return bool(m) and any(yaml.safe_load(text) == default for text in (m[1], m[1].split(": ")[0]))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_every_recipe_key_is_commented_with_its_type_and_default(path):
+    import dataclasses
+    import typing
+
+    from hf_geocomp.job import DEFAULT_KV, DEFAULT_PRUNE, JobConfig
+    from hf_geocomp.kv.config import KVConfig
+    from hf_geocomp.prune import PruneConfig
+
+    recipe = yaml.safe_load(path.read_text())
+    cls = commands()[recipe["command"]][0] if "command" in recipe else JobConfig
+    sections = {"prune": (PruneConfig, DEFAULT_PRUNE), "kv": (KVConfig, DEFAULT_KV)} if cls is JobConfig else {}
+    for key, comment in _comments(path.read_text()).items():
+        assert comment, f"{path.name}: key {key!r} has no comment"
+        if key == "command":
+            continue
+        if key in sections:  # a section names the dataclass its keys are fields of
+            assert sections[key][0].__name__ in comment, (path.name, key)
+            continue
+        section, _, name = key.rpartition(".")
+        owner, defaults = sections[section] if section else (cls, {})
+        default = defaults.get(name, default_of(owner.__dataclass_fields__[name]))
+        default = list(default) if isinstance(default, tuple) else default
+        assert comment.startswith(type_name(typing.get_type_hints(owner)[name])), (path.name, key, comment)
+        if default is dataclasses.MISSING:
+            assert "(required)" in comment, (path.name, key, comment)
+        else:
+            assert _states_default(comment, default), (path.name, key, default, comment)
 
 
 @pytest.mark.parametrize("path", RESULTS, ids=lambda p: str(p.relative_to(ROOT / "recipes" / "results")))
