@@ -66,11 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--output", "-o", default=None, help="write the report here instead of stdout")
     rp.set_defaults(handler=_lazy(".report:run_report"))
 
-    r = sub.add_parser("run", help="the main job: compress a model as a recipe says, measure it against its base "
-                       "and baselines, write a model folder ready for push_to_hub (no recipe: SmolLM2-135M with the "
-                       "measured best settings); a recipe with `command:` runs that study instead, its keys the "
-                       "study's options, and saves the resolved recipe beside the results: <output stem>.recipe.yaml "
-                       "next to a results file, recipe.yaml inside an output folder")
+    run_help = ("the main job: compress a model as a recipe says, measure it against its base and baselines, write "
+                "a model folder ready for push_to_hub (no recipe: SmolLM2-135M with the measured best settings); a "
+                "recipe with `command:` runs that study instead, its other keys the study's options (see `hf-geocomp "
+                "COMMAND --help`), and saves the resolved recipe beside the results: <output stem>.recipe.yaml next "
+                "to a results file, recipe.yaml inside an output folder")
+    r = sub.add_parser("run", help=run_help, description=run_help[0].upper() + run_help[1:] + ".")
     r.add_argument("recipe", nargs="?", default=None,
                    help="a YAML recipe (see recipes/; default: the built-in job, recipes/compress_smollm2.yaml)")
     r.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",

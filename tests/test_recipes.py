@@ -164,6 +164,8 @@ def test_help_shows_each_commands_own_defaults():
     assert "--controls {plain,removed,reparam}" in flat["bench-h3"]
     assert "--sparsities SPARSITIES [SPARSITIES ...]" in flat["bench-h3"]
     assert "--output OUTPUT, -o OUTPUT output model folder" in flat["prune"]
+    assert "saves the resolved recipe beside the results: <output stem>.recipe.yaml" in " ".join(
+        parser.subcommands["run"].format_help().split())
     assert "--criteria CRITERIA [CRITERIA ...], --criterion CRITERIA [CRITERIA ...]" in " ".join(
         parser.subcommands["bench-prune-recovery"].format_help().split())
 
