@@ -57,6 +57,10 @@ def write_json(path: str | Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def resolved_args(args) -> dict:
-    """The fully resolved options of a command (defaults, recipe and overrides applied), for results files."""
-    return {k: v for k, v in sorted(vars(args).items()) if k != "command_line" and not callable(v)}
+def resolved_args(options) -> dict:
+    """The resolved options of a command (its options dataclass: defaults, recipe and overrides applied) and the
+    subcommand's name, for results files."""
+    import dataclasses
+
+    values = {f.name: getattr(options, f.name) for f in dataclasses.fields(options) if f.init}
+    return dict(sorted({"command": options.command, **values}.items()))

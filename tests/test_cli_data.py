@@ -90,7 +90,7 @@ def test_analyze_end_to_end(tmp_path, capsys, tiny_llama_dir, text_file):
     for e in report["entries"]:
         assert 1 <= e["k95"] <= e["dim"] and 0 < e["df"] <= e["dim"] + 1e-6
     assert sorted(os.listdir(out)) == ["df_by_layer.png", "eigenvalue_curves.png", "k95_by_layer.png",
-                                       "report.json", "stats.safetensors"]
+                                       "recipe.yaml", "report.json", "stats.safetensors"]
     # an existing output folder is not overwritten silently
     code, _, err = run_cli(capsys, "analyze", "--model", tiny_llama_dir, "--data", text_file, "--tokens", "64",
                            "--block-size", "32", "-o", str(out), "--no-progress")
@@ -157,10 +157,10 @@ def test_run_recipe_equals_the_command(tmp_path, capsys, tiny_llama_dir, text_fi
 
 
 @pytest.mark.parametrize("body, message", [
-    ("command: analyze\ntokenz: 5\n", "recipe key 'tokenz' is not an option of `analyze`"),
-    ("command: analyse\n", "recipe command 'analyse' is not one of"),
+    ("command: analyze\ntokenz: 5\n", "unknown key 'tokenz'; allowed: model, data, tokens"),
+    ("command: analyse\n", "command 'analyse' is not one of analyze, prune, bench-overhead"),
     ("model: x\n", "model 'x' is not a bundled name"),  # a job recipe (no command): its model is checked first
-    ("command: analyze\nsave_stats: 3\n", "is a switch"),
+    ("command: analyze\nsave_stats: 3\n", "key 'save_stats' must be bool, got 3"),
     ("command: [unclosed\n", "not valid YAML"),
 ])
 def test_bad_recipes(tmp_path, capsys, body, message):

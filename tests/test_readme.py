@@ -55,3 +55,21 @@ def test_report_tables_match_their_json():
     for doc in ("README.md", "docs/results.md"):
         text = (ROOT / doc).read_text()
         assert refresh(text, ROOT) == text, f"{doc}: run `hf-geocomp report --readme {doc}`"
+
+
+def test_report_blocks_take_a_list_and_can_be_bare(tmp_path):
+    import json
+
+    from hf_geocomp.errors import GeoCompError
+    from hf_geocomp.report import refresh
+
+    (tmp_path / "r.json").write_text(json.dumps({"command": "hf-geocomp bench-x", "baseline": {"ppl": 2.0},
+                                                 "rows": [{"method": "a", "ppl": 3.0}],
+                                                 "summary": [{"method": "a", "ppl_mean": 3.0, "p_vs_lora": 0.01}]}))
+    doc = "<!-- report: r.json list=summary bare columns=method,p_vs_lora -->\nstale\n<!-- /report -->"
+    assert refresh(doc, tmp_path) == ("<!-- report: r.json list=summary bare columns=method,p_vs_lora -->\n"
+                                      "| method | p_vs_lora |\n|---|---|\n| a | 0.01 |\n<!-- /report -->")
+    full = refresh("<!-- report: r.json -->\n<!-- /report -->", tmp_path)
+    assert "`hf-geocomp bench-x`" in full and "Baseline: ppl 2." in full and "| a | 3 |" in full
+    with pytest.raises(GeoCompError, match="has no list 'tests'; lists: rows, summary"):
+        refresh("<!-- report: r.json list=tests -->\n<!-- /report -->", tmp_path)

@@ -172,18 +172,17 @@ def test_bench_h3_refuses_gelu_mlps_before_calibrating(tmp_path, text_file):
 def test_h3_recipes_parse_and_name_their_results_after_the_model():
     import pathlib
 
-    from hf_geocomp.cli import build_parser, recipe_argv
+    from hf_geocomp.cli import parse_options
     from hf_geocomp.studies.h3 import default_output
 
     root = pathlib.Path(__file__).parents[1] / "recipes"
-    parser = build_parser()
-    small = parser.parse_args(recipe_argv(parser, str(root / "h3_smollm2_small.yaml"), []))
+    small = parse_options(["run", str(root / "h3_smollm2_small.yaml")])
     assert small.command == "bench-h3" and small.seeds == 5 and small.controls == ["plain", "removed", "reparam"]
-    big = parser.parse_args(recipe_argv(parser, str(root / "h3_verdict.yaml"), ["model=HuggingFaceTB/SmolLM2-1.7B"]))
+    big = parse_options(["run", str(root / "h3_verdict.yaml"), "--set", "model=HuggingFaceTB/SmolLM2-1.7B"])
     assert big.output is None and big.model == "HuggingFaceTB/SmolLM2-1.7B"
     assert default_output(big.model) == "recipes/results/prune_h3_smollm2-1.7b.json"
     assert default_output("smollm2-135m") == "recipes/results/prune_h3_smollm2-135m.json"
-    minilm = parser.parse_args(recipe_argv(parser, str(root / "h3_minilm.yaml"), []))
+    minilm = parse_options(["run", str(root / "h3_minilm.yaml")])
     assert minilm.command == "bench-prune-h1" and minilm.targets == "heads" and len(minilm.controls) == 3
 
 

@@ -20,6 +20,7 @@ import copy
 import math
 import random
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -29,7 +30,9 @@ from ..eval.perplexity import continuation_nll, perplexity
 from ..geometry import collect_stats
 from ..io import write_json
 from ..kv import KVConfig, build_plan, collect_kv_stats
+from ..options import ModelOptions, ThreadsOption, option
 from ..prune import PruneConfig, prune, prune_taps
+from .kv_bench import DTYPES, ContinuationOptions, KVCodecOptions
 
 # name → (calibration source, evaluation source): disjoint splits of one kind of text
 DOMAINS = {
@@ -111,7 +114,45 @@ def _kv_variants(args) -> list[tuple[str, dict]]:
     return out
 
 
-def run_cross_domain(args) -> dict:
+@dataclass(kw_only=True)
+class CrossDomainOptions(ModelOptions, KVCodecOptions, ContinuationOptions, ThreadsOption):
+    """Calibrate on one domain or a mix, evaluate on every domain: pruning vs magnitude, coded KV cache vs
+    QuantizedCache."""
+
+    domains: list[str] = option(["shakespeare", "pydoc", "pystdlib"],
+                                "shakespeare, pydoc, pystdlib or NAME=CALIBRATION|EVALUATION sources")
+    tokens: int = option(4096, "calibration tokens per calibration set", range="[1, inf)")
+    eval_tokens: int = option(4096, "held-out tokens per domain", range="[1, inf)")
+    block_size: int = option(256, "tokens per block", range="[1, inf)")
+    batch_size: int = option(8, "blocks per forward pass", range="[1, inf)")
+    seed: int = option(0, "seed of the share each mix takes of a domain")
+    calibrations: list[str] | None = option(None, "only these calibration sets (domains, mix-no-<domain>, mix; "
+                                            "null: all)", nargs="*")
+    sparsity: float = option(0.2, "pruned fraction of block parameters", range="[0, 1)")
+    targets: str = option("mlp", "pruned units: mlp, heads or mlp+heads")
+    criteria: list[str] = option(["variance", "wanda"], "calibrated criteria; magnitude without compensation always "
+                                 "runs as the calibration-free baseline")
+    compensation: str = option("bias+refit", "compensation of calibrated rows")
+    budgets: list[float] = option([0.25, 0.125], "KV byte budgets (none: no KV rows, a pruning-only matrix)",
+                                  nargs="*")
+    kv_dtype: str = option("bfloat16", "KV model dtype", choices=DTYPES)
+    windows: int = option(4, "KV evaluation windows per domain", range="[1, inf)")
+    prefill: int = 512
+    score: int = 128
+    shrinkage: list[float] = option([], "robustness rows: KV shrinkage values", nargs="*", range="[0, 1]")
+    min_bits: list[int] = option([], "robustness rows: KV floors of bits", nargs="*", range="[0, inf)")
+    robust_compensations: list[str] = option([], "robustness rows: the first criterion with these compensations too",
+                                             nargs="*")
+    refit_damps: list[float] = option([], "robustness rows: the first criterion with these refit ridges (the "
+                                      "usual ridge is 0.01)", nargs="*", range="[0, inf)")
+    refit_shrinkages: list[float] = option([], "pruning robustness rows: the refit's moments blended toward their "
+                                           "diagonal", nargs="*", range="[0, 1]")
+    robust_calibrations: list[str] | None = option(None, "calibration sets that also get the robustness rows "
+                                                   "(null: every mix)", nargs="*")
+    output: str = "recipes/results/cross_domain_smollm2.json"
+
+
+def run_cross_domain(args: CrossDomainOptions) -> dict:
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     domains = parse_domains(args.domains)

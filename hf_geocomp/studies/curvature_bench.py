@@ -26,6 +26,7 @@ import copy
 import math
 import random
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -36,8 +37,40 @@ from ..errors import GeoCompError
 from ..eval.perplexity import perplexity
 from ..fold import FoldConfig, fold
 from ..geometry import collect_stats
+from ..geometry.stats import LABELS
 from ..io import resolved_args, write_json
+from ..options import EvalOptions, ModelDataOptions, ThreadsOption, option
 from ..prune import PruneConfig, prune, prune_taps
+
+
+@dataclass(kw_only=True)
+class CurvatureBenchOptions(ModelDataOptions, EvalOptions, ThreadsOption):
+    """Canary memorisation, then K-FAC subspace compression vs pruning and folding."""
+
+    train_data: str = option("shakespeare:train", "fine-tuning text the canaries are planted in")
+    train_tokens: int = option(32768, "fine-tuning text tokens", range="[1, inf)")
+    train_block: int = option(64, "tokens per fine-tuning text block", range="[1, inf)")
+    canaries: int = option(16, "planted canary strings", range="[1, inf)")
+    canary_batch: int = option(8, "canaries per step", range="[1, inf)")
+    text_batch: int = option(2, "text blocks per step", range="[0, inf)")
+    lr: float = option(2e-4, "AdamW learning rate", range="(0, inf)")
+    train_last: int = option(0, "fine-tune only the MLPs of the last N blocks (0: every parameter)", range="[0, inf)")
+    max_steps: int = option(200, "most fine-tuning steps", range="[1, inf)")
+    check_every: int = option(10, "steps between memorisation checks", range="[1, inf)")
+    memorised: float = option(1.5, "digit perplexity counted as memorised", range="[1, inf)")
+    kfac_data: str = option("shakespeare:train", "text of the K-FAC factors (the training text, without canaries)")
+    kfac_tokens: int = option(2048, "K-FAC tokens", range="[1, inf)")
+    kfac_batch: int = option(4, "blocks per K-FAC backward pass", range="[1, inf)")
+    labels: str = option("sampled", "sampled (true Fisher) or gold", choices=LABELS)
+    keeps: list[float] = option([1.0, 0.5, 0.2, 0.1, 0.05], "keep fractions of the curvature mass", range="(0, 1]")
+    rules: list[str] = option(["per_factor", "product"], "keep rules")
+    layers: list[str] | None = option(None, "block subsets, each swept: all, last:N, last:FRACTION, A:B or 0,15,29 "
+                                            "(default all)")
+    baselines: list[str] = option(["prune:variance:bias+refit", "fold:data_free"],
+                                  "measured at the parameters of every smaller per-factor row", nargs="*")
+    seed: int = option(0, "canaries, data order and sampled labels")
+    output: str = "recipes/results/curvature_smollm2_canaries.json"
+    plot: str | None = option(None, "also plot perplexities against parameters to this PNG")
 
 
 def make_canaries(n: int, seed: int) -> list[str]:
@@ -129,7 +162,7 @@ def layer_subsets(specs: list[str] | None) -> list[tuple[str, tuple | float | No
     return [(s, arch.parse_layers(s)) for s in specs] if specs else [("all", None)]
 
 
-def run_curvature_bench(args) -> dict:
+def run_curvature_bench(args: CurvatureBenchOptions) -> dict:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     subsets = layer_subsets(args.layers)

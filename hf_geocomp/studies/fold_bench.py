@@ -23,6 +23,7 @@ import copy
 import math
 import statistics
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -33,6 +34,7 @@ from ..fold import FoldConfig, fold, plan_fold
 from ..fold.config import REPAIR_AT, REPAIRS
 from ..geometry import collect_stats
 from ..io import resolved_args, write_json
+from ..options import EvalOptions, ModelDataOptions, ThreadsOption, option
 from ..prune import PruneConfig, block_params, prune, prune_taps, score_groups, unit_groups
 
 
@@ -63,7 +65,25 @@ def _needs_data(m: dict) -> bool:
         m["family"] == "prune" and (m["criterion"] not in ("magnitude", "random") or m["compensation"] != "none"))
 
 
-def run_fold_bench(args) -> dict:
+@dataclass(kw_only=True)
+class FoldBenchOptions(ModelDataOptions, EvalOptions, ThreadsOption):
+    """Folding vs variance / Wanda-sp / L1 pruning at the same block budget."""
+
+    sparsities: list[float] = option([0.1, 0.2, 0.3, 0.5], "fractions of block parameters removed or folded away",
+                                     range="[0, 1)")
+    methods: list[str] = option([
+        "fold:none", "fold:data_free", "fold:data", "prune:variance:none", "prune:variance:bias+refit",
+        "prune:wanda:none", "prune:wanda:bias+refit", "prune:magnitude:none", "prune:magnitude:bias+refit"],
+        "fold:<repair>[:<placement>] and prune:<criterion>:<compensation> (see hf_geocomp.studies.fold_bench)")
+    seeds: int = option(5, "seeds: clustering seed and calibration subset", range="[1, inf)")
+    allocation: str = option("uniform", "uniform or global")
+    cluster_method: str = option("kmeans", "kmeans or agglomerative")
+    iters: int = option(20, "Lloyd iterations of k-means", range="[1, inf)")
+    output: str = "recipes/results/fold_smollm2.json"
+    plot: str | None = option(None, "also plot perplexity against budget to this PNG")
+
+
+def run_fold_bench(args: FoldBenchOptions) -> dict:
     torch.set_num_threads(args.threads)
     methods = {spec: parse_method(spec) for spec in args.methods}  # fail before loading anything
     for b in args.sparsities:

@@ -43,6 +43,7 @@ import re
 import statistics
 import time
 import zlib
+from dataclasses import dataclass
 
 import torch
 
@@ -52,8 +53,10 @@ from ..eval.perplexity import perplexity
 from ..eval.significance import compare, holm
 from ..geometry import collect_stats
 from ..io import check_output, write_json
+from ..options import EvalOptions, ModelDataOptions, ThreadsOption, option
 from ..prune.api import prune, prune_taps, score_groups, taylor_grads
-from ..prune.config import PruneConfig
+from ..prune.cli import PruneOptions
+from ..prune.config import ALLOCATIONS, PruneConfig
 from ..prune.scorers import get_scorer
 from ..prune.units import block_params, unit_groups
 from ..prune.whitening import check_reparametrisable, reparametrise, whiten_stats, whitening_maps
@@ -62,16 +65,36 @@ CONTROLS = ("plain", "removed", "reparam")
 ALPHA = 0.05
 
 
-def _configs(args) -> dict:
+@dataclass(kw_only=True)
+class H3Options(ModelDataOptions, EvalOptions, PruneOptions, ThreadsOption):
+    """H1/H3: pruning criteria vs magnitude and Wanda-sp over seeds, plain, with variance removed and after a
+    function-preserving whitening (hf_geocomp.studies.h3)."""
+
+    tokens: int = 2048
+    eval_tokens: int = 2048
+    sparsities: list[float] = option([0.2], "fractions of block parameters removed", range="[0, 1)")
+    criteria: list[str] = option(["variance", "wanda", "magnitude"],
+                                 "criteria (variance, variance_cond, wanda, taylor, magnitude, random)")
+    baselines: list[str] = option(["magnitude", "wanda"], "criteria every other is compared with")
+    controls: list[str] = option(list(CONTROLS), "plain, removed (variance removed), reparam (whitening)",
+                                 choices=CONTROLS)
+    compensation: str = option("bias+refit", "held equal for every criterion")
+    targets: str = "mlp"  # heads: the V/O whitening; mlp needs a gated MLP for the reparam control
+    allocation: str = option("uniform", "uniform or global", choices=ALLOCATIONS)
+    seeds: int = option(5, "seeds: calibration subsets", range="[1, inf)")
+    taylor_batches: int = option(4, "calibration batches for Taylor gradients", range="[1, inf)")
+    output: str | None = option(None, "results JSON (null: recipes/results/prune_h3_<model name>.json)")
+    plot: str | None = option(None, "also plot the advantages against budget to this PNG")
+
+    def __post_init__(self):
+        super().__post_init__()
+        missing = [b for b in self.baselines if b not in self.criteria]
+        if missing:
+            raise GeoCompError(f"baselines {missing} must also be among the criteria {self.criteria}.")
+
+
+def _configs(args: H3Options) -> dict:
     """(criterion, budget) → PruneConfig, checked before any model is loaded."""
-    for c in args.controls:
-        if c not in CONTROLS:
-            raise GeoCompError(f"control {c!r} does not exist; allowed: {', '.join(CONTROLS)}.")
-    missing = [b for b in args.baselines if b not in args.criteria]
-    if missing:
-        raise GeoCompError(f"baselines {missing} must also be among --criteria {args.criteria}.")
-    if args.seeds < 1:
-        raise GeoCompError(f"seeds must be at least 1, got {args.seeds}.")
     return {(c, b): PruneConfig(sparsity=b, criterion=c, targets=args.targets, allocation=args.allocation,
                                 compensation=args.compensation, head_mode=args.head_mode, round_to=args.round_to,
                                 min_keep=args.min_keep)
@@ -113,7 +136,7 @@ def control_arm(model, control: str, calib, measured: tuple, targets, head_mode:
     return model, whiten_stats(measured[0]) if control == "removed" else measured[0], measured, record
 
 
-def run_h3(args) -> dict:
+def run_h3(args: H3Options) -> dict:
     torch.set_num_threads(args.threads)
     load = os.getloadavg()[0]  # other jobs may share the cores: recorded, as is the thread count
     configs = _configs(args)

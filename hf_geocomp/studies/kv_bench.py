@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import math
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -22,9 +23,62 @@ from ..errors import GeoCompError
 from ..io import write_json
 from ..eval.memory import tensor_bytes
 from ..eval.perplexity import continuation_nll
+from ..kv.config import QUANT_WIDTHS
+from ..options import ModelDataOptions, Options, option
 
 
 VARIANTS = ("fisher-bits", "aware-bits", "pca-bits", "fisher-rank", "aware-rank", "pca-rank", "aware-bits-rope_none")
+DTYPES = ("bfloat16", "float16", "float32")
+
+
+@dataclass(kw_only=True)
+class KVCodecOptions(Options):
+    """The coded caches of a KV study and the QuantizedCache baselines beside them."""
+
+    budgets: list[float] = option([0.25, 0.125], "geocomp byte budgets: fractions of the uncompressed cache bytes",
+                                  range="(0, 1]")
+    quant: list[str] = option(["quanto:4"], "QuantizedCache baselines as backend:bits (quanto:4 quanto:2 hqq:4 ...)",
+                              nargs="*")
+    group_size: int = option(64, "latent components per float16 scale", range="[1, inf)")
+    sink_tokens: int = option(4, "first tokens kept exact in coded caches", range="[0, inf)")
+
+
+@dataclass(kw_only=True)
+class ContinuationOptions(Options):
+    """Continuation perplexity: context prefilled into the cache, the following tokens scored through it."""
+
+    windows: int = option(4, "evaluation windows", range="[1, inf)")
+    prefill: int = option(1024, "context tokens per window", range="[1, inf)")
+    score: int = option(256, "scored tokens per window", range="[1, inf)")
+
+
+@dataclass(kw_only=True)
+class KVBenchOptions(ModelDataOptions, KVCodecOptions, ContinuationOptions):
+    """Coded KV caches vs QuantizedCache vs DynamicCache: continuation perplexity."""
+
+    eval_data: str = option("shakespeare:evaluation", "held-out text")
+    dtype: str = option("bfloat16", "model and cache dtype", choices=DTYPES)
+    budgets: list[float] = option([1.0, 0.75, 0.5, 0.25, 0.1875, 0.125])
+    quant: list[str] = option(["quanto:4", "quanto:2"])
+    variants: list[str] | None = option(None, "geocomp caches as <basis>-<bits|rank>[-rope_none][-refined] (null: "
+                                        "every basis, bits and rank, and the RoPE ablation); the first is also "
+                                        "checked by greedy decoding")
+    widths: list[int] = option(list(QUANT_WIDTHS), "quantised widths the allocator may use besides full precision "
+                               "and 0", choices=QUANT_WIDTHS)
+    refine_steps: int = option(30, "optimizer steps of *-refined variants", range="[0, inf)")
+    refine_windows: int = option(16, "calibration windows (prefill + 128 scored) for *-refined variants",
+                                 range="[1, inf)")
+    refine_prefill: int = option(512, "prefill tokens of a refinement window", range="[1, inf)")
+    speed_steps: int = option(0, "decode steps timed per cache (0: no speed test)", range="[0, inf)")
+    speed_contexts: list[int] = option([1024, 4096], "contexts for decode speed", range="[1, inf)")
+    speed_methods: list[str] = option(["quantized-quanto-int4@0.25", "geocomp-fisher-bits@0.25",
+                                       "geocomp-fisher-bits+reduced@0.25"],
+                                      "method@budget timed beside dynamic; geocomp-...+reduced@budget: attention on "
+                                      "the latents", nargs="*")
+    greedy_tokens: int = option(0, "greedy tokens generated from each window's context, compared with the "
+                                "uncompressed cache", range="[0, inf)")
+    output: str = "recipes/results/kv_smollm2_continuation.json"
+    plot: str | None = option(None, "also plot perplexity against cache bytes to this PNG")
 
 
 def parse_variant(name: str) -> dict:
@@ -113,7 +167,7 @@ def parse_quant(spec: str) -> tuple[str, int]:
     return backend, int(bits)
 
 
-def run_kv_bench(args) -> dict:
+def run_kv_bench(args: KVBenchOptions) -> dict:
     from ..data import load_model
     from ..kv import collect_kv_stats
 

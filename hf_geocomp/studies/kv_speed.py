@@ -21,14 +21,57 @@ import os
 import statistics
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 
 from ..data import calibration_loader, load_corpus, load_model, token_blocks
 from ..errors import GeoCompError
-from .kv_bench import cache_factories
+from .kv_bench import DTYPES, KVCodecOptions, cache_factories
 from ..eval.memory import tensor_bytes
 from ..io import resolved_args, write_json
+from ..options import ModelDataOptions, ThreadsOption, option
+
+
+@dataclass(kw_only=True)
+class KVSpeedOptions(ModelDataOptions, KVCodecOptions, ThreadsOption):
+    """Decode/prefill speed of KV caches as ratios to DynamicCache (interleaved A X A ..., median with min-max,
+    beside the bytes-read bound)."""
+
+    eval_data: str = option("shakespeare:evaluation", "text of the timed contexts")
+    dtype: str = option("bfloat16", "model dtype", choices=DTYPES)
+    quant: list[str] = option(["quanto:4", "hqq:4"])
+    configs: list[str] = option(["1x4096", "8x4096", "1x8064"], "BATCHxCONTEXT[:STEPS] timed")
+    steps: int = option(16, "greedy decode steps per timed run, unless a config says :STEPS", range="[1, inf)")
+    repeats: int = option(3, "interleaved repeats per configuration", range="[1, inf)")
+    prefill_context: int = option(4096, "prefill timed at batch 1 (0: skip)", range="[0, inf)")
+    prefill_repeats: int = option(3, "interleaved prefill repeats", range="[1, inf)")
+    threads: int = 2
+    torch_path: bool = option(False, "also time the smallest budget on the PyTorch path (no fused kernel), first "
+                              "config only")
+    profile_steps: int = option(0, "also profile this many decode steps per cache at the first config "
+                                "(torch.profiler)", range="[0, inf)")
+    allow_torch_path: bool = option(False, "run even if the fused kernel cannot be built (then geocomp rows time the "
+                                    "PyTorch path)")
+    output: str = "recipes/results/kv_smollm2_decode_speed_fused.json"
+
+
+@dataclass(kw_only=True)
+class KVKernelOptions(ThreadsOption):
+    """One layer's decode-step attention on a synthetic coded cache: the fused path vs SDPA + cat (no model;
+    seconds)."""
+
+    widths: list[str] = option(help="LABEL=bits:n,bits:n,... components per width of each codec (bits 0: full "
+                               "precision)")
+    configs: list[str] = option(["1x4096", "8x4096", "1x8192"], "BATCHxLENGTH pairs")
+    kv_heads: int = option(3, "KV heads", range="[1, inf)")
+    head_dim: int = option(64, "head dim", range="[1, inf)")
+    query_group: int = option(3, "query heads per KV head", range="[1, inf)")
+    group_size: int = option(64, "components per float16 scale", range="[1, inf)")
+    calls: int = option(20, "calls per timed run", range="[1, inf)")
+    repeats: int = option(5, "interleaved repeats", range="[1, inf)")
+    threads: int = 2
+    output: str = "recipes/results/kv_smollm2_decode_kernel.json"
 
 
 def _load() -> list[float]:
@@ -100,7 +143,7 @@ def interleaved(baseline, others: dict, repeats: int) -> dict:
     return {k: {**_summary(r), "values": values[k]} for k, r in ratios.items()} | {"baseline": values["baseline"]}
 
 
-def run_kv_speed(args) -> dict:
+def run_kv_speed(args: KVSpeedOptions) -> dict:
     dtype = getattr(torch, args.dtype)
     configs, steps_of = [], {}
     for spec in args.configs:  # "BATCHxCONTEXT" or "BATCHxCONTEXT:STEPS"
@@ -255,7 +298,7 @@ def synthetic_codec(kv_heads: int, head_dim: int, widths: dict, group_size: int,
     return Codec(groups, enc, enc.transpose(1, 2).contiguous(), group_size)
 
 
-def run_kv_kernel_speed(args) -> dict:
+def run_kv_kernel_speed(args: KVKernelOptions) -> dict:
     """One attention layer's decode step on a synthetic coded cache (no model): the fused path (and the
     PyTorch path) against SDPA on the bfloat16 keys and values plus the DynamicCache append (torch.cat)."""
     from ..kv import fused

@@ -15,11 +15,13 @@ import math
 import platform
 import statistics
 import time
+from dataclasses import dataclass
 
 import torch
 
 from ..errors import GeoCompError
 from ..eval.significance import paired_t
+from ..options import ModelDataOptions, Options, ThreadsOption, option
 
 # method name → how its adapters are built (same r, alpha, targets, head for all)
 METHODS = {
@@ -39,6 +41,34 @@ METHODS = {
     "uniform-whitened": {"kind": "spectral", "allocation": "uniform", "spectral_init": "whitened"},
 }
 BERT_TARGETS = r".*encoder.*\.(query|key|value|dense)"  # every dense layer of the blocks (not the pooler)
+
+
+@dataclass(kw_only=True)
+class LoraBenchOptions(ModelDataOptions, ThreadsOption):
+    """What every H2 benchmark holds equal across methods: rank, learning rate, batch, seeds."""
+
+    methods: list[str] = option(["lora"], "methods to compare (see hf_geocomp.studies.lora_bench.METHODS)")
+    seeds: int = option(5, "seeds per method", range="[1, inf)")
+    r: int = option(8, "rank of the reference uniform LoRA; sets the budget", range="[1, inf)")
+    lr: float = option(1e-3, "learning rate", range="(0, inf)")
+    train_batch: int = option(16, "training batch size", range="[1, inf)")
+
+
+@dataclass(kw_only=True)
+class GenreLoraOptions(LoraBenchOptions):
+    """H2 study: uniform LoRA vs SpectralLoRA vs EVA at one parameter budget."""
+
+    model: str = "minilm-l6"
+    block_size: int = 128
+    methods: list[str] = option(["head-only", "lora", "eva", "spectral-df", "spectral-df-principal"])
+    epochs: float = option(2.0, "training epochs", range="(0, inf)")
+    words: int = option(64, "words per passage", range="[1, inf)")
+    max_length: int = option(128, "tokens per passage", range="[1, inf)")
+    train_per_class: int = option(128, "training passages per genre", range="[1, inf)")
+    test_per_class: int = option(100, "test passages per genre", range="[1, inf)")
+    output: str = "recipes/results/lora_minilm_genre.json"
+
+
 def _encode(tok, passages, max_length):
     enc = tok([p.text for p in passages], truncation=True, max_length=max_length)
     return [{"input_ids": i, "attention_mask": m, "labels": p.label}
@@ -186,7 +216,7 @@ def summarize(rows: list[dict], metric: str = "accuracy") -> list[dict]:
     return out
 
 
-def run_genre_bench(args) -> dict:
+def run_genre_bench(args: GenreLoraOptions) -> dict:
     from transformers import DataCollatorWithPadding
     from transformers.utils import logging as hf_logging
 
@@ -280,7 +310,16 @@ def merge_results(results: list[dict], sources: list[str]) -> dict:
             "partial": False, "summary": summarize(merged, metric), "rows": merged}
 
 
-def run_merge(args) -> dict:
+@dataclass(kw_only=True)
+class LoraMergeOptions(Options):
+    """Join H2 results files of one setting (rows by method and seed) and recompute mean ± sd and the paired tests
+    vs LoRA and EVA."""
+
+    results: list[str] = option(help="results JSON files written by lora-bench or lora-lm-bench", positional=True)
+    output: str = option(help="merged results JSON")
+
+
+def run_merge(args: LoraMergeOptions) -> dict:
     import json
 
     from ..io import write_json

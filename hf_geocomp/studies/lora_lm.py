@@ -13,15 +13,32 @@ initialisation time (calibration pass + allocation + init) and training time.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
 
-from .lora_bench import adapter_params, build, check_methods, summarize, train_adapter, versions
+from ..options import EvalOptions, option
+from .lora_bench import LoraBenchOptions, adapter_params, build, check_methods, summarize, train_adapter, versions
 
 LLAMA_TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
 
 
-def run_lm_bench(args) -> dict:
+@dataclass(kw_only=True)
+class LMLoraOptions(LoraBenchOptions, EvalOptions):
+    """H2 study, causal LM: LoRA variants fine-tuned on some works, perplexity on held-out works."""
+
+    block_size: int = 128
+    methods: list[str] = option(["lora", "spectral-df", "eva", "adalora"])
+    targets: list[str] = option(LLAMA_TARGETS, "target module names")
+    steps: int = option(24, "optimizer steps", range="[1, inf)")
+    train_batch: int = 4
+    train_block: int = option(64, "tokens per training block", range="[1, inf)")
+    train_data: str = option("shakespeare:train", "training text")
+    eval_block: int = option(128, "tokens per held-out block", range="[1, inf)")
+    output: str = "recipes/results/lora_smollm2_lm.json"
+
+
+def run_lm_bench(args: LMLoraOptions) -> dict:
     from transformers.utils import logging as hf_logging
 
     from .. import __version__

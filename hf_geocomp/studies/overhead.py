@@ -11,12 +11,23 @@ from __future__ import annotations
 import gc
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .. import arch
 from ..geometry import Tap, collect_stats
+from ..options import ModelDataOptions, option
+
+
+@dataclass(kw_only=True)
+class OverheadOptions(ModelDataOptions):
+    """Calibration pass time and memory vs plain forward passes."""
+
+    tokens: int = 8192
+    repeats: int = option(3, "timed repetitions of each pass", range="[1, inf)")
+    output: str = "recipes/results/geometry_overhead.json"
 
 
 def _proc_status(field: str) -> int | None:
@@ -65,7 +76,7 @@ def _peak_growth_child(kind: str, args) -> int | None:
     return None if before is None or peak is None else peak - before
 
 
-def run_overhead(args) -> dict:
+def run_overhead(args: OverheadOptions) -> dict:
     import multiprocessing as mp
 
     from ..io import resolved_args, write_json

@@ -28,6 +28,7 @@ import copy
 import random
 import statistics
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -36,12 +37,13 @@ from ..eval.significance import compare, holm, paired_t
 from ..fold import FoldConfig, fold, plan_fold
 from ..geometry import collect_stats
 from ..io import write_json
+from ..options import ModelOptions, option
 from ..prune.api import prune, prune_taps, score_groups
 from ..prune.config import PruneConfig
 from ..prune.units import block_params, unit_groups
 from ..prune.whitening import check_reparametrisable
 from .fold_bench import parse_method
-from .h3 import control_arm
+from .h3 import CONTROLS, control_arm
 
 LABELS = ["comedy", "tragedy", "history"]
 
@@ -128,7 +130,28 @@ def compress_arm(work, arm: dict, sparsity: float, targets: str, seed: int, scor
     return prune(work, stats if cfg.compensation != "none" else None, config=cfg, scores=scores)
 
 
-def run_h1(args) -> dict:
+@dataclass(kw_only=True)
+class H1Options(ModelOptions):
+    """H1: pruning criteria on a fine-tuned genre classifier, over seeds."""
+
+    model: str = option("minilm-l6", "encoder: bundled name, model folder or Hub id")
+    targets: str = option("mlp", "comma list of mlp, heads")
+    sparsities: list[float] = option([0.2, 0.4], "fractions of block parameters to remove", range="[0, 1)")
+    criteria: list[str] = option(["variance", "variance_cond", "magnitude", "wanda", "random"], "pruning criteria")
+    seeds: int = option(5, "fine-tuning seeds", range="[1, inf)")
+    block_size: int = option(128, "tokens per passage", range="[1, inf)")
+    train_per_genre: int = option(200, "training passages per genre", range="[1, inf)")
+    test_per_genre: int = option(150, "test passages per genre", range="[1, inf)")
+    calibration_passages: int = option(128, "training passages for statistics", range="[1, inf)")
+    epochs: float = option(1.0, "fine-tuning epochs", range="(0, inf)")
+    lr: float = option(5e-5, "fine-tuning learning rate", range="(0, inf)")
+    batch_size: int = option(16, "fine-tuning batch size", range="[1, inf)")
+    controls: list[str] = option(["plain"], "plain, removed (variance removed), reparam (whitening folded into V/O; "
+                                 "targets heads)", choices=CONTROLS)
+    output: str = "recipes/results/prune_h1_minilm.json"
+
+
+def run_h1(args: H1Options) -> dict:
     arms = {spec: parse_arm(spec) for spec in args.criteria}  # fail before loading anything
     test_works = SHAKESPEARE_SPLITS["calibration"] + SHAKESPEARE_SPLITS["evaluation"]
     train_works = SHAKESPEARE_SPLITS["train"]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import itertools
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -24,9 +25,31 @@ from ..errors import GeoCompError
 from ..eval.perplexity import latency_ratio, perplexity
 from ..geometry import collect_stats
 from ..io import write_json
+from ..options import EvalOptions, ModelDataOptions, ThreadsOption, option
 from ..prune.api import prune, prune_taps, score_groups, taylor_grads
+from ..prune.cli import PruneOptions
 from ..prune.config import PruneConfig
 from ..prune.units import block_params, unit_groups
+
+
+@dataclass(kw_only=True)
+class PruneBenchOptions(ModelDataOptions, PruneOptions, EvalOptions, ThreadsOption):
+    """Perplexity, parameters and latency of every criterion and budget."""
+
+    tokens: int = 16384
+    eval_tokens: int = 16384
+    sparsities: list[float] = option([0.1, 0.2, 0.3, 0.5], "fractions of block parameters to remove", range="[0, 1)")
+    criteria: list[str] = option(["magnitude", "random", "wanda", "variance", "taylor"],
+                                 "pruning criteria (variance, variance_cond, wanda, taylor, magnitude, random)")
+    compensations: list[str] = option(["none", "bias+refit"], "compensations (none, bias, refit, bias+refit)")
+    allocations: list[str] = option(["uniform"], "allocations (uniform, global)")
+    taylor_batches: int = option(4, "calibration batches for Taylor gradients", range="[1, inf)")
+    latency_tokens: int = option(512, "tokens of the batch-1 latency input", range="[1, inf)")
+    latency_repeats: int = option(5, "0 skips latency (recorded as null)", range="[0, inf)")
+    sweep: list[str] | None = option(None, "rows as BUDGETS:CRITERIA:COMPENSATIONS:ALLOCATIONS[:TARGETS] products "
+                                     "(comma lists, targets joined by +), several allowed; replaces "
+                                     "--sparsities/--criteria/...", metavar="SPEC")
+    output: str = "recipes/results/prune_smollm2_oneshot.json"
 
 
 def parse_sweep(spec: str, default_targets: str) -> list[tuple[float, str, str, str, str]]:
@@ -56,7 +79,7 @@ def bench_rows(args) -> list[tuple[float, str, str, str, str]]:
     return list(dict.fromkeys(rows))
 
 
-def run_prune_bench(args) -> dict:
+def run_prune_bench(args: PruneBenchOptions) -> dict:
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     rows_todo = bench_rows(args)

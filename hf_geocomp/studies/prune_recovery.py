@@ -12,14 +12,43 @@ from __future__ import annotations
 
 import copy
 import time
+from dataclasses import dataclass
 
 import torch
 
 from ..data import calibration_loader, causal_lm_collate, load_corpus, load_model, token_blocks
 from ..eval.perplexity import latency_ratio, perplexity
 from ..io import write_json
+from ..options import EvalOptions, ModelOptions, ThreadsOption, option
 from ..prune.callback import VarianceWeightedPruningCallback
 from ..prune.units import block_params
+
+
+@dataclass(kw_only=True)
+class RecoveryOptions(ModelOptions, EvalOptions, ThreadsOption):
+    """Prune during a short fine-tune with the callback."""
+
+    train_data: str = option("shakespeare:train", "fine-tune text")
+    block_size: int = option(256, "tokens per training and held-out block", range="[1, inf)")
+    sparsities: list[float] = option([0.2], "target fractions of block parameters, run in the order given",
+                                     range="[0, 1)")
+    criteria: list[str] = option(["variance"], "pruning criteria, one callback run per sparsity and criterion",
+                                 aliases=["--criterion"])
+    targets: str = option("mlp", "comma list of mlp, heads")
+    allocation: str = option("uniform", "uniform or global")
+    compensation: str = option("refit", "applied at every mask update")
+    schedule: str = option("cubic", "cubic or linear sparsity schedule")
+    end: float = option(0.5, "fraction of steps where the target is reached", range="(0, 1]")
+    update_every: int | None = option(None, "optimizer steps between mask updates", range="[1, inf)")
+    steps: int = option(60, "optimizer steps of every fine-tune", range="[1, inf)")
+    lr: float = option(5e-5, "peak learning rate, cosine schedule", range="(0, inf)")
+    batch_size: int = option(4, "blocks per micro-batch", range="[1, inf)")
+    grad_accum: int = option(2, "micro-batches per optimizer step", range="[1, inf)")
+    dense_control: bool = option(False, "also fine-tune without pruning for the same steps; rows then record "
+                                 "ppl_vs_control")
+    latency_tokens: int = option(512, "tokens of the latency forward", range="[1, inf)")
+    latency_repeats: int = option(5, "0 skips latency (recorded as null)", range="[0, inf)")
+    output: str = "recipes/results/prune_smollm2_recovery.json"
 
 
 def _finetune(model, rows, args, callbacks) -> float:
@@ -35,7 +64,7 @@ def _finetune(model, rows, args, callbacks) -> float:
     return (time.process_time() - cpu) / 60
 
 
-def run_recovery(args) -> dict:
+def run_recovery(args: RecoveryOptions) -> dict:
     def callback(sparsity, criterion):
         return VarianceWeightedPruningCallback(sparsity, criterion=criterion, targets=args.targets,
                                                allocation=args.allocation, schedule=args.schedule, end=args.end,
