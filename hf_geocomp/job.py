@@ -205,7 +205,9 @@ def run_job(job: JobConfig, overwrite: bool = False, progress: bool = True, comm
     if pcfg is not None:
         say(f"pruning {pcfg.sparsity:.0%} of block parameters ({pcfg.criterion}, {pcfg.allocation}, "
             f"{pcfg.compensation}) and baselines {', '.join(job.prune_baselines) or '(none)'}")
-        stats = collect_stats(model, _progress(batches, "calibration (pruning)", progress), prune_taps(model, pcfg.targets))
+        taps = prune_taps(model, pcfg.targets, criteria=[pcfg.criterion, *job.prune_baselines],
+                          compensation=pcfg.compensation, head_mode=pcfg.head_mode)  # only what they read
+        stats = collect_stats(model, _progress(batches, "calibration (pruning)", progress), taps) if taps else None
         for criterion in [pcfg.criterion, *[c for c in job.prune_baselines if c != pcfg.criterion]]:
             cfg = dataclasses.replace(pcfg, criterion=criterion)
             pruned = copy.deepcopy(model)

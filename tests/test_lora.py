@@ -534,3 +534,25 @@ def test_lm_bench_end_to_end(tiny_llama_dir, tmp_path, capsys):
     (tmp_path / "bad.json").write_text(json.dumps(bad))
     assert main(["lora-merge", str(out), str(tmp_path / "bad.json"), "-o", str(tmp_path / "m2.json")]) == 2
     assert "differs from" in capsys.readouterr().err and not (tmp_path / "m2.json").exists()
+
+
+def test_lora_taps_are_the_targets_inputs_and_allocate_the_same():
+    """lora_taps measures only the target modules' inputs (q and v share one product) and gives the
+    allocation and initialisation that statistics of every linear input give."""
+    from hf_geocomp.lora import lora_taps
+
+    targets = ["q_proj", "v_proj", "up_proj", "down_proj"]
+    batches = [random_batch(seed=i, pad_last=i) for i in range(3)]
+    plans = []
+    for taps in (lambda m, c: linear_input_taps(m), lora_taps):
+        model = TINY_MODELS["llama"]()
+        cfg = SpectralLoraConfig(r=4, lora_alpha=8, target_modules=targets, spectral_init="whitened")
+        cfg.stats = collect_stats(model, batches, taps(model, cfg))
+        pm = get_peft_model(model, cfg)
+        plans.append((cfg.spectral_allocation, {n: p.detach().clone() for n, p in pm.named_parameters() if "lora_A" in n}))
+        if taps is lora_taps:
+            assert sorted(t.module.rsplit(".", 1)[1] for t in taps(TINY_MODELS["llama"](), cfg)) == sorted(targets * 2)
+            assert len(cfg.stats.moments) == 2 * 3  # per layer: attention (q, v), MLP (up) and down_proj inputs
+    assert plans[0][0] == plans[1][0]
+    for n, a in plans[0][1].items():
+        torch.testing.assert_close(plans[1][1][n], a, rtol=1e-6, atol=1e-6)

@@ -6,7 +6,7 @@ import torch
 from hf_geocomp import GeoCompError
 from hf_geocomp.geometry import Moments, collect_stats
 from hf_geocomp.prune import (PruneConfig, PrunePlan, allocate, apply_masks, apply_plan, block_params, get_scorer,
-                              prune, prune_taps, taylor_grads, unit_groups)
+                              prune, prune_taps, score_groups, taylor_grads, unit_groups)
 
 from .conftest import TINY_MODELS, random_batch, model_output as _out
 
@@ -512,3 +512,67 @@ def test_cli_bench_prune_sweeps(tmp_path, tiny_llama_dir, text_file, capsys):
     assert "BUDGETS:CRITERIA" in capsys.readouterr().err
     assert main(["bench-prune", *data, "--sweep", "1.2:variance:none:uniform", "-o", bad]) == 2
     assert "sparsity must be in [0, 1)" in capsys.readouterr().err
+
+
+# ---- a method asks only for what it reads ----------------------------------------------------------
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("criterion", CRITERIA + ["taylor"])
+def test_least_statistics_give_the_same_pruning(case, criterion):
+    """prune_taps(criteria=...) collects only what the criterion and compensation read (per-feature
+    variances, per-head blocks, or nothing); scores, plan and pruned model equal those from full statistics."""
+    name, model_name, kw = case
+    if criterion == "taylor" and model_name == "bert":
+        pytest.skip("the taylor criterion needs a model with a loss; the BERT encoder has none")
+    cfg = PruneConfig(sparsity=0.3, criterion=criterion, **kw)
+    model = TINY_MODELS[model_name]()
+    batches = [random_batch(batch=4, seq=16, pad_last=3, seed=s) for s in range(2)]
+    taps = prune_taps(model, cfg.targets, criteria=[criterion], compensation=cfg.compensation, head_mode=cfg.head_mode)
+    full = collect_stats(model, batches, prune_taps(model, cfg.targets), compute_dtype=torch.float64)
+    if not taps:
+        assert not get_scorer(criterion).needs_stats and cfg.compensation == "none"
+        return
+    least = collect_stats(model, batches, taps, compute_dtype=torch.float64)
+    kinds = {"full" if not m.diagonal_only and m.sum.dim() == 1 else "heads" if m.sum.dim() == 2 else "diag"
+             for m in least.moments.values()}
+    if criterion == "variance_cond" or "refit" in cfg.compensation:
+        assert kinds == {"full"}
+    else:
+        assert "full" not in kinds  # no d × d products
+    groups = unit_groups(model, cfg.targets, cfg.head_mode)
+    grads = taylor_grads(model, batches, cfg.targets) if criterion == "taylor" else None
+    s_full = score_groups(model, groups, cfg, full, grads)
+    s_least = score_groups(model, groups, cfg, least, grads)
+    for key in s_full:
+        torch.testing.assert_close(s_least[key], s_full[key], rtol=1e-10, atol=1e-12)
+    a, plan_a = prune(TINY_MODELS[model_name](), full, config=cfg, grads=grads)
+    b, plan_b = prune(TINY_MODELS[model_name](), least, config=cfg, grads=grads)
+    assert plan_a.to_dict() == plan_b.to_dict()
+    torch.testing.assert_close(_out(a, batches[0]), _out(b, batches[0]), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("criterion", ["variance", "wanda"])
+def test_least_statistics_same_plan_in_float32(criterion):
+    """The default float32 products: per-feature and per-head statistics choose the same units as full ones."""
+    model = TINY_MODELS["llama"]()
+    batches = [random_batch(batch=4, seq=16, pad_last=3, seed=s) for s in range(2)]
+    cfg = PruneConfig(sparsity=0.3, criterion=criterion, compensation="bias")
+    full = collect_stats(model, batches, prune_taps(model, cfg.targets))
+    least = collect_stats(model, batches, prune_taps(model, cfg.targets, criteria=[criterion], compensation="bias"))
+    groups = unit_groups(model, cfg.targets)
+    s_full, s_least = score_groups(model, groups, cfg, full), score_groups(model, groups, cfg, least)
+    for key in s_full:
+        torch.testing.assert_close(s_least[key], s_full[key], rtol=1e-5, atol=1e-9)
+    _, plan_a = prune(TINY_MODELS["llama"](), full, config=cfg)
+    _, plan_b = prune(TINY_MODELS["llama"](), least, config=cfg)
+    assert plan_a.to_dict() == plan_b.to_dict()
+
+
+def test_least_statistics_refuse_what_they_lack():
+    model = TINY_MODELS["llama"]()
+    cfg = PruneConfig(sparsity=0.3, criterion="variance_cond")
+    least = collect_stats(model, [random_batch()], prune_taps(model, criteria=["wanda"]))
+    with pytest.raises(GeoCompError, match="moments='full'"):
+        prune(model, least, config=cfg)
+    with pytest.raises(GeoCompError, match="compensation"):
+        prune_taps(model, criteria=["variance"], compensation="least-squares")

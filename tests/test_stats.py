@@ -194,11 +194,20 @@ def test_zero_tokens_is_an_error():
 
 @pytest.mark.parametrize("d", [50, 300, 577])
 def test_block_triangular_gram_equals_full_product(d):
-    from hf_geocomp.geometry.stats import _gram
+    """Upper blocks accumulated over windows (the first ignoring stale contents), folded and mirrored: xᵀx."""
+    from hf_geocomp.geometry.accumulate import add_gram, add_upper, fill_lower
 
-    x = torch.randn(40, d, dtype=torch.float64, generator=torch.Generator().manual_seed(d))
-    torch.testing.assert_close(_gram(x), x.T @ x, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(_gram(x, block=64), x.T @ x, rtol=1e-12, atol=1e-12)
+    gen = torch.Generator().manual_seed(d)
+    xs = [torch.randn(40, d, dtype=torch.float64, generator=gen) for _ in range(3)]
+    for block in (64, 128):
+        out = torch.zeros(d, d, dtype=torch.float64)
+        acc = torch.full((d, d), float("nan"), dtype=torch.float64)
+        for i, x in enumerate(xs):
+            add_gram(acc, x, beta=float(i > 0), block=block)
+        add_upper(out, acc, block=block)
+        fill_lower(out, block=block)
+        x = torch.cat(xs)
+        torch.testing.assert_close(out, x.T @ x, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("build,kind", [(tiny_llama, "k"), (tiny_llama, "v"), (tiny_gpt2, "k"), (tiny_gpt2, "v")])
@@ -274,3 +283,87 @@ def test_save_says_its_size_and_offers_smaller_files(tmp_path):
     torch.testing.assert_close(back.moments[key].outer, stats.moments[key].outer, rtol=1e-6, atol=1e-6)
     with pytest.raises(GeoCompError, match="no statistics under 'nope'"):
         stats.save(str(part), keys=["nope"])
+
+
+@pytest.mark.parametrize("fold_rows", [1, 1000, 10**9])
+def test_float32_windows_within_rounding_bound(fold_rows):
+    """Products accumulated in float32 over windows of rows, folded into float64, stay within the
+    rounding bound γ_n·|X|ᵀ|X| of a float32 sum of n products (n: rows in the largest window),
+    plus float64's over all rows, element by element (Higham §3.1; any order of summation)."""
+    from hf_geocomp.geometry import Moments
+
+    gen = torch.Generator().manual_seed(0)
+    d, batch, batches = 300, 256, 16  # 300 columns: three 100-wide blocks of the upper triangle
+    scale = torch.logspace(-2, 1, d, dtype=torch.float64)
+    xs = [(torch.randn(batch, d, dtype=torch.float64, generator=gen) * scale + 0.5).float() for _ in range(batches)]
+    m = Moments.zeros((d,))
+    for x in xs:
+        m.update(x, torch.float32, fold_rows=fold_rows)
+    x64 = torch.cat(xs).double()  # float32 values: every product is exact in float64
+    exact, mags = x64.T @ x64, x64.abs().T @ x64.abs()  # the reference's own float64 rounding is below 1e-12
+
+    def gamma(n, u):
+        return n * u / (1 - n * u)
+
+    window = min(batch * batches, -(-fold_rows // batch) * batch)  # a window closes once it holds fold_rows rows
+    bound = (gamma(window, 2.0 ** -24) + gamma(batch * batches, 2.0 ** -53)) * mags
+    err = (m.outer - exact).abs()
+    assert bool((err <= bound).all()), float((err / bound).max())
+    assert torch.equal(m.outer, m.outer.T)  # mirrored from the upper blocks exactly
+    assert m.n == batch * batches and m._window is None  # reading folded and freed the window
+    torch.testing.assert_close(m.sum, x64.sum(0), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("fold_rows", [1, 10**9])
+def test_fold_window_close_to_float64_in_a_model(fold_rows):
+    model = tiny_llama()
+    batches = [random_batch(seed=s, pad_last=2) for s in range(4)]
+    taps = linear_input_taps(model) + kv_head_taps(model)
+    s32 = collect_stats(model, batches, taps, fold_rows=fold_rows)
+    s64 = collect_stats(model, batches, taps, compute_dtype=torch.float64)
+    for key in s64.keys():
+        torch.testing.assert_close(s32[key].outer, s64[key].outer, rtol=1e-5, atol=1e-5)
+
+
+def test_fold_rows_must_be_positive():
+    model = tiny_llama()
+    with pytest.raises(GeoCompError, match="fold_rows"):
+        StatsCollector(model, linear_input_taps(model), fold_rows=0)
+
+
+def test_diagonal_moments_equal_the_diagonal_of_full_ones(tiny_model):
+    """moments='diag' keeps Σx² per feature: the diagonal of Σxxᵀ; full-matrix reads say what to recollect."""
+    batches = [random_batch(seed=s, pad_last=3) for s in range(2)]
+    full = linear_input_taps(tiny_model)
+    diag = [Tap(t.module, "input", moments="diag", name=t.module + ":diag") for t in full]
+    stats = collect_stats(tiny_model, batches, full + diag, compute_dtype=torch.float64)
+    for f, g in zip(full, diag):
+        m, md = stats[f.key], stats[g.key]
+        assert md.diagonal_only and md.outer.shape == (m.dim,)
+        assert g.key not in stats.aliases or stats.aliases[g.key] != f.key  # never shares a full statistic
+        torch.testing.assert_close(md.outer, m.outer.diagonal(), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(md.sum, m.sum, rtol=0, atol=0)
+        torch.testing.assert_close(md.second_moment_diagonal(), m.second_moment_diagonal(), rtol=1e-12, atol=1e-12)
+        cols = torch.arange(m.dim)[:, None]
+        torch.testing.assert_close(md.covariance_blocks(cols), m.covariance_blocks(cols), rtol=1e-10, atol=1e-12)
+    with pytest.raises(GeoCompError, match="moments='full'"):
+        stats[diag[0].key].covariance()
+    with pytest.raises(GeoCompError, match="moments='full'"):
+        stats[diag[0].key].covariance_blocks(torch.arange(4).reshape(2, 2))
+
+
+def test_per_head_statistics_give_head_blocks():
+    model = tiny_llama()
+    o = "model.layers.0.self_attn.o_proj"
+    taps = [Tap(o, "input"), Tap(o, "input", head_dim=8, name=o + ":heads")]
+    stats = collect_stats(model, [random_batch(seed=1)], taps, compute_dtype=torch.float64)
+    cols = torch.arange(32).reshape(4, 8)  # 4 heads of 8
+    torch.testing.assert_close(stats[o + ":heads"].covariance_blocks(cols), stats[o + ":in"].covariance_blocks(cols),
+                               rtol=1e-10, atol=1e-12)
+    with pytest.raises(GeoCompError, match="per-head"):
+        stats[o + ":heads"].covariance_blocks(torch.arange(32).reshape(2, 16))
+
+
+def test_tap_moments_must_be_known():
+    with pytest.raises(GeoCompError, match="moments"):
+        Tap("x", moments="upper")

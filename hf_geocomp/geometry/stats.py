@@ -1,9 +1,11 @@
 """Streaming second-order statistics of activations: the engine every method shares.
 
 Forward hooks accumulate, per tapped tensor, the float64 sums ``Σx`` (d), ``Σxxᵀ`` (d, d)
-and the token count ``n``; memory is O(d²) per tap whatever the number of tokens. Padding
-tokens are dropped using the ``attention_mask`` the model was called with. Taps whose
-modules read the very same tensor (q/k/v, gate/up) are accumulated once and aliased.
+and the token count ``n``; memory is O(d²) per tap whatever the number of tokens. A tap with
+``moments="diag"`` keeps ``Σx²`` (d) instead of ``Σxxᵀ``, for methods that read variances only.
+Padding tokens are dropped using the ``attention_mask`` the model was called with. Taps whose
+modules read the very same tensor object (q/k/v, gate/up) with the same selection are found in
+the first batch, accumulated once and aliased.
 Sums from several processes are added with accelerate, so every rank ends with the same
 statistics.
 """
@@ -22,9 +24,12 @@ from torch import nn
 
 from .. import arch
 from ..errors import GeoCompError
+from .accumulate import add_gram, add_upper, fill_lower
 
 
 WHERE = {"input": "in", "output": "out", "output_grad": "grad"}  # where → default key suffix
+MOMENTS = ("full", "diag")
+FOLD_ROWS = 16384  # rows of float32 products accumulated before they are added into the float64 sums
 
 
 @dataclass(frozen=True)
@@ -43,6 +48,9 @@ class Tap:
         heads_first: a 4-d tensor is (batch, heads, seq, d) (Gemma 3's per-head norms); otherwise a
             4-d tensor is (batch, seq, heads, d) (Qwen3's). Either way heads are laid side by side.
         name: key of this tap in :class:`ActivationStats`; defaults to ``module:in``/``module:out``.
+        moments: ``"full"`` (``Σx``, ``Σxxᵀ``: covariance, spectra, refits) or ``"diag"`` (``Σx``,
+            ``Σx²`` per feature: variances only, d multiply-adds per token instead of d²). A method
+            asks for the least it reads (e.g. :func:`hf_geocomp.prune.prune_taps`).
     """
 
     module: str
@@ -52,10 +60,13 @@ class Tap:
     width: int | None = None
     name: str | None = None
     heads_first: bool = False
+    moments: str = "full"
 
     def __post_init__(self):
         if self.where not in WHERE:
             raise GeoCompError(f"Tap.where must be one of {', '.join(WHERE)}, got {self.where!r}.")
+        if self.moments not in MOMENTS:
+            raise GeoCompError(f"Tap.moments must be one of {', '.join(MOMENTS)}, got {self.moments!r}.")
 
     @property
     def key(self) -> str:
@@ -64,24 +75,50 @@ class Tap:
     @property
     def selection(self) -> tuple:
         """What this tap takes from its tensor; taps with equal selections on one tensor are shared."""
-        return (self.head_dim, self.offset, self.width)
+        return (self.head_dim, self.offset, self.width, self.moments)
 
 
 class Moments:
-    """Float64 running sums of one tapped tensor: ``sum`` (..., d), ``outer`` (..., d, d), ``count``.
+    """Float64 running sums of one tapped tensor: ``sum`` (..., d), ``outer``, ``count``.
 
-    A leading head dimension is present for per-head taps.
+    ``outer`` is ``Σxxᵀ`` (..., d, d), or only its diagonal ``Σx²`` (..., d) for a tap with
+    ``moments="diag"`` (:attr:`diagonal_only`). A leading head dimension is present for
+    per-head taps.
+
+    Full products are accumulated in the compute dtype over a window of rows (the upper block
+    triangle only, see :mod:`hf_geocomp.geometry.accumulate`) and added into the float64 sums
+    when the window holds ``fold_rows`` rows, and whenever ``outer`` is read; in float64 they go
+    straight into the sums. Reading ``outer`` therefore always gives the complete, symmetric sums.
     """
 
     def __init__(self, sum: torch.Tensor, outer: torch.Tensor, count: torch.Tensor):
-        self.sum, self.outer, self.count = sum, outer, count
+        self.sum, self.count = sum, count
+        self.outer = outer
 
     @classmethod
-    def zeros(cls, shape: tuple[int, ...]) -> "Moments":
+    def zeros(cls, shape: tuple[int, ...], diag: bool = False) -> "Moments":
         d = shape[-1]
         return cls(torch.zeros(shape, dtype=torch.float64),
-                   torch.zeros(*shape, d, dtype=torch.float64),
+                   torch.zeros(*shape, *(() if diag else (d,)), dtype=torch.float64),
                    torch.zeros((), dtype=torch.float64))
+
+    # ---- the sums --------------------------------------------------------------------------
+    @property
+    def outer(self) -> torch.Tensor:
+        self._fold(read=True)
+        return self._outer
+
+    @outer.setter
+    def outer(self, value: torch.Tensor) -> None:
+        """Replace the float64 sums (products not yet folded in are discarded)."""
+        self._outer = value
+        self._window: torch.Tensor | None = None  # products of the current window, compute dtype
+        self._window_rows = 0
+        self._lower_stale = False  # lower blocks of a 2-d ``_outer`` lag its upper blocks
+
+    @property
+    def diagonal_only(self) -> bool:
+        return self._outer.shape == self.sum.shape
 
     @property
     def dim(self) -> int:
@@ -91,47 +128,102 @@ class Moments:
     def n(self) -> int:
         return int(self.count.item())
 
-    def update(self, x: torch.Tensor, compute_dtype: torch.dtype) -> torch.Tensor:
+    def update(self, x: torch.Tensor, compute_dtype: torch.dtype, fold_rows: int = FOLD_ROWS) -> torch.Tensor:
         """Add rows of ``x`` (N, d) or (N, heads, d); returns this batch's ``Σx`` for checks."""
         xc = x.detach().to(compute_dtype)
-        if xc.dim() == 2:  # (N, d)
-            gram = _gram(xc)  # (d, d)
-        else:  # (N, heads, d) → (heads, d, d)
-            xh = xc.transpose(0, 1)  # (heads, N, d)
-            gram = xh.transpose(1, 2) @ xh
+        if self.diagonal_only:
+            self._outer.add_((xc * xc).sum(0))  # (d,) or (heads, d)
+        else:
+            exact = compute_dtype == torch.float64
+            if exact:
+                acc, beta = self._outer, 1.0
+            else:
+                if self._window is None or self._window.dtype != compute_dtype:
+                    self._fold()
+                    self._window = torch.empty(self._outer.shape, dtype=compute_dtype)
+                acc, beta = self._window, float(self._window_rows > 0)  # 0: the window starts, old contents ignored
+            if xc.dim() == 2:  # (N, d) → upper blocks of (d, d)
+                add_gram(acc, xc, beta)
+                self._lower_stale = True
+            else:  # (N, heads, d) → (heads, d, d)
+                xh = xc.transpose(0, 1)  # (heads, N, d)
+                acc.baddbmm_(xh.transpose(1, 2), xh, beta=beta)
+            if not exact:
+                self._window_rows += x.shape[0]
+                if self._window_rows >= fold_rows:
+                    self._fold()
         batch_sum = xc.sum(0)
-        self.outer.add_(gram)  # promoted into the float64 sums in place, no float64 temporary
         self.sum.add_(batch_sum)
         self.count += x.shape[0]
         return batch_sum
+
+    def _fold(self, read: bool = False) -> None:
+        """Add the window's products into the float64 sums; on a read, also free it and fill the lower blocks."""
+        if self._window_rows:
+            if self._window.dim() == 2:
+                add_upper(self._outer, self._window)
+            else:
+                self._outer.add_(self._window)
+            self._window_rows = 0
+        if read:
+            self._window = None
+            if self._lower_stale:
+                fill_lower(self._outer)
+                self._lower_stale = False
+
+    # ---- what the methods read -----------------------------------------------------------
+    def _full(self, what: str) -> None:
+        if self.diagonal_only:
+            raise GeoCompError(f"these statistics hold only per-feature variances (moments='diag'), not the "
+                               f"{what}; recollect with moments='full'.")
 
     def mean(self) -> torch.Tensor:
         return self.sum / self.count
 
     def second_moment(self) -> torch.Tensor:
         """Uncentred ``E[xxᵀ]``."""
+        self._full("second-moment matrix")
         return self.outer / self.count
 
     def covariance(self) -> torch.Tensor:
         """Centred covariance ``E[xxᵀ] − μμᵀ`` (population, divides by n)."""
+        self._full("covariance matrix")
         mu = self.mean()
         return self.second_moment() - mu.unsqueeze(-1) * mu.unsqueeze(-2)
 
+    def second_moment_diagonal(self) -> torch.Tensor:
+        """``E[x²]`` per feature (..., d), whatever the statistics hold."""
+        outer = self.outer
+        return (outer if self.diagonal_only else outer.diagonal(dim1=-2, dim2=-1)) / self.count
+
+    def covariance_blocks(self, cols: torch.Tensor) -> torch.Tensor:
+        """Centred covariance blocks ``Σ[cols[u], cols[u]]`` (units, c, c) for column groups ``cols`` (units, c).
+
+        Full statistics give any blocks; per-feature variances (``moments="diag"``) give blocks
+        of one column; per-head statistics (``head_dim=c``) give the blocks of whole heads.
+        """
+        c = cols.shape[1]
+        if self.diagonal_only and self.sum.dim() == 1:
+            if c != 1:
+                raise GeoCompError(f"these statistics hold only per-feature variances (moments='diag'); blocks of "
+                                   f"{c} columns need moments='full' or head_dim={c}.")
+            mu = self.mean()
+            var = self.outer / self.count - mu * mu  # (d,)
+            return var[cols].unsqueeze(-1)  # (units, 1, 1)
+        if self.sum.dim() == 1:
+            cov = self.covariance()  # (d, d)
+            return cov[cols[:, :, None], cols[:, None, :]]
+        heads, hd = self.sum.shape  # per-head statistics: (heads, hd, hd)
+        starts = cols[:, 0]
+        if hd != c or bool((starts % hd).any()) or not torch.equal(cols, starts[:, None] + torch.arange(c)):
+            raise GeoCompError(f"per-head statistics of {hd}-wide heads cannot give covariance blocks of {c} "
+                               "arbitrary columns; recollect with moments='full'.")
+        return self.covariance()[starts // hd]
+
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.sum, self.outer, self.count))
-
-
-def _gram(x: torch.Tensor, block: int = 144) -> torch.Tensor:
-    """``xᵀx`` for (N, d) rows, computing only the upper block triangle (roughly 0.6 of a full GEMM)."""
-    d = x.shape[1]
-    if d < 2 * block:
-        return x.T @ x
-    block = -(-d // -(-d // block))  # equal blocks
-    out = torch.empty(d, d, dtype=x.dtype, device=x.device)
-    for i in range(0, d, block):
-        out[i: i + block, i:] = x[:, i: i + block].T @ x[:, i:]  # (block, d - i)
-        out[i + block:, i: i + block] = out[i: i + block, i + block:].T
-    return out
+        """Bytes of the float64 sums, and of the current window of products while there is one."""
+        window = self._window.numel() * self._window.element_size() if self._window is not None else 0
+        return window + sum(t.numel() * t.element_size() for t in (self.sum, self._outer, self.count))
 
 
 def model_fingerprint(model: nn.Module) -> dict[str, str]:
@@ -304,14 +396,18 @@ class StatsCollector:
     >>> stats = col.stats
 
     Hooks are removed on exit, whatever happens. Pass ``attention_mask`` to the model as a
-    keyword so padding is excluded. Per-batch Gram matrices are computed in
-    ``compute_dtype`` (float32 by default, the speed of the forward pass itself) and added
-    into float64 running sums; pass ``torch.float64`` for exact products. With
-    ``training_only``, forward passes made in eval mode (a Trainer's evaluation) are ignored.
+    keyword so padding is excluded. Gram products are computed in ``compute_dtype`` (float32
+    by default, the speed of the forward pass itself), accumulated over windows of
+    ``fold_rows`` rows and added into float64 running sums (the float32 error of a window is
+    bounded in :mod:`hf_geocomp.geometry.accumulate`); pass ``torch.float64`` for products
+    added straight into the float64 sums. While a float32 window is open each full statistic
+    holds a float32 copy of its ``Σxxᵀ`` besides the float64 one; it is freed when the
+    collector exits or the sums are read. With ``training_only``, forward passes made in eval
+    mode (a Trainer's evaluation) are ignored.
     """
 
     def __init__(self, model: nn.Module, taps: Iterable[Tap], compute_dtype: torch.dtype = torch.float32,
-                 training_only: bool = False):
+                 training_only: bool = False, fold_rows: int = FOLD_ROWS):
         self.model = model
         self.taps = list(taps)
         if not self.taps:
@@ -320,7 +416,10 @@ class StatsCollector:
         for t in self.taps:
             if t.module not in modules:
                 raise GeoCompError(f"module {t.module!r} does not exist in this model.")
+        if not (isinstance(fold_rows, int) and fold_rows >= 1):
+            raise GeoCompError(f"fold_rows must be a positive number of rows, got {fold_rows!r}.")
         self.compute_dtype = compute_dtype
+        self.fold_rows = fold_rows
         self.training_only = training_only
         self._skip = False
         self.stats = ActivationStats(taps={t.key: t for t in self.taps},
@@ -384,8 +483,8 @@ class StatsCollector:
         if tap.head_dim is not None:
             rows = rows.reshape(rows.shape[0], -1, tap.head_dim)  # (N, heads, head_dim)
         if tap.key not in self.stats.moments:
-            self.stats.moments[tap.key] = Moments.zeros(tuple(rows.shape[1:]))
-        batch_sum = self.stats.moments[tap.key].update(rows, self.compute_dtype)
+            self.stats.moments[tap.key] = Moments.zeros(tuple(rows.shape[1:]), diag=tap.moments == "diag")
+        batch_sum = self.stats.moments[tap.key].update(rows, self.compute_dtype, self.fold_rows)
         if not torch.isfinite(batch_sum).all():
             what = "gradients" if tap.where == "output_grad" else "activations"
             raise GeoCompError(f"non-finite {what} (NaN or Inf) at the {tap.where} of {tap.module!r} in batch {batch}.")
@@ -411,6 +510,8 @@ class StatsCollector:
         self._handles.clear()
         self._seen.clear()
         self._mask = None
+        for m in self.stats.moments.values():
+            m.outer  # noqa: B018 -- reading folds the open window into the float64 sums and frees it
 
 
 # ---- standard tap sets ---------------------------------------------------------------------
@@ -446,7 +547,7 @@ def block_output_taps(model: nn.Module) -> list[Tap]:
 
 def collect_stats(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], taps: Iterable[Tap], *,
                   compute_dtype: torch.dtype = torch.float32, progress: bool = False,
-                  total: int | None = None) -> ActivationStats:
+                  total: int | None = None, fold_rows: int = FOLD_ROWS) -> ActivationStats:
     """Run ``model`` over ``batches`` and return the statistics of ``taps``, summed over processes.
 
     Each batch is a mapping passed as keyword arguments (``input_ids``, ``attention_mask``).
@@ -458,7 +559,7 @@ def collect_stats(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]
     taps = list(taps)
     device = next(model.parameters()).device
     extra = _skip_logits(model, taps)
-    with StatsCollector(model, taps, compute_dtype=compute_dtype) as col, torch.no_grad():
+    with StatsCollector(model, taps, compute_dtype=compute_dtype, fold_rows=fold_rows) as col, torch.no_grad():
         for batch in tqdm(batches, total=total, disable=not progress, desc="calibration", unit="batch"):
             model(**extra, **{k: v.to(device) for k, v in batch.items()})
     return _finish(col)

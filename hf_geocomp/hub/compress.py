@@ -39,7 +39,9 @@ def compress_loaded(model: nn.Module, cfg: GeoCompConfig) -> GeoCompConfig:
     if cfg.prune is not None:
         from ..prune import prune, prune_taps, taylor_grads
 
-        pstats = stats if stats is not None else collect_stats(model, batches, prune_taps(model, cfg.prune.targets))
+        p = cfg.prune
+        taps = prune_taps(model, p.targets, criteria=[p.criterion], compensation=p.compensation, head_mode=p.head_mode)
+        pstats = stats if stats is not None else collect_stats(model, batches, taps) if taps else None
         grads = taylor_grads(model, batches, cfg.prune.targets) if cfg.prune.criterion == "taylor" else None
         _, prune_plan = prune(model, pstats, grads=grads, config=cfg.prune)
     if cfg.kv is not None:

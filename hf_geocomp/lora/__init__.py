@@ -11,11 +11,11 @@ from peft.utils.peft_types import register_peft_method
 from .allocate import AllocationPlan, allocate, uniform_params
 from .config import SpectralLoraConfig
 from .export import export_plain_lora, to_lora_config
-from .model import SpectralLoraModel, target_shapes
+from .model import SpectralLoraModel, lora_taps, target_shapes
 from .peft_type import SPECTRAL_LORA, register_saved_alias
 
 __all__ = ["AllocationPlan", "SpectralLoraConfig", "SpectralLoraModel", "allocate", "export_plain_lora",
-           "target_shapes", "to_lora_config", "uniform_params"]
+           "lora_taps", "target_shapes", "to_lora_config", "uniform_params"]
 
 register_peft_method(name=SPECTRAL_LORA.lower(), config_cls=SpectralLoraConfig, model_cls=SpectralLoraModel,
                      prefix="lora_")

@@ -17,6 +17,7 @@ from torch import nn
 
 from .. import arch
 from ..errors import GeoCompError
+from ..geometry import Tap
 from .allocate import allocate, init_directions
 from .config import SpectralLoraConfig
 
@@ -35,6 +36,16 @@ def target_shapes(model: nn.Module, config: SpectralLoraConfig) -> dict[str, tup
     if not shapes:
         raise GeoCompError(f"target_modules {config.target_modules!r} match no module of this model.")
     return shapes
+
+
+def lora_taps(model: nn.Module, config: SpectralLoraConfig) -> list[Tap]:
+    """The statistics SpectralLoRA reads: the full input moments of its target modules, nothing else.
+
+    Every allocation rule records each input's Df and trace (the covariance, not only its
+    diagonal), ``effective_rank`` and ``k_tau`` score from it, and ``principal``/``whitened``
+    initialisation takes its eigenvectors; modules reading one tensor (q/k/v) are measured once.
+    """
+    return [Tap(name, "input") for name in target_shapes(model, config)]
 
 
 def resolve_init(config: SpectralLoraConfig, model: nn.Module) -> str:
@@ -60,7 +71,7 @@ def resolve_stats(config: SpectralLoraConfig, model: nn.Module):
         stats = ActivationStats.load(config.stats_file)
     if stats is None:
         raise GeoCompError("SpectralLoraConfig needs activation statistics: set stats_file to a saved "
-                           "ActivationStats file or config.stats to one (collect_stats with linear_input_taps).")
+                           "ActivationStats file or config.stats to one (collect_stats with lora_taps(model, config)).")
     stats.check_model(model)
     return stats
 

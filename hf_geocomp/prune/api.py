@@ -8,16 +8,46 @@ from torch import nn
 from .. import arch
 from ..errors import GeoCompError
 from ..geometry import Tap
-from .config import PruneConfig
+from .config import COMPENSATIONS, PruneConfig
 from .plan import PrunePlan, allocate
-from .scorers import get_scorer
+from .scorers import READS, get_scorer
 from .surgery import apply_plan
 from .units import TARGETS, UnitGroup, block_params, unit_groups
 
 
-def prune_taps(model: nn.Module, targets=TARGETS) -> list[Tap]:
-    """The statistics pruning reads: the inputs of every consumer (down_proj, o_proj, ...)."""
-    return [Tap(g.consumer, "input") for g in unit_groups(model, targets)]
+def prune_taps(model: nn.Module, targets=TARGETS, *, criteria=None, compensation: str = "none",
+               head_mode: str = "query") -> list[Tap]:
+    """The statistics pruning reads: the inputs of every consumer (down_proj, o_proj, ...).
+
+    Without ``criteria``, every consumer input in full (whatever any criterion or compensation
+    may read). With ``criteria`` (names, e.g. a run's criterion and its baselines) and
+    ``compensation``, only what they read: full inputs for ``variance_cond`` and ``refit``;
+    per-unit covariance blocks for ``variance`` (per-feature variances for neurons, per-head
+    statistics for heads: d or d·head_dim multiply-adds per token instead of d²); per-feature
+    second moments for ``wanda`` and the mean for ``bias``; nothing for ``magnitude``,
+    ``random`` and ``taylor`` (an empty list: no calibration pass is needed). Scores and
+    compensation from these statistics equal those from full ones up to rounding.
+    """
+    if compensation not in COMPENSATIONS:
+        raise GeoCompError(f"compensation {compensation!r} does not exist; allowed: {', '.join(COMPENSATIONS)}.")
+    if criteria is None:
+        need = "full"
+    else:
+        reads = [get_scorer(c).reads for c in criteria]
+        reads.append("full" if "refit" in compensation else "diag" if "bias" in compensation else None)
+        need = max(reads, key=READS.index)
+    if need is None:
+        return []
+    taps = []
+    for g in unit_groups(model, targets, head_mode):
+        width = g.cols.shape[1]  # input columns per unit
+        if need == "full":
+            taps.append(Tap(g.consumer, "input"))
+        elif need == "diag" or width == 1:
+            taps.append(Tap(g.consumer, "input", moments="diag"))
+        else:  # covariance blocks of whole heads (or KV groups)
+            taps.append(Tap(g.consumer, "input", head_dim=width))
+    return taps
 
 
 def score_groups(model, groups: list[UnitGroup], cfg: PruneConfig, stats=None, grads=None) -> dict[str, torch.Tensor]:

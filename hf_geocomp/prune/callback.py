@@ -57,6 +57,7 @@ class VarianceWeightedPruningCallback(TrainerCallback):
         self.plan = None  # current PrunePlan (masks), then the final one
         self.history: list[dict] = []  # one entry per mask update
         self._model = self._collector = self._groups = self._grads = None
+        self._active = False  # between on_train_begin and on_train_end
         self._total = self._steps = None
 
     # ---- schedule ----------------------------------------------------------------------------
@@ -79,8 +80,12 @@ class VarianceWeightedPruningCallback(TrainerCallback):
         self._steps = (t0, max(t0 + 1, t1))
         if self.update_every is None:
             self.update_every = max(1, (self._steps[1] - t0) // 10)
-        self._collector = StatsCollector(model, prune_taps(model, self.config.targets), training_only=True)
-        self._collector.__enter__()
+        taps = prune_taps(model, self.config.targets, criteria=[self.config.criterion],
+                          compensation=self.config.compensation, head_mode=self.config.head_mode)
+        self._collector = StatsCollector(model, taps, training_only=True) if taps else None  # only what it reads
+        if self._collector is not None:
+            self._collector.__enter__()
+        self._active = True
         if self.config.criterion == "taylor":
             self._grads = {n: torch.zeros_like(arch.linear_weight(model.get_submodule(n)), dtype=torch.float64)
                            for g in self._groups for n in (g.consumer, *g.producers)}
@@ -99,7 +104,7 @@ class VarianceWeightedPruningCallback(TrainerCallback):
             apply_masks(self._model, self._groups, self.plan)
 
     def on_train_end(self, args, state, control, **kwargs):
-        if self._collector is None:
+        if not self._active:
             return
         try:
             if self.plan is None or self.plan.config["sparsity"] < self.config.sparsity:
@@ -107,8 +112,9 @@ class VarianceWeightedPruningCallback(TrainerCallback):
             apply_plan(self._model, self._groups, self.plan)
             update_config(self._model, self.plan)
         finally:
-            self._collector.remove()
-            self._collector = None
+            if self._collector is not None:
+                self._collector.remove()
+            self._collector, self._active = None, False
         if state.is_world_process_zero and args.output_dir:
             os.makedirs(args.output_dir, exist_ok=True)
             with open(os.path.join(args.output_dir, "prune_plan.json"), "w") as f:
@@ -123,8 +129,7 @@ class VarianceWeightedPruningCallback(TrainerCallback):
 
     def _update(self, sparsity: float, step: int) -> None:
         cfg = PruneConfig(**{**self.config.to_dict(), "sparsity": sparsity})
-        needs = cfg.criterion in ("variance", "variance_cond", "wanda") or cfg.compensation != "none"
-        stats = self._reduced_stats() if needs else None
+        stats = self._reduced_stats() if self._collector is not None else None  # collected only when read
         forced = {gp.key: set(gp.removed) for gp in self.plan.groups} if self.plan is not None else None
         scores = score_groups(self._model, self._groups, cfg, stats, self._grads)
         layers = arch.layer_indices(self._model, cfg.layers)
@@ -133,8 +138,9 @@ class VarianceWeightedPruningCallback(TrainerCallback):
                     cfg.refit_shrinkage)
         self.history.append({"step": step, "sparsity": sparsity, "achieved": self.plan.achieved_sparsity,
                              "tokens": int(stats.tokens) if stats is not None else None})
-        old = self._collector.stats  # start afresh: later scores see the masked model's activations
-        self._collector.stats = type(old)(taps=old.taps, aliases=old.aliases, meta=old.meta)
+        if self._collector is not None:  # start afresh: later scores see the masked model's activations
+            old = self._collector.stats
+            self._collector.stats = type(old)(taps=old.taps, aliases=old.aliases, meta=old.meta)
         if self._grads is not None:
             for acc in self._grads.values():
                 acc.zero_()

@@ -43,7 +43,9 @@ def prune_command(args: PruneCommandOptions) -> None:
                       round_to=args.round_to, min_keep=args.min_keep)
     model, tok = load_model(args.model)
     loader = list(calibration_loader(model, tok, args.data, args.tokens, args.block_size, args.batch_size))
-    stats = collect_stats(model, loader, prune_taps(model, cfg.targets))
+    taps = prune_taps(model, cfg.targets, criteria=[cfg.criterion], compensation=cfg.compensation,
+                      head_mode=cfg.head_mode)  # only what the criterion and compensation read
+    stats = collect_stats(model, loader, taps) if taps else None
     grads = taylor_grads(model, loader, cfg.targets) if cfg.criterion == "taylor" else None
     before = block_params(model)
     with output_dir(args.output, args.overwrite) as out:

@@ -30,9 +30,13 @@ from ..errors import GeoCompError
 from .units import UnitGroup
 
 
+READS = (None, "diag", "blocks", "full")  # what a scorer reads of its consumer's input, least first
+
+
 class Scorer:
     needs_stats = True
     needs_grads = False
+    reads: str | None = "full"  # one of READS: the least statistics :func:`prune_taps` collects for it
 
     def __init__(self, seed: int = 0):
         self.seed = seed
@@ -46,10 +50,11 @@ def _consumer(model, group: UnitGroup) -> torch.Tensor:
 
 
 class VarianceScorer(Scorer):
+    reads = "blocks"
+
     def score(self, model, group, stats, grads):
         w = _consumer(model, group)[:, group.cols]  # (out, units, c)
-        cov = stats.input_of(group.consumer).covariance()  # (in, in)
-        blk = cov[group.cols[:, :, None], group.cols[:, None, :]]  # (units, c, c)
+        blk = stats.input_of(group.consumer).covariance_blocks(group.cols)  # (units, c, c)
         return torch.einsum("ouc,ucd,oud->u", w, blk, w)
 
 
@@ -92,6 +97,7 @@ class ConditionalVarianceScorer(Scorer):
 
 class MagnitudeScorer(Scorer):
     needs_stats = False
+    reads = None
 
     def score(self, model, group, stats, grads):
         s = _consumer(model, group)[:, group.cols].abs().sum((0, 2))  # (units,)
@@ -104,13 +110,17 @@ class MagnitudeScorer(Scorer):
 
 
 class WandaScorer(Scorer):
+    reads = "diag"
+
     def score(self, model, group, stats, grads):
-        norm = stats.input_of(group.consumer).second_moment().diagonal().clamp_min(0).sqrt()  # (in,) RMS of x_j
+        msq = stats.input_of(group.consumer).second_moment_diagonal().reshape(-1)  # (in,); per-head: heads side by side
+        norm = msq.clamp_min(0).sqrt()  # RMS of x_j
         return (_consumer(model, group).abs() * norm).sum(0)[group.cols].sum(1)
 
 
 class RandomScorer(Scorer):
     needs_stats = False
+    reads = None
 
     def score(self, model, group, stats, grads):
         gen = torch.Generator().manual_seed(self.seed * 100003 + zlib.crc32(group.key.encode()))
@@ -120,6 +130,7 @@ class RandomScorer(Scorer):
 class TaylorScorer(Scorer):
     needs_stats = False
     needs_grads = True
+    reads = None
 
     def score(self, model, group, stats, grads):
         if not grads or group.consumer not in grads:

@@ -34,7 +34,7 @@ def _consumer_weights(W: torch.Tensor, b: torch.Tensor | None, keep: torch.Tenso
     """
     if not (bias or refit) or drop.numel() == 0:
         return W[:, keep], b
-    mu = moments.mean()
+    mu = moments.mean().reshape(-1)  # (in,); per-head statistics lie heads side by side
     if bias and b is None:
         b = torch.zeros(W.shape[0], dtype=W.dtype)
     if not refit:
