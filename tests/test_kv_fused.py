@@ -131,12 +131,18 @@ def test_sliding_window_model(path):
 
 
 def test_missing_compiler_falls_back_loudly(llama, monkeypatch):
-    """A kernel that cannot be built: one warning naming why, then the PyTorch path, same results."""
+    """A kernel that cannot be built: one warning naming why, then the PyTorch path, same results as the fused path.
+
+    Compared with the fused path on the same codes, not with the decoded cache: through two coded layers a
+    1e-7 rounding difference of layer 0 can move a key of layer 1 across a quantisation level (with this
+    batch one 8-bit code of layer 1 differs between reduced and decoded attention, on either path; the
+    batches of the tests against the decoded cache cross no level)."""
     import torch.utils.cpp_extension as ext
 
     model, plan = llama
     batch = random_batch(2, 18, seed=5)
-    ref = _logits(model, plan.cache(model), batch)
+    with _reduced(model):
+        ref = _logits(model, plan.cache(model, reduced=True), batch)  # the fused path where it builds
 
     def no_compiler(*a, **k):
         raise RuntimeError("Error building extension: g++: command not found")
