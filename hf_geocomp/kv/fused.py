@@ -3,15 +3,18 @@
 Attention in the reduced space (:mod:`.attention`) needs, per layer and KV head, the products of
 the queries with every stored key latent and the probability-weighted sum of every stored value
 latent. Dequantising the whole history into float tensors first (several PyTorch ops per width
-group, each writing ``seq × n`` floats) costs more than reading the codes. Here each token's
-latents are unpacked into a per-thread buffer (stored order) and used at once:
+group, each writing ``seq × n`` floats) costs more than reading the codes. Here each block of
+tokens is unpacked into a per-thread buffer in *head order* (the components of KV head 0, then
+head 1, …, :class:`Layout`) and used at once, each query row reading only its own head's
+components (``n_h`` of them):
 
-* scores ``s[b, h, m, t] = Σ_k q̃[b, h, m, k] · z[b, t, k]`` with ``q̃ = q · rows[h]`` (the query
-  projected onto the decoder rows of every stored component, 0 for other heads' components);
-* value sums ``y[b, h, m, k] = Σ_t p[b, h, m, t] · z[b, t, k]``, lifted by ``y · rows[h]``.
+* scores ``s[b, h, m, t] = Σ_j q̃[b, h, m, j] · z[b, t, h, j]`` with ``q̃ = q · rows_h`` (the query
+  projected onto the decoder rows of its head's stored components);
+* value sums ``y[b, h, m, j] = Σ_t p[b, h, m, t] · z[b, t, h, j]``, lifted by ``y · rows_h``.
 
+so a token costs ``Σ_h M·n_h`` products for ``M`` query rows per KV head, not ``(Σ_h M)·n``.
 The kernel is a small C++ extension (``_fused.cpp``) built on first use with
-``torch.utils.cpp_extension`` (gcc, ninja) and parallel over tokens with torch's thread pool.
+``torch.utils.cpp_extension`` (gcc, ninja), parallel over blocks of tokens with torch's thread pool.
 If it cannot be built, a warning says why, once, and the same products run on dequantised
 latents in PyTorch (same results to float32 rounding; slower). The PyTorch path is also what
 runs when gradients are needed (``kv.refine`` through reduced attention) or when
@@ -31,7 +34,8 @@ from .allocate import FULL
 
 _KERNEL: list = []  # [module or None], built once per process
 _DISABLED: list[bool] = [False]
-BLOCK = 512  # tokens per partial sum of the value kernel
+_PORTABLE: list[bool] = [False]
+VL = 16  # floats per vector of the kernel: each head's slice of the head order is padded to a multiple
 
 
 @contextmanager
@@ -42,6 +46,17 @@ def disabled(flag: bool = True):
         yield
     finally:
         _DISABLED[0] = before
+
+
+@contextmanager
+def portable_unpack(flag: bool = True):
+    """Within the block (if ``flag``), the kernel unpacks codes with its portable path even where the
+    AVX-512 VBMI one is compiled in (tests and benchmarks; both give the same floats)."""
+    before, _PORTABLE[0] = _PORTABLE[0], flag
+    try:
+        yield
+    finally:
+        _PORTABLE[0] = before
 
 
 def kernel():
@@ -67,11 +82,15 @@ def kernel():
 
 
 class Layout:
-    """The stored order of one codec's components (its width groups one after another) and their decoder rows.
+    """The stored order of one codec's components (its width groups one after another), their head
+    order for the kernel, and their decoder rows.
 
-    ``rows`` (kv_heads, n, d): row ``i`` of head ``h`` is the decoder row of component ``i`` if it
-    belongs to head ``h``, else 0, so a query projected on ``rows[h]`` reads only its own head.
-    Built once per codec; ``rows`` is rebuilt when the decoder changes (refinement updates it in place).
+    ``order`` (np,): the stored slot of every component of KV head 0, then of head 1, …, each head's
+    slice padded with ``-1`` to a multiple of :data:`VL`; ``offsets`` (kv_heads + 1) the slices.
+    ``head_rows`` (np, d): the decoder row of each slot of ``order`` (0 for padding), for the kernel;
+    ``rows`` (kv_heads, n, d): row ``i`` of head ``h`` is the decoder row of stored component ``i``
+    if it belongs to head ``h``, else 0 (the PyTorch path). Built once per codec; the rows are
+    rebuilt when the decoder changes (refinement updates it in place).
     """
 
     def __init__(self, codec):
@@ -82,7 +101,13 @@ class Layout:
         self.bits = [0 if bits == FULL else int(bits) for bits, _ in codec.groups]
         self.sizes = [len(c) for _, c in codec.groups]
         self.kv_heads, self.head_dim = kv_heads, d
-        self._rows, self._key = None, None
+        order, self.offsets = [], [0]
+        for h in range(kv_heads):
+            own = torch.nonzero(self.head == h).flatten().tolist()  # stored slots of head h, in stored order
+            order += own + [-1] * (-len(own) % VL)
+            self.offsets.append(len(order))
+        self.order = torch.tensor(order, dtype=torch.long)
+        self._rows, self._key, self._head_rows, self._head_key = None, None, None, None
 
     def rows(self, dec: torch.Tensor) -> torch.Tensor:
         """(kv_heads, n, d) float32 decoder rows; cached unless ``dec`` needs gradients."""
@@ -92,6 +117,18 @@ class Layout:
         if self._key != key:
             self._rows, self._key = self._build(dec.detach()), key
         return self._rows
+
+    def head_rows(self, dec: torch.Tensor) -> torch.Tensor:
+        """(np, d) float32 decoder rows in head order, 0 for padding (no gradients: the kernel's input)."""
+        key = (id(dec), dec._version, dec.device)
+        if self._head_key != key:
+            dec = dec.detach()
+            real = self.order >= 0
+            slots = self.order[real]
+            rows = dec.new_zeros(len(self.order), self.head_dim, dtype=torch.float32)
+            rows[real.to(dec.device)] = dec[self.head[slots].to(dec.device), self.latent[slots].to(dec.device)].float()
+            self._head_rows, self._head_key = rows.contiguous(), key
+        return self._head_rows
 
     def _build(self, dec: torch.Tensor) -> torch.Tensor:
         head, latent = self.head.to(dec.device), self.latent.to(dec.device)
@@ -131,33 +168,34 @@ def coded_scores(q: torch.Tensor, codec, parts: list[torch.Tensor], length: int)
     lay = layout(codec)
     if not parts:
         return q.new_zeros(*q.shape[:3], length)
-    rows = lay.rows(codec.dec.to(q.device))
-    q_lat = torch.einsum("bkmd,knd->bkmn", q, rows)  # (b, kv_heads, M, n): the queries in latent space
-    if not _use_kernel(q_lat, rows):
+    dec = codec.dec.to(q.device)
+    if not _use_kernel(q, dec):
+        q_lat = torch.einsum("bkmd,knd->bkmn", q, lay.rows(dec))  # (b, kv_heads, M, n): the queries in latent space
         return torch.einsum("bkmn,btn->bkmt", q_lat, _latents(codec, parts))
     b, k, m, _ = q.shape
     out = q.new_empty(b, k * m, length)
     with torch.profiler.record_function("geocomp::fused_scores"):
-        kernel().scores(q_lat.reshape(b, k * m, -1).contiguous(), *_kernel_args(codec, lay, parts), length, out)
-    return out.reshape(b, k, m, length)
+        kernel().scores(q.contiguous(), lay.head_rows(dec), lay.offsets, lay.order,
+                        *_kernel_args(codec, lay, parts), length, out, _PORTABLE[0])
+    return out.view(b, k, m, length)
 
 
 def coded_values(p: torch.Tensor, codec, parts: list[torch.Tensor], length: int) -> torch.Tensor:
-    """``p`` (b, kv_heads, M, length) float32 weights of the coded values in ``parts`` → Σ_t p_t v̂_t (b, kv_heads, M, d)."""
+    """``p`` (b, kv_heads, M, length) float32 weights of the coded values in ``parts``
+    → ``Σ_t p_t v̂_t`` (b, kv_heads, M, d)."""
     lay = layout(codec)
     if not parts:
         return p.new_zeros(*p.shape[:3], lay.head_dim)
-    rows = lay.rows(codec.dec.to(p.device))
-    if not _use_kernel(p, rows):
+    dec = codec.dec.to(p.device)
+    if not _use_kernel(p, dec):
         y = torch.einsum("bkmt,btn->bkmn", p, _latents(codec, parts))
-    else:
-        b, k, m, _ = p.shape
-        flat = p.reshape(b, k * m, length)
-        if flat.stride(-1) != 1:
-            flat = flat.contiguous()
-        blocks = -(-length // BLOCK)
-        partial = p.new_zeros(b, blocks, k * m, lay.n)
-        with torch.profiler.record_function("geocomp::fused_values"):
-            kernel().values(flat, *_kernel_args(codec, lay, parts), length, BLOCK, partial)
-        y = partial.sum(1).reshape(b, k, m, lay.n)
-    return torch.einsum("bkmn,knd->bkmd", y, rows)  # values lifted after the weighted sum
+        return torch.einsum("bkmn,knd->bkmd", y, lay.rows(dec))  # values lifted after the weighted sum
+    b, k, m, _ = p.shape
+    flat = p.reshape(b, k * m, length)  # a view of sliced probabilities (row stride the whole key length)
+    if flat.stride(-1) != 1:
+        flat = flat.contiguous()
+    out = p.new_empty(b, k, m, lay.head_dim)
+    with torch.profiler.record_function("geocomp::fused_values"):
+        kernel().values(flat, lay.head_rows(dec), lay.offsets, lay.order, *_kernel_args(codec, lay, parts), length,
+                        out, _PORTABLE[0])
+    return out
