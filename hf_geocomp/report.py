@@ -7,7 +7,8 @@ it, the baseline, and a table of the rows with the columns they carry. README se
 ``hf-geocomp report --readme README.md`` and checked against the committed JSON by the tests, so a
 number in those tables cannot drift from its file. Options after the path: ``columns=a,b,c`` (these
 columns, in this order), ``list=NAME`` (tabulate the file's ``NAME`` list, e.g. ``summary`` or
-``tests``, instead of ``rows``) and ``bare`` (the table alone, without the command and baseline).
+``tests``, instead of ``rows``), ``where=key:value,key:value`` (only rows whose fields print as those values;
+``key:-`` for a field the row lacks) and ``bare`` (the table alone, without the command and baseline).
 """
 
 from __future__ import annotations
@@ -66,8 +67,15 @@ def table(rows: list[dict], cols: list[str]) -> str:
     return "\n".join(lines)
 
 
+def select(rows: list[dict], where: dict[str, str] | None) -> list[dict]:
+    """The rows whose field ``k`` prints as ``v`` (``fmt``; ``-`` for a missing field) for every ``k: v`` of ``where``."""
+    if not where:
+        return rows
+    return [r for r in rows if all((fmt(r[k]) if k in r else "-") == v for k, v in where.items())]
+
+
 def render(path: str | Path, cols: list[str] | None = None, heading: bool = True, rows: str = "rows",
-           bare: bool = False) -> str:
+           bare: bool = False, where: dict[str, str] | None = None) -> str:
     """One results file as markdown: command, baseline, and a table of its ``rows`` (or another list of it)."""
     result = load(path)
     if not isinstance(result.get(rows), list) or not result[rows]:
@@ -82,14 +90,19 @@ def render(path: str | Path, cols: list[str] | None = None, heading: bool = True
         if isinstance(base, dict) and base:
             scalars = {k: v for k, v in base.items() if not isinstance(v, (dict, list))}
             parts.append("Baseline: " + ", ".join(f"{k} {fmt(v)}" for k, v in scalars.items()) + ".\n")
-    parts.append(table(result[rows], columns(result[rows], cols)))
+    chosen = select(result[rows], where)
+    if not chosen:
+        raise GeoCompError(f"results {str(path)!r}: no row of {rows!r} matches where={where}.")
+    parts.append(table(chosen, columns(chosen, cols)))
     return "\n".join(parts) + "\n"
 
 
 def _block(path: str, opts: str) -> str:
     cols, rows = re.search(r"columns=(\S+)", opts), re.search(r"list=(\S+)", opts)
+    where = re.search(r"where=(\S+)", opts)
     return render(path, cols.group(1).split(",") if cols else None, heading=False,
-                  rows=rows.group(1) if rows else "rows", bare=bool(re.search(r"(^|\s)bare(\s|$)", opts)))
+                  rows=rows.group(1) if rows else "rows", bare=bool(re.search(r"(^|\s)bare(\s|$)", opts)),
+                  where=dict(kv.split(":", 1) for kv in where.group(1).split(",")) if where else None)
 
 
 def refresh(markdown: str, root: Path) -> str:

@@ -293,15 +293,14 @@ def test_fold_and_curvature_recipes_parse():
     """The study recipes of folding and curvature name options their command has, with values it accepts."""
     import pathlib
 
-    from hf_geocomp.cli import build_parser, recipe_argv
+    from hf_geocomp.cli import parse_options
     from hf_geocomp.studies.curvature_bench import layer_subsets
     from hf_geocomp.studies.fold_bench import parse_method
     from hf_geocomp.studies.prune_h1 import parse_arm
 
     root = pathlib.Path(__file__).parents[1] / "recipes"
-    parser = build_parser()
     for path in sorted(root.glob("fold_*.yaml")) + sorted(root.glob("curvature_*.yaml")):
-        args = parser.parse_args(recipe_argv(parser, str(path), []))
+        args = parse_options(["run", str(path)])
         assert args.output.startswith("recipes/results/") and args.output.endswith(".json"), path
         if args.command == "bench-prune-h1":
             assert {parse_arm(c)["family"] for c in args.criteria} == {"fold", "prune"} and args.seeds >= 5

@@ -73,3 +73,21 @@ def test_report_blocks_take_a_list_and_can_be_bare(tmp_path):
     assert "`hf-geocomp bench-x`" in full and "Baseline: ppl 2." in full and "| a | 3 |" in full
     with pytest.raises(GeoCompError, match="has no list 'tests'; lists: rows, summary"):
         refresh("<!-- report: r.json list=tests -->\n<!-- /report -->", tmp_path)
+
+
+def test_report_blocks_select_rows(tmp_path):
+    import json
+
+    from hf_geocomp.errors import GeoCompError
+    from hf_geocomp.report import refresh
+
+    rows = [{"method": "a", "kind": "kv", "budget": 0.25, "ppl": 3.0}, {"method": "b", "kind": "kv", "budget": 0.125,
+                                                                        "ppl": 4.0}, {"method": "c", "kind": "prune", "ppl": 5.0}]
+    (tmp_path / "r.json").write_text(json.dumps({"command": "x", "rows": rows}))
+    out = refresh("<!-- report: r.json bare where=kind:kv,budget:0.25 columns=method,ppl -->\n<!-- /report -->",
+                  tmp_path)
+    assert "| a | 3 |" in out and "| b |" not in out and "| c |" not in out
+    assert "| c | 5 |" in refresh("<!-- report: r.json bare where=budget:- columns=method,ppl -->\n<!-- /report -->",
+                                  tmp_path)
+    with pytest.raises(GeoCompError, match="no row of 'rows' matches"):
+        refresh("<!-- report: r.json where=kind:fold -->\n<!-- /report -->", tmp_path)
