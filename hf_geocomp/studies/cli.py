@@ -11,6 +11,7 @@ def add_study_parsers(sub, lazy, add_model_data, add_prune_options) -> None:
     b = sub.add_parser("bench-overhead", help="calibration pass time and memory vs plain forward passes")
     add_model_data(b, tokens=8192)
     b.add_argument("--repeats", type=int, default=3, help="timed repetitions of each pass (default 3)")
+    b.add_argument("--variants", nargs="+", default=["plain-last", "full-previous", "full", "prune", "lora"], help="passes timed against the plain forward (see hf_geocomp.studies.overhead.VARIANTS)")
     b.add_argument("--output", "-o", default="recipes/results/geometry_overhead.json", help="results JSON")
     b.set_defaults(handler=lazy(".studies.overhead:run_overhead"))
     lb = sub.add_parser("lora-bench", help="H2 study: uniform LoRA vs SpectralLoRA vs EVA at one parameter budget")
