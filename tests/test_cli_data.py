@@ -176,9 +176,31 @@ def test_overhead_benchmark_runs_on_a_tiny_model(tmp_path, capsys, tiny_llama_di
                                 "--tokens", "64", "--block-size", "32", "--repeats", "2", "-o", str(out))
     assert code == 0, err
     result = json.loads(out.read_text())
-    row = result["rows"][0]
-    assert result["tokens"] == 64 and len(row["latency_ratios"]) == 2
-    assert row["latency_ratio"] == pytest.approx(sum(row["latency_ratios"]) / 2)  # the median of two
-    assert row["stats_bytes"] == 8 * sum(d + d * d + 1 for d in [32, 32, 32, 48] * 2 + [32])  # Σx, Σxxᵀ, n
-    # 2 layers × (attention input, o_proj, mlp input, down_proj) + lm_head, float64 sums
-    assert result["distinct_inputs"] == 9 and row["stats_bytes"] > 0
+    rows = {row["variant"]: row for row in result["rows"]}
+    assert list(rows) == ["plain-last", "full-previous", "full", "prune", "lora"]
+    assert result["tokens"] == 64 and len(result["baseline"]["seconds"]) == 2 * 5  # one plain pass before each
+    for row in rows.values():
+        assert len(row["latency_ratios"]) == 2
+        assert row["latency_ratio"] == pytest.approx(sum(row["latency_ratios"]) / 2)  # the median of two
+        assert row["latency_ratio_min"] <= row["latency_ratio"] <= row["latency_ratio_max"]
+    # 2 layers × (attention input, o_proj, mlp input, down_proj) + lm_head, float64 sums Σx, Σxxᵀ, n
+    dims = [32, 32, 32, 48] * 2 + [32]
+    assert result["distinct_inputs"] == 9 and rows["full"]["stats_bytes"] == 8 * sum(d + d * d + 1 for d in dims)
+    # the arithmetic: tiny Llama, hidden 32, MLP 48, 4 query heads of 8 (2 KV heads), vocabulary 300;
+    # two sequences of 32 tokens, so a causal query attends to 33/2 keys on average
+    linears = 2 * (32 * 32 + 2 * 32 * 16 + 32 * 32 + 3 * 32 * 48)
+    attention = 2 * 2 * 4 * 8 * 33 / 2
+    forward, forward_last = linears + attention + 32 * 300, linears + attention + 32 * 300 * 2 / 64
+    assert result["baseline"]["forward_macs_per_token"]["total"] == pytest.approx(forward)
+    full = sum(d * (d + 1) / 2 for d in dims)
+    assert rows["full"]["bound_ratio"] == pytest.approx((forward + full) / forward)
+    assert rows["full"]["bound_ratio_full_products"] == pytest.approx((forward + sum(d * d for d in dims)) / forward)
+    assert rows["full-previous"]["bound_ratio"] == rows["full"]["bound_ratio"]
+    assert rows["plain-last"]["bound_ratio"] == pytest.approx(forward_last / forward)
+    # pruning's default (variance): per-feature variances of down_proj's input, 8-wide head blocks of o_proj's
+    assert rows["prune"]["stats_macs_per_token"] == 2 * (48 + 4 * 8 * 9 / 2)
+    assert rows["prune"]["bound_ratio"] == pytest.approx((forward_last + 2 * (48 + 144)) / forward)
+    # SpectralLoRA on q, v, up, down: three distinct inputs per layer, full products
+    assert rows["lora"]["distinct_inputs"] == 6
+    assert rows["lora"]["stats_macs_per_token"] == 2 * (2 * 32 * 33 / 2 + 48 * 49 / 2)
+    assert "bound" in stdout and "full-previous" in stdout

@@ -558,14 +558,14 @@ def collect_stats(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]
 
     taps = list(taps)
     device = next(model.parameters()).device
-    extra = _skip_logits(model, taps)
+    extra = skip_logits(model, taps)
     with StatsCollector(model, taps, compute_dtype=compute_dtype, fold_rows=fold_rows) as col, torch.no_grad():
         for batch in tqdm(batches, total=total, disable=not progress, desc="calibration", unit="batch"):
             model(**extra, **{k: v.to(device) for k, v in batch.items()})
     return _finish(col)
 
 
-def _skip_logits(model: nn.Module, taps: list[Tap]) -> dict:
+def skip_logits(model: nn.Module, taps: list[Tap]) -> dict:
     """``{"logits_to_keep": 1}`` when the model takes it and no tap reads the output head, else ``{}``.
 
     Statistics never need the logits of every position; on a small LM the vocabulary projection
