@@ -37,6 +37,7 @@ def test_prune_help_lists_every_criterion():
 @pytest.mark.parametrize("argv, message", [
     (["bench-kv", "--quant", "foo:4", "-o", "{tmp}/kv.json"], "QuantizedCache baseline 'foo:4' is not one of"),
     (["bench-kv", "--quant", "quanto:3", "-o", "{tmp}/kv.json"], "QuantizedCache baseline 'quanto:3'"),
+    (["bench-kv", "--refine-lr", "0.01", "fastrel", "-o", "{tmp}/kv.json"], "refine_lr 'fastrel' is not a positive"),
     (["analyze", "--model", "smollm2-13m", "-o", "{tmp}/a"], "did you mean 'smollm2-135m'?"),
     (["analyze", "--model", "nobody/no-such-model", "-o", "{tmp}/a"], "HF_HUB_OFFLINE is set"),
     (["bench-prune", "-o", "{tmp}/exists.json"], "output file '{tmp}/exists.json' already exists; pass --overwrite"),

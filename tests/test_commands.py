@@ -106,7 +106,8 @@ def test_bench_kv_end_to_end(tmp_path, tiny_llama_dir, text_file):
     argv = ["bench-kv", "--model", tiny_llama_dir, "--data", f"file:{text_file}", "--tokens", "256", "--block-size",
             "32", "--eval-data", "pydoc:evaluation", "--dtype", "float32", "--budgets", "1.0", "0.25", "--quant",
             "--variants", "fisher-bits", "pca-rank", "fisher-bits-refined", "--group-size", "8", "--sink-tokens", "2",
-            "--refine-steps", "2", "--refine-windows", "2", "--refine-prefill", "32", "--windows", "2", "--prefill",
+            "--refine-steps", "2", "--refine-windows", "2", "--refine-prefill", "32", "--refine-lr", "0.001", "0.05rel",
+            "--windows", "2", "--prefill",
             "48", "--score", "16", "--greedy-tokens", "4", "-o", str(out)]
     assert main(argv) == 0
     result = json.loads(out.read_text())
@@ -117,12 +118,15 @@ def test_bench_kv_end_to_end(tmp_path, tiny_llama_dir, text_file):
     # budget 1: the same numbers; its buffers hold room for more tokens, which the bytes count
     assert exact["ppl"] == base["ppl"] and exact["kv_bytes"] >= base["kv_bytes"]
     assert base["kv_bytes"] == 2 * (48 + 16) * 2 * 2 * 2 * 8 * 4  # windows × tokens × layers × K,V × heads·d × 4
-    for method in ("geocomp-fisher-bits", "geocomp-pca-rank", "geocomp-fisher-bits-refined"):
+    refined = ("geocomp-fisher-bits-refined-lr0.001", "geocomp-fisher-bits-refined-lr0.05rel")  # one row per rate
+    for method in ("geocomp-fisher-bits", "geocomp-pca-rank", *refined):
         row = rows[method, 0.25]
         # allocated bytes: at this 64-token window the scoring append grows the buffers by a 64-token block
         assert row["kv_bytes_ratio"] == row["kv_bytes"] / base["kv_bytes"] <= 0.25 * (48 + 16 + 64) / (48 + 16)
         assert row["ppl_ratio"] == pytest.approx(row["ppl"] / base["ppl"]) and row["ppl"] != base["ppl"]
-    assert rows["geocomp-fisher-bits-refined", 0.25]["refinement"]["steps"] == 2
+    assert [(rows[m, 0.25]["refinement"]["lr"], rows[m, 0.25]["refinement"]["relative_lr"]) for m in refined] \
+        == [(0.001, False), (0.05, True)]
+    assert rows[refined[0], 0.25]["refinement"]["steps"] == 2
     greedy = {(g["method"], g["budget"]): g for g in result["greedy"]}
     assert greedy["geocomp-fisher-bits", 1.0]["identical"] and greedy["geocomp-fisher-bits", 1.0]["token_agreement"] == 1
 

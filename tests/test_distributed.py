@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from hf_geocomp.geometry import ActivationStats, collect_stats, kv_head_taps, linear_input_taps
+from hf_geocomp.geometry import ActivationStats, Tap, collect_stats, kv_head_taps, linear_input_taps
 
 from .conftest import random_batch, tiny_llama
 
@@ -21,7 +21,8 @@ class Blocks(torch.utils.data.Dataset):
 
 
 def _taps(model):
-    return linear_input_taps(model) + kv_head_taps(model)
+    diag = [Tap(t.module, moments="diag", name=f"{t.module}:diag") for t in linear_input_taps(model)]
+    return linear_input_taps(model) + kv_head_taps(model) + diag
 
 
 def _worker(rank, world_size, port, n_samples, out_path):

@@ -549,6 +549,24 @@ def test_refine_improves_a_worse_fit_and_round_trips():
     with pytest.raises(GeoCompError, match="prefill"):
         refine(model, plan, windows, prefill=24)
 
+    # relative_lr: Adam's first step moves every entry by about lr times its own head's decoder RMS
+    for k in plan.tensors:
+        if k.endswith(".dec"):
+            plan.tensors[k] = fitted[k] * 0.5
+    plan._codecs = None
+    halved = {k: v.clone() for k, v in plan.tensors.items()}
+    refine(model, plan, windows, prefill=16, steps=1, lr=1e-2, batch_size=2, check_every=1, relative_lr=True)
+    assert plan.refinement["best_step"] == 1 and plan.refinement["relative_lr"] is True
+    for k in halved:
+        if k.endswith(".dec"):
+            rms = halved[k].float().pow(2).mean((1, 2)).sqrt()  # per KV head
+            step = (plan.tensors[k].float() - halved[k].float()).abs().amax((1, 2)) / rms
+            assert (step <= 1e-2 * 1.001).all(), (k, step)  # never more than lr of the head's own scale
+            if k.endswith(".v.dec"):  # V gradients here are far above Adam's eps: exactly lr (K's are below it)
+                assert torch.allclose(step, torch.full_like(step, 1e-2), rtol=1e-3), (k, step)
+    assert len({round(float(r), 6) for k in halved if k.endswith(".dec")
+                for r in halved[k].float().pow(2).mean((1, 2)).sqrt()}) > 1  # the heads' scales differ
+
 
 def test_capacity_growth_keeps_bytes_and_contents(setup):
     """Token-by-token appends write into buffers with room: contents are each token's codes, the buffer

@@ -89,36 +89,46 @@ class Moments:
     triangle only, see :mod:`hf_geocomp.geometry.accumulate`) and added into the float64 sums
     when the window holds ``fold_rows`` rows, and whenever ``outer`` is read; in float64 they go
     straight into the sums. Reading ``outer`` therefore always gives the complete, symmetric sums.
+    The float64 ``Σxxᵀ`` of :meth:`zeros` is allocated by the first fold, as a float64 copy of
+    the first window (no zero-filled gigabytes before the first product; while collecting, only
+    the float32 windows are held).
     """
 
-    def __init__(self, sum: torch.Tensor, outer: torch.Tensor, count: torch.Tensor):
+    def __init__(self, sum: torch.Tensor, outer: torch.Tensor | None, count: torch.Tensor):
         self.sum, self.count = sum, count
+        self._diag = False
         self.outer = outer
 
     @classmethod
     def zeros(cls, shape: tuple[int, ...], diag: bool = False) -> "Moments":
-        d = shape[-1]
         return cls(torch.zeros(shape, dtype=torch.float64),
-                   torch.zeros(*shape, *(() if diag else (d,)), dtype=torch.float64),
+                   torch.zeros(shape, dtype=torch.float64) if diag else None,  # Σxxᵀ: allocated by the first fold
                    torch.zeros((), dtype=torch.float64))
 
     # ---- the sums --------------------------------------------------------------------------
     @property
     def outer(self) -> torch.Tensor:
         self._fold(read=True)
+        if self._outer is None:  # no rows yet
+            self._outer = torch.zeros(self._outer_shape(), dtype=torch.float64)
         return self._outer
 
     @outer.setter
-    def outer(self, value: torch.Tensor) -> None:
-        """Replace the float64 sums (products not yet folded in are discarded)."""
+    def outer(self, value: torch.Tensor | None) -> None:
+        """Replace the float64 sums (products not yet folded in are discarded); ``None``: zeros."""
+        if value is not None:
+            self._diag = value.shape == self.sum.shape
         self._outer = value
         self._window: torch.Tensor | None = None  # products of the current window, compute dtype
         self._window_rows = 0
         self._lower_stale = False  # lower blocks of a 2-d ``_outer`` lag its upper blocks
 
+    def _outer_shape(self) -> tuple[int, ...]:
+        return tuple(self.sum.shape) + (() if self._diag else (self.dim,))
+
     @property
     def diagonal_only(self) -> bool:
-        return self._outer.shape == self.sum.shape
+        return self._diag
 
     @property
     def dim(self) -> int:
@@ -136,11 +146,13 @@ class Moments:
         else:
             exact = compute_dtype == torch.float64
             if exact:
+                if self._outer is None:
+                    self._outer = torch.zeros(self._outer_shape(), dtype=torch.float64)
                 acc, beta = self._outer, 1.0
             else:
                 if self._window is None or self._window.dtype != compute_dtype:
                     self._fold()
-                    self._window = torch.empty(self._outer.shape, dtype=compute_dtype)
+                    self._window = torch.empty(self._outer_shape(), dtype=compute_dtype)
                 acc, beta = self._window, float(self._window_rows > 0)  # 0: the window starts, old contents ignored
             if xc.dim() == 2:  # (N, d) → upper blocks of (d, d)
                 add_gram(acc, xc, beta)
@@ -160,14 +172,17 @@ class Moments:
     def _fold(self, read: bool = False) -> None:
         """Add the window's products into the float64 sums; on a read, also free it and fill the lower blocks."""
         if self._window_rows:
-            if self._window.dim() == 2:
+            if self._outer is None:  # the first fold: a float64 copy (its lower blocks are refilled on read)
+                self._outer = self._window.to(torch.float64)
+                self._lower_stale = self._window.dim() == 2
+            elif self._window.dim() == 2:
                 add_upper(self._outer, self._window)
             else:
                 self._outer.add_(self._window)
             self._window_rows = 0
         if read:
             self._window = None
-            if self._lower_stale:
+            if self._lower_stale and self._outer is not None:
                 fill_lower(self._outer)
                 self._lower_stale = False
 
@@ -222,8 +237,8 @@ class Moments:
 
     def nbytes(self) -> int:
         """Bytes of the float64 sums, and of the current window of products while there is one."""
-        window = self._window.numel() * self._window.element_size() if self._window is not None else 0
-        return window + sum(t.numel() * t.element_size() for t in (self.sum, self._outer, self.count))
+        held = [t for t in (self._window, self.sum, self._outer, self.count) if t is not None]
+        return sum(t.numel() * t.element_size() for t in held)
 
 
 def model_fingerprint(model: nn.Module) -> dict[str, str]:
@@ -307,13 +322,13 @@ class ActivationStats:
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return self
 
-        mine = ({k: tuple(m.sum.shape) for k, m in self.moments.items()}, self.aliases)
+        mine = ({k: (tuple(m.sum.shape), m.diagonal_only) for k, m in self.moments.items()}, self.aliases)
         everyone: list = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, mine)
         for shapes, aliases in everyone:
             self.aliases.update(aliases)
-            for key, shape in shapes.items():
-                self.moments.setdefault(key, Moments.zeros(shape))
+            for key, (shape, diag) in shapes.items():
+                self.moments.setdefault(key, Moments.zeros(shape, diag=diag))
         for key in sorted(self.moments):
             m = self.moments[key]
             m.sum, m.outer, m.count = reduce([m.sum, m.outer, m.count], reduction="sum")

@@ -7,6 +7,11 @@ windows: prefill ``prefill`` tokens into a coded cache, score the rest through i
 minimise the KL divergence from the uncompressed model's next-token distribution. The
 prefill pass does not read the cache (it attends to its own exact states), so only the
 scoring pass is differentiated: a step costs about one forward and backward of the scored tokens.
+
+Decoders of different heads differ in scale by orders of magnitude (keys are large, values
+small), and Adam's step is about ``lr`` per entry whatever the gradient's size. With
+``relative_lr`` every head's decoder is optimised as ``s_h·P`` with ``s_h`` its fitted RMS and
+``P`` the parameter, so that ``lr`` is a fraction of each head's own scale.
 """
 
 from __future__ import annotations
@@ -19,13 +24,14 @@ from .cache import plan_codecs
 
 
 def refine(model: nn.Module, plan, windows: torch.Tensor, prefill: int, steps: int = 30, lr: float = 1e-3,
-           batch_size: int = 4, seed: int = 0, check_every: int = 10):
+           batch_size: int = 4, seed: int = 0, check_every: int = 10, relative_lr: bool = False):
     """Fit ``plan``'s decoders on ``windows`` (n, prefill + scored) of calibration token ids; returns ``plan``.
 
     Every ``check_every`` steps the mean KL over all ``windows`` is measured and the best
     decoders so far are kept (the fitted ones if no step improves on them): they replace
     ``plan.tensors["{layer}.{k|v}.dec"]``; ``plan.refinement`` records the settings, the KL
-    before and after, and the step kept.
+    before and after, and the step kept. ``relative_lr``: ``lr`` is a fraction of each head's
+    decoder RMS (see the module's docstring).
     """
     if plan.identity:
         raise GeoCompError("a budget-1.0 plan stores keys and values exactly: there is nothing to refine.")
@@ -35,14 +41,26 @@ def refine(model: nn.Module, plan, windows: torch.Tensor, prefill: int, steps: i
 
     plan._codecs = None
     codecs = plan_codecs(plan)
-    decoders = {}
+    params, scales = {}, {}
     for (layer, kind), codec in codecs.items():
-        codec.dec = nn.Parameter(codec.dec.detach().clone())  # (kv_heads, d, d)
-        decoders[f"{layer}.{kind}.dec"] = codec.dec
+        dec = codec.dec.detach().float()  # (kv_heads, d, d)
+        key = f"{layer}.{kind}.dec"
+        scales[key] = (dec.pow(2).mean((1, 2), keepdim=True).sqrt().clamp_min(1e-12) if relative_lr
+                       else torch.ones(()))
+        params[key] = nn.Parameter((dec / scales[key]).to(codec.dec.dtype))
+
+    def bind() -> None:  # the codecs read s·P (a graph through P while it is trained)
+        for (layer, kind), codec in codecs.items():
+            key = f"{layer}.{kind}.dec"
+            codec.dec = params[key] * scales[key].to(params[key].dtype) if relative_lr else params[key]
+
+    def current() -> dict[str, torch.Tensor]:
+        return {k: (p.detach() * scales[k].to(p.dtype)) if relative_lr else p.detach().clone()
+                for k, p in params.items()}
     frozen = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in frozen:
         p.requires_grad_(False)
-    optim = torch.optim.Adam(decoders.values(), lr=lr)
+    optim = torch.optim.Adam(params.values(), lr=lr)
     gen = torch.Generator().manual_seed(seed)
 
     def kl(batch: torch.Tensor, grad: bool) -> torch.Tensor:
@@ -61,26 +79,29 @@ def refine(model: nn.Module, plan, windows: torch.Tensor, prefill: int, steps: i
         return float(sum(kl(b, False) * len(b) for b in windows.split(batch_size)) / len(windows))
 
     try:
+        bind()
         before = best = mean_kl()
-        kept = {k: d.detach().clone() for k, d in decoders.items()}
+        kept = current()
         best_step = 0
         for step in range(1, steps + 1):
             idx = torch.randperm(len(windows), generator=gen)[:batch_size]
+            bind()
             loss = kl(windows[idx], True)
             optim.zero_grad()
             loss.backward()
             optim.step()
+            bind()
             if step % check_every == 0 or step == steps:  # keep the best decoders seen, never worse than the fit
                 now = mean_kl()
                 if now < best:
                     best, best_step = now, step
-                    kept = {k: d.detach().clone() for k, d in decoders.items()}
+                    kept = current()
     finally:  # on an error the plan keeps its fitted decoders (plan.tensors untouched)
         for p, flag in frozen:
             p.requires_grad_(flag)
         plan._codecs = None
     plan.tensors.update(kept)
-    plan.refinement = {"steps": steps, "lr": lr, "batch_size": batch_size, "windows": int(len(windows)),
+    plan.refinement = {"steps": steps, "lr": lr, "relative_lr": relative_lr, "batch_size": batch_size, "windows": int(len(windows)),
                        "prefill": prefill, "scored": int(windows.shape[1] - prefill), "kl_before": before,
                        "kl_after": best, "best_step": best_step}
     return plan

@@ -69,6 +69,9 @@ class KVBenchOptions(ModelDataOptions, KVCodecOptions, ContinuationOptions):
     refine_windows: int = option(16, "calibration windows (prefill + 128 scored) for *-refined variants",
                                  range="[1, inf)")
     refine_prefill: int = option(512, "prefill tokens of a refinement window", range="[1, inf)")
+    refine_lr: list[str] = option(["0.001"], "Adam learning rates of *-refined variants, each built once per rate: "
+                                  "a number (absolute) or a number and 'rel' (a fraction of each head's decoder RMS), "
+                                  "e.g. 0.001 0.03rel")
     speed_steps: int = option(0, "decode steps timed per cache (0: no speed test)", range="[0, inf)")
     speed_contexts: list[int] = option([1024, 4096], "contexts for decode speed", range="[1, inf)")
     speed_methods: list[str] = option(["quantized-quanto-int4@0.25", "geocomp-fisher-bits@0.25",
@@ -92,8 +95,20 @@ def parse_variant(name: str) -> dict:
             "refined": "refined" in extra}
 
 
+def parse_lr(spec: str) -> tuple[float, bool]:
+    """``"0.001"`` → (0.001, False); ``"0.03rel"`` → (0.03, True): a rate relative to each decoder's RMS."""
+    relative = spec.endswith("rel")
+    try:
+        lr = float(spec[:-3] if relative else spec)
+    except ValueError:
+        lr = float("nan")
+    if not lr > 0 or lr == float("inf"):
+        raise GeoCompError(f"refine_lr {spec!r} is not a positive number, optionally followed by 'rel' (e.g. 0.03rel).")
+    return lr, relative
+
+
 def cache_factories(model, stats, budgets, quant_backends, variants=VARIANTS, refine_windows=None, refine_steps=0,
-                    refine_prefill=512, **options):
+                    refine_prefill=512, refine_lr=("0.001",), **options):
     """(method, budget, make_cache, extra) for every cache in the study."""
     from transformers import DynamicCache, QuantizedCache
 
@@ -113,13 +128,19 @@ def cache_factories(model, stats, budgets, quant_backends, variants=VARIANTS, re
                 continue  # budget 1.0 stores keys and values as given: one row covers every variant
             if not fields["bits"] and budget < 0.25 or fields["rope"] == "none" and budget not in (0.25, 0.125):
                 continue  # rank alone at these budgets, and the RoPE ablation elsewhere, are not informative
-            plan = build_plan(model, stats, KVConfig(budget=budget, **fields, **options))
-            if refined and not plan.identity:
-                refine(model, plan, refine_windows, refine_prefill, steps=refine_steps)
-                print(f"refined {variant} @ {budget}: {plan.refinement}", flush=True)
-            out.append((f"geocomp-{variant}", budget, lambda reduced=False, p=plan: p.cache(model, reduced),
-                        {"plan_bytes_ratio": plan.ratio, "allocation": describe(plan),
-                         **({"refinement": plan.refinement} if plan.refinement else {})}))
+            settings = list(refine_lr) if refined else [None]
+            for setting in settings:
+                plan = build_plan(model, stats, KVConfig(budget=budget, **fields, **options))
+                label = f"geocomp-{variant}"
+                if setting is not None and not plan.identity:
+                    lr, rel = parse_lr(setting)
+                    refine(model, plan, refine_windows, refine_prefill, steps=refine_steps, lr=lr, relative_lr=rel)
+                    print(f"refined {variant} @ {budget}: {plan.refinement}", flush=True)
+                    if len(settings) > 1:  # one row per learning rate
+                        label += f"-lr{setting}"
+                out.append((label, budget, lambda reduced=False, p=plan: p.cache(model, reduced),
+                            {"plan_bytes_ratio": plan.ratio, "allocation": describe(plan),
+                             **({"refinement": plan.refinement} if plan.refinement else {})}))
     return out
 
 
@@ -172,6 +193,8 @@ def run_kv_bench(args: KVBenchOptions) -> dict:
     from ..kv import collect_kv_stats
 
     backends = [parse_quant(spec) for spec in args.quant]  # bad baselines fail before the model loads
+    for spec in args.refine_lr:
+        parse_lr(spec)
     dtype = getattr(torch, args.dtype)
     model, tok = load_model(args.model, dtype=dtype)
     loader = calibration_loader(model, tok, args.data, args.tokens, args.block_size, args.batch_size)
@@ -188,6 +211,7 @@ def run_kv_bench(args: KVBenchOptions) -> dict:
         refine_windows = torch.stack([b["input_ids"] for b in refine_blocks])[: args.refine_windows]
     factories = cache_factories(model, stats, args.budgets, backends, args.variants, refine_windows=refine_windows,
                                 refine_steps=args.refine_steps, refine_prefill=args.refine_prefill,
+                                refine_lr=args.refine_lr,
                                 widths=tuple(args.widths),
                                 group_size=args.group_size, sink_tokens=args.sink_tokens,
                                 reference_tokens=args.prefill)

@@ -78,6 +78,15 @@ def _load() -> list[float]:
     return [float(x) for x in open("/proc/loadavg").read().split()[:3]] if os.path.exists("/proc/loadavg") else []
 
 
+def sharing(load_before: list[float]) -> str:
+    """What the load averages before a run say about other jobs on the cores (its own threads come after)."""
+    if not load_before:
+        return "unknown: no load averages on this system"
+    if load_before[0] < 0.5:
+        return f"idle before the run (1-minute load {load_before[0]:.2f}); see load_after for the run itself"
+    return f"other jobs shared the cores (1-minute load {load_before[0]:.2f} before the run)"
+
+
 def weight_bytes(model) -> int:
     """Bytes of the model's distinct parameters and buffers (tied weights once)."""
     return tensor_bytes([*model.parameters(), *model.buffers()])
@@ -271,7 +280,7 @@ def run_kv_speed(args: KVSpeedOptions) -> dict:
               "rows": rows, "prefill": prefill, "profiles": profiles,
               "machine": {"threads": args.threads, "cpus": os.cpu_count(), "load_before": load_before,
                           "load_after": _load(), "fused_kernel": fused.kernel() is not None,
-                          "shared": "other jobs shared the cores during this run (see load averages)"},
+                          "shared": sharing(load_before)},
               "options": resolved_args(args),
               "notes": "tokens_per_s_ratio: median over repeats of tokens/s over the mean of the DynamicCache runs "
                        "just before and after (A X A ...), with min/max; bound_ratio = (weights + DynamicCache bytes) / "
@@ -350,7 +359,7 @@ def run_kv_kernel_speed(args: KVKernelOptions) -> dict:
                                                      "per KV head (SmolLM2-135M's shape)",
               "data": "random keys and values", "baseline": {"method": "sdpa+cat", "dtype": "bfloat16"}, "rows": rows,
               "machine": {"threads": args.threads, "cpus": os.cpu_count(), "load_before": load_before,
-                          "load_after": _load(), "shared": "other jobs shared the cores during this run"},
+                          "load_after": _load(), "shared": sharing(load_before)},
               "options": resolved_args(args),
               "notes": "speed_ratio: calls/s of one layer's decode-step attention over the coded cache (scores + value "
                        "sums, K and V) over SDPA on the bfloat16 cache plus DynamicCache's torch.cat append; median of "
