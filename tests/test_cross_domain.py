@@ -78,10 +78,18 @@ def test_cross_domain_pruning_only_with_refit_shrinkage(tiny_llama_dir, text_fil
     code = main(["bench-cross-domain", "--model", tiny_llama_dir, "--domains", "pydoc", f"doc=file:{text_file}|file:{text_file}",
                  "--tokens", "256", "--eval-tokens", "256", "--block-size", "32", "--windows", "1", "--prefill", "32",
                  "--score", "8", "--budgets", "--refit-shrinkages", "0.5", "1", "--calibrations", "pydoc", "doc",
-                 "--robust-calibrations", "doc", "--output", str(out)])
+                 "--robust-calibrations", "doc", "--fold-repairs", "data_free", "data", "--output", str(out)])
     assert code == 0, capsys.readouterr().err
     result = json.loads(out.read_text())
     assert not [r for r in result["rows"] if r["kind"] == "kv"] and "kv" not in result["baseline"]["doc"]
+    folds = {(r["method"], r["calibration"], r["eval_data"]): r["ppl"] for r in result["rows"]
+             if r["method"].startswith("fold:")}
+    # the calibration-free fold once per evaluation domain, the data repair per calibration set and domain
+    assert set(folds) == {("fold:data_free", None, "pydoc"), ("fold:data_free", None, "doc")} | {
+        ("fold:data", c, e) for c in ("pydoc", "doc") for e in ("pydoc", "doc")}
+    assert folds["fold:data", "pydoc", "doc"] != folds["fold:data", "doc", "doc"]  # the repair reads its calibration
+    assert result["summary"]["doc"]["prune"]["fold:data"]["in_domain"] is not None
+    assert result["summary"]["doc"]["prune"]["fold:data_free"] is not None
     shrunk = {r["method"]: r["ppl"] for r in result["rows"] if r["calibration"] == "doc" and r["eval_data"] == "doc"}
     assert {"variance/bias+refit-shrink0.5", "variance/bias+refit-shrink1"} <= set(shrunk)
     assert len(set(shrunk.values())) == len(shrunk)  # each variant prunes to a different model

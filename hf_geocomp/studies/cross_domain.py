@@ -31,6 +31,7 @@ from ..geometry import collect_stats
 from ..io import write_json
 from ..kv import KVConfig, build_plan, collect_kv_stats
 from ..options import ModelOptions, ThreadsOption, option
+from ..fold import fold
 from ..prune import PruneConfig, prune, prune_taps
 from .kv_bench import DTYPES, ContinuationOptions, KVCodecOptions
 
@@ -133,6 +134,9 @@ class CrossDomainOptions(ModelOptions, KVCodecOptions, ContinuationOptions, Thre
     criteria: list[str] = option(["variance", "wanda"], "calibrated criteria; magnitude without compensation always "
                                  "runs as the calibration-free baseline")
     compensation: str = option("bias+refit", "compensation of calibrated rows")
+    fold_repairs: list[str] = option([], "folding arms at the same sparsity (k-means, seed 0): data (repair "
+                                     "measured on each calibration set) and the calibration-free none, data_free "
+                                     "(once per domain)", nargs="*", choices=("none", "data_free", "data"))
     budgets: list[float] = option([0.25, 0.125], "KV byte budgets (none: no KV rows, a pruning-only matrix)",
                                   nargs="*")
     kv_dtype: str = option("bfloat16", "KV model dtype", choices=DTYPES)
@@ -200,7 +204,7 @@ def run_cross_domain(args: CrossDomainOptions) -> dict:
                            "criteria": args.criteria, "budgets": args.budgets, "kv_dtype": args.kv_dtype,
                            "quant": args.quant, "threads": args.threads, "robust_calibrations": sorted(robust),
                            "robust_compensations": args.robust_compensations, "refit_damps": args.refit_damps,
-                           "refit_shrinkages": args.refit_shrinkages,
+                           "refit_shrinkages": args.refit_shrinkages, "fold_repairs": args.fold_repairs,
                            "shrinkage": args.shrinkage, "min_bits": args.min_bits},
               "baseline": baseline, "rows": rows, "complete": False,
               "notes": "ppl_ratio is to the uncompressed model on the same evaluation domain in this run; KV rows "
@@ -217,6 +221,7 @@ def run_cross_domain(args: CrossDomainOptions) -> dict:
         print(f"{row['method']:40s} calib {str(row['calibration']):18s} eval {row['eval_data']:12s} "
               f"ppl {row['ppl']:9.3f} ({100 * (row['ppl_ratio'] - 1):+6.1f}%){extra}", flush=True)
 
+    folds = {}  # calibration-free folds: one model per repair, scored on every domain
     for d in domains:  # the uncompressed model and the calibration-free baselines
         baseline[d] = {"dense": {"ppl": perplexity(model, evals[d])}}
         if kv_on:
@@ -228,6 +233,11 @@ def run_cross_domain(args: CrossDomainOptions) -> dict:
             add({"method": f"{crit}/none", "kind": "prune", "calibration": None, "eval_data": d,
                  "sparsity": args.sparsity, "ppl": perplexity(pruned, evals[d])}, "dense")
             del pruned
+        for repair in (r for r in args.fold_repairs if r != "data"):  # calibration-free folds
+            if repair not in folds:
+                folds[repair] = fold(copy.deepcopy(model), args.sparsity, targets=args.targets, repair=repair)[0]
+            add({"method": f"fold:{repair}", "kind": "prune", "calibration": None, "eval_data": d,
+                 "sparsity": args.sparsity, "ppl": perplexity(folds[repair], evals[d])}, "dense")
         for spec in args.quant if kv_on else []:
             backend, nbits = spec.split(":")
             try:
@@ -240,6 +250,7 @@ def run_cross_domain(args: CrossDomainOptions) -> dict:
             add({"method": f"quantized-{backend}-int{nbits}", "kind": "kv", "calibration": None, "eval_data": d,
                  "budget": int(nbits) / (8 * next(kv_model.parameters()).element_size()), "kv_bytes": nbytes,
                  "ppl": math.exp(nll)}, "kv")
+    del folds
     write_json(args.output, result)
 
     for name, parts in sets.items():
@@ -254,6 +265,14 @@ def run_cross_domain(args: CrossDomainOptions) -> dict:
                      "in_calibration": d in parts, "sparsity": args.sparsity, "ppl": perplexity(pruned, evals[d])},
                     "dense")
             del pruned
+        if "data" in args.fold_repairs:
+            folded, _ = fold(copy.deepcopy(model), args.sparsity, targets=args.targets, repair="data",
+                             batches=loader, stats=stats)
+            for d in domains:
+                add({"method": "fold:data", "kind": "prune", "calibration": name, "eval_data": d,
+                     "in_calibration": d in parts, "sparsity": args.sparsity, "ppl": perplexity(folded, evals[d])},
+                    "dense")
+            del folded
         kv_stats = collect_kv_stats(kv_model, loader, "fisher") if kv_on else None
         for method, fields in variants:
             if fields and name not in robust:
@@ -313,7 +332,8 @@ def summarize(result: dict) -> dict:
             s["prune"][m] = {"in_domain": inc_in, "off_domain": inc_off, "mix": _ppl(rows, method=m, calibration="mix",
                                                                                      eval_data=d),
                              "off_over_in": inc_off / inc_in if inc_in and inc_off is not None else None}
-        s["prune"]["magnitude/none"] = _ppl(rows, method="magnitude/none", eval_data=d)
+        for m in ["magnitude/none"] + [f"fold:{r}" for r in settings.get("fold_repairs", []) if r != "data"]:
+            s["prune"][m] = _ppl(rows, method=m, eval_data=d)
         for m in kv_methods:
             for b in settings["budgets"]:
                 s["kv"][f"{m}@{b:g}"] = {"in_domain": _ppl(rows, method=m, calibration=d, eval_data=d, budget=b),
