@@ -59,6 +59,40 @@ def portable_unpack(flag: bool = True):
         _PORTABLE[0] = before
 
 
+CFLAGS = ["-O3", "-march=native", "-fopenmp"]
+STALE_LOCK_SECONDS = 600  # a build takes well under a minute: an older lock was left by a killed build
+
+
+def build_location(source: bytes) -> tuple[str, Path]:
+    """(extension name, build folder), both named after the source and flags: every checkout of the same
+    source shares one build, and a changed source never reuses an old one. The folder is under
+    ``HF_GEOCOMP_KERNEL_DIR`` (default ``~/.cache/hf_geocomp/kernels``)."""
+    import hashlib
+
+    digest = hashlib.sha256(source + " ".join(CFLAGS).encode() + torch.__version__.encode()).hexdigest()[:12]
+    root = Path(os.environ.get("HF_GEOCOMP_KERNEL_DIR") or Path.home() / ".cache" / "hf_geocomp" / "kernels")
+    name = f"hf_geocomp_kv_fused_{digest}"
+    return name, root / name
+
+
+def clear_stale_lock(build: Path, max_age: float = STALE_LOCK_SECONDS) -> bool:
+    """Remove the build lock a killed build left behind (torch waits on it forever), with a warning;
+    a fresh lock (another process building now) is left alone. Returns whether one was removed."""
+    import time
+
+    lock = build / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    if age < max_age:
+        return False
+    warnings.warn(f"hf_geocomp.kv: removing a stale build lock {lock} ({age / 60:.0f} minutes old, left by a "
+                  f"build that was stopped); building the fused kernel again.", RuntimeWarning, stacklevel=3)
+    lock.unlink(missing_ok=True)
+    return True
+
+
 def kernel():
     """The compiled extension, or ``None`` (with one warning naming why) when it cannot be built."""
     if not _KERNEL:
@@ -69,9 +103,11 @@ def kernel():
             from torch.utils.cpp_extension import load
 
             source = Path(__file__).with_name("_fused.cpp")
-            _KERNEL.append(load(name="hf_geocomp_kv_fused", sources=[str(source)],
-                                extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
-                                verbose=False))
+            name, build = build_location(source.read_bytes())
+            build.mkdir(parents=True, exist_ok=True)
+            clear_stale_lock(build)
+            _KERNEL.append(load(name=name, sources=[str(source)], build_directory=str(build),
+                                extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"], verbose=False))
         except Exception as e:  # no compiler, no ninja, a failed build: say so, then run the PyTorch path
             warnings.warn(f"hf_geocomp.kv: the fused decode kernel could not be built ({type(e).__name__}: "
                           f"{str(e).strip().splitlines()[-1] if str(e).strip() else e}); reduced attention runs on "
