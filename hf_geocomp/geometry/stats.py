@@ -109,9 +109,7 @@ class Moments:
     @property
     def outer(self) -> torch.Tensor:
         self._fold(read=True)
-        if self._outer is None:  # no rows yet
-            self._outer = torch.zeros(self._outer_shape(), dtype=torch.float64)
-        return self._outer
+        return self._allocated_outer()  # zeros if no rows yet
 
     @outer.setter
     def outer(self, value: torch.Tensor | None) -> None:
@@ -125,6 +123,12 @@ class Moments:
 
     def _outer_shape(self) -> tuple[int, ...]:
         return tuple(self.sum.shape) + (() if self._diag else (self.dim,))
+
+    def _allocated_outer(self) -> torch.Tensor:
+        """The float64 sums, allocated as zeros if nothing has been folded into them yet."""
+        if self._outer is None:
+            self._outer = torch.zeros(self._outer_shape(), dtype=torch.float64)
+        return self._outer
 
     @property
     def diagonal_only(self) -> bool:
@@ -146,9 +150,7 @@ class Moments:
         else:
             exact = compute_dtype == torch.float64
             if exact:
-                if self._outer is None:
-                    self._outer = torch.zeros(self._outer_shape(), dtype=torch.float64)
-                acc, beta = self._outer, 1.0
+                acc, beta = self._allocated_outer(), 1.0
             else:
                 if self._window is None or self._window.dtype != compute_dtype:
                     self._fold()

@@ -49,14 +49,13 @@ def refine(model: nn.Module, plan, windows: torch.Tensor, prefill: int, steps: i
                        else torch.ones(()))
         params[key] = nn.Parameter((dec / scales[key]).to(codec.dec.dtype))
 
-    def bind() -> None:  # the codecs read s·P (a graph through P while it is trained)
+    def bind() -> None:  # the codecs read s·P (a graph through P while it is trained; s = 1 for an absolute lr)
         for (layer, kind), codec in codecs.items():
             key = f"{layer}.{kind}.dec"
-            codec.dec = params[key] * scales[key].to(params[key].dtype) if relative_lr else params[key]
+            codec.dec = params[key] * scales[key].to(params[key].dtype)
 
     def current() -> dict[str, torch.Tensor]:
-        return {k: (p.detach() * scales[k].to(p.dtype)) if relative_lr else p.detach().clone()
-                for k, p in params.items()}
+        return {k: p.detach() * scales[k].to(p.dtype) for k, p in params.items()}
     frozen = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in frozen:
         p.requires_grad_(False)

@@ -27,11 +27,11 @@ import torch
 from ..data import block_bos, load_corpus, load_model, model_max_length, token_blocks
 from ..errors import GeoCompError
 from ..eval.perplexity import continuation_nll, perplexity
+from ..fold import fold
 from ..geometry import collect_stats
 from ..io import write_json
 from ..kv import KVConfig, build_plan, collect_kv_stats
 from ..options import ModelOptions, ThreadsOption, option
-from ..fold import fold
 from ..prune import PruneConfig, prune, prune_taps
 from .kv_bench import DTYPES, ContinuationOptions, KVCodecOptions
 

@@ -99,11 +99,16 @@ def variant_taps(kind: str, model) -> list[Tap] | None:
 
 # ---- the previous engine's products, to measure against -------------------------------------------
 
-def _previous_gram(x: torch.Tensor, block: int = PREVIOUS_BLOCK) -> torch.Tensor:
+def _previous_block(d: int) -> int | None:
+    """The previous engine's block width for a ``d``-wide input (``None``: one plain product)."""
+    return None if d < 2 * PREVIOUS_BLOCK else -(-d // -(-d // PREVIOUS_BLOCK))
+
+
+def _previous_gram(x: torch.Tensor) -> torch.Tensor:
     d = x.shape[1]
-    if d < 2 * block:
+    block = _previous_block(d)
+    if block is None:
         return x.T @ x
-    block = -(-d // -(-d // block))
     out = torch.empty(d, d, dtype=x.dtype, device=x.device)
     for i in range(0, d, block):
         out[i: i + block, i:] = x[:, i: i + block].T @ x[:, i:]  # (block, d - i)
@@ -136,9 +141,9 @@ def _previous_engine():
 
 
 def _previous_share(d: int) -> float:
-    if d < 2 * PREVIOUS_BLOCK:
+    block = _previous_block(d)
+    if block is None:
         return 1.0
-    block = -(-d // -(-d // PREVIOUS_BLOCK))
     return sum(min(block, d - i) * (d - i) for i in range(0, d, block)) / (d * d)
 
 
