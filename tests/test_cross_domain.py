@@ -69,6 +69,7 @@ def test_cross_domain_bench_end_to_end(tiny_llama_dir, text_file, tmp_path, caps
     assert not any(r["method"].endswith(("shrink0.2", "floor1", "damp1", "/bias")) and not r["calibration"].startswith("mix")
                    for r in ok)  # the robustness rows only on the mixes
     assert result["summary"]["pydoc"]["prune"]["variance/bias+refit"]["off_domain"] is not None
+    assert result["settings"]["load_average_at_start"] >= 0 and "shared" not in result["notes"]  # measured, not asserted
     code = main(["bench-cross-domain", "--model", tiny_llama_dir, "--domains", "pydoc", "--output", str(tmp_path / "bad.json")])
     assert code == 2 and "at least two domains" in capsys.readouterr().err
 

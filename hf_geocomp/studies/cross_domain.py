@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -205,11 +206,12 @@ def run_cross_domain(args: CrossDomainOptions) -> dict:
                            "quant": args.quant, "threads": args.threads, "robust_calibrations": sorted(robust),
                            "robust_compensations": args.robust_compensations, "refit_damps": args.refit_damps,
                            "refit_shrinkages": args.refit_shrinkages, "fold_repairs": args.fold_repairs,
-                           "shrinkage": args.shrinkage, "min_bits": args.min_bits},
+                           "shrinkage": args.shrinkage, "min_bits": args.min_bits,
+                           "cpus": os.cpu_count(), "load_average_at_start": os.getloadavg()[0]},
               "baseline": baseline, "rows": rows, "complete": False,
               "notes": "ppl_ratio is to the uncompressed model on the same evaluation domain in this run; KV rows "
-                       "are continuation perplexity with the uncompressed DynamicCache as baseline; the machine's "
-                       "2 cores were shared with other jobs (times are not comparable across rows)."}
+                       "are continuation perplexity with the uncompressed DynamicCache as baseline; times are wall-clock "
+                       "seconds, comparable across rows only if nothing else ran (load_average_at_start)."}
 
     def add(row, kind):
         base = baseline[row["eval_data"]][kind]
