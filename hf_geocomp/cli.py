@@ -118,7 +118,7 @@ def check_output(args) -> None:
     """Refuse, before any work, to replace an existing output file or non-empty folder without ``--overwrite``."""
     from .io import check_output as check
 
-    if getattr(args, "output", None):
+    if getattr(args, "output", None) and not getattr(args, "resume", False):  # --resume continues the file
         check(args.output, getattr(args, "overwrite", False))
 
 

@@ -156,6 +156,36 @@ def test_bench_h3_gqa_heads(tmp_path, tiny_llama_dir, text_file):
     assert [t["method"] for t in res["tests"]] == ["variance vs magnitude"] * 2
 
 
+def test_bench_h3_resume_continues_the_seeds_of_the_same_settings(tmp_path, tiny_llama_dir, text_file, capsys):
+    import json
+
+    from hf_geocomp.cli import main
+
+    out = tmp_path / "h3.json"
+    argv = ["bench-h3", "--model", tiny_llama_dir, "--data", text_file, "--tokens", "128", "--block-size", "32",
+            "--eval-data", text_file, "--eval-tokens", "64", "--sparsities", "0.3", "--controls", "plain",
+            "--criteria", "variance", "magnitude", "--baselines", "magnitude", "-o", str(out)]
+    assert main(argv + ["--seeds", "1"]) == 0
+    first = json.loads(out.read_text())
+    assert first["seeds_done"] == [0] and first["complete"]
+    assert main(argv + ["--seeds", "2"]) == 2 and "already exists" in capsys.readouterr().err  # never silently replaced
+    assert main(argv + ["--seeds", "2", "--resume"]) == 0
+    res = json.loads(out.read_text())
+    assert res["seeds_done"] == [0, 1] and res["complete"] and len(res["parts"]) == 2
+    assert [p["seeds"] for p in res["parts"]] == [[0], [1]]
+    assert [r for r in res["rows"] if r["seed"] == 0] == first["rows"]  # the finished seed is kept as it was
+    assert res["tests"][0]["n"] == 2
+    fresh = tmp_path / "fresh.json"
+    assert main(argv[:-1] + [str(fresh), "--seeds", "2"]) == 0
+    assert [r["ppl"] for r in json.loads(fresh.read_text())["rows"]] == [r["ppl"] for r in res["rows"]]
+    capsys.readouterr()
+    assert main(argv + ["--seeds", "2", "--resume"]) == 2 and "all 2 seeds are finished" in capsys.readouterr().err
+    other = [a if a != "0.3" else "0.2" for a in argv]
+    assert main(other + ["--seeds", "3", "--resume"]) == 2
+    assert "its 'sparsities' is [0.3]" in capsys.readouterr().err
+    assert json.loads(out.read_text()) == res  # a refused resume leaves the file alone
+
+
 def test_bench_h3_refuses_gelu_mlps_before_calibrating(tmp_path, text_file):
     from hf_geocomp.cli import main
     from tests.conftest import _tiny_tokenizer

@@ -85,6 +85,8 @@ class H3Options(ModelDataOptions, EvalOptions, PruneOptions, ThreadsOption):
     taylor_batches: int = option(4, "calibration batches for Taylor gradients", range="[1, inf)")
     output: str | None = option(None, "results JSON (null: recipes/results/prune_h3_<model name>.json)")
     plot: str | None = option(None, "also plot the advantages against budget to this PNG")
+    resume: bool = option(False, "continue an unfinished results file of the same settings: keep the seeds it "
+                                 "finished, run the others")
 
     def __post_init__(self):
         super().__post_init__()
@@ -105,6 +107,35 @@ def default_output(model: str) -> str:
     """``recipes/results/prune_h3_<model name>.json`` (the last path part of a Hub id or folder, lower case)."""
     slug = re.sub(r"[^a-z0-9.]+", "-", model.lower().rstrip("/").rsplit("/", 1)[-1]).strip("-.")
     return f"recipes/results/prune_h3_{slug}.json"
+
+
+def _settings(args: H3Options) -> dict:
+    """Everything a row's number depends on; a resumed file must match it exactly."""
+    return {"model": args.model, "data": args.data, "tokens": args.tokens, "eval_data": args.eval_data,
+            "eval_tokens": args.eval_tokens, "block_size": args.block_size, "batch_size": args.batch_size,
+            "sparsities": list(args.sparsities), "criteria": list(args.criteria), "baselines": list(args.baselines),
+            "controls": list(args.controls), "compensation": args.compensation, "targets": args.targets,
+            "allocation": args.allocation, "head_mode": args.head_mode, "round_to": args.round_to,
+            "min_keep": args.min_keep, "taylor_batches": args.taylor_batches, "seeds": args.seeds}
+
+
+def _resumed(args: H3Options) -> dict | None:
+    """The unfinished results file ``args.output`` to continue (None: nothing there yet), checked against ``args``."""
+    if not os.path.exists(args.output):
+        return None
+    with open(args.output) as f:
+        previous = json.load(f)
+    where = f"cannot resume {args.output}"
+    if "settings" not in previous:
+        raise GeoCompError(f"{where}: it records no settings to check against; rerun with --overwrite.")
+    mine = _settings(args)
+    differ = [k for k in mine if k != "seeds" and previous["settings"].get(k) != mine[k]]  # more seeds may follow
+    if differ:
+        raise GeoCompError(f"{where}: its {differ[0]!r} is {previous['settings'].get(differ[0])!r}, this run's "
+                           f"{mine[differ[0]]!r}; rerun with the same settings or with --overwrite.")
+    if set(range(args.seeds)) <= set(previous["seeds_done"]):
+        raise GeoCompError(f"{where}: all {args.seeds} seeds are finished; nothing to run.")
+    return previous
 
 
 def _measure(model, calib, targets, taylor_batches: int, need_grads: bool):
@@ -142,7 +173,9 @@ def run_h3(args: H3Options) -> dict:
     configs = _configs(args)
     if args.output is None:  # named after the model, so pointing a recipe at another model is its only change
         args.output = default_output(args.model)
-        check_output(args.output, getattr(args, "overwrite", False))
+        if not args.resume:
+            check_output(args.output, getattr(args, "overwrite", False))
+    previous = _resumed(args) if args.resume else None
     targets = next(iter(configs.values())).targets
     model, tok = load_model(args.model)
     if "reparam" in args.controls:
@@ -151,8 +184,18 @@ def run_h3(args: H3Options) -> dict:
     base_params = block_params(model)
     baseline = {"ppl": perplexity(model, evals), "params": base_params}
     print(f"baseline ppl {baseline['ppl']:.3f}, block params {base_params}", flush=True)
-    rows, arms_info = [], []
+    rows, arms_info, parts = [], [], []
+    if previous is not None:  # the same model and text must give the same baseline, or the seeds do not pair
+        if not math.isclose(previous["baseline"]["ppl"], baseline["ppl"], rel_tol=1e-6):
+            raise GeoCompError(f"cannot resume {args.output}: its baseline perplexity {previous['baseline']['ppl']:.6g} "
+                               f"is not this run's {baseline['ppl']:.6g} (another model or library version).")
+        rows, arms_info, parts = previous["rows"], previous["arms"], previous["parts"]
+        print(f"resuming {args.output}: seeds {previous['seeds_done']} finished", flush=True)
+    part = {"command": args.command_line, "load_average_at_start": load, "threads": args.threads, "seeds": []}
+    parts.append(part)
     for seed in range(args.seeds):
+        if any(r["seed"] == seed for r in rows):
+            continue
         calib = list(calibration_loader(model, tok, args.data, args.tokens, args.block_size, args.batch_size,
                                         seed=seed))
         t = time.time()
@@ -194,8 +237,9 @@ def run_h3(args: H3Options) -> dict:
                     del pruned
                     print(f"seed {seed} {control:8s} {criterion:14s} budget {budget:.2f} ppl {ppl:10.3f} "
                           f"({100 * (ppl / baseline['ppl'] - 1):+.1f}%) {time.time() - t:.0f}s", flush=True)
-        write_json(args.output, _result(args, baseline, rows, arms_info, load))
-    result = _result(args, baseline, rows, arms_info, load)
+        part["seeds"].append(seed)
+        write_json(args.output, _result(args, baseline, rows, arms_info, load, parts))
+    result = _result(args, baseline, rows, arms_info, load, parts)
     if args.plot:
         plot_h3(result, args.plot)
     return result
@@ -275,8 +319,11 @@ def analyse(rows: list[dict], criteria, baselines, controls, budgets) -> dict:
     return {"summary": summary, "tests": tests, "verdicts": verdicts, "invariance": invariance}
 
 
-def _result(args, baseline, rows, arms_info, load: float) -> dict:
-    return {"command": args.command_line, "model": args.model,
+def _result(args, baseline, rows, arms_info, load: float, parts: list[dict]) -> dict:
+    done = sorted({r["seed"] for r in rows})
+    return {"command": args.command_line, "model": args.model, "settings": _settings(args),
+            "seeds_done": done, "complete": len(done) == args.seeds,
+            "parts": parts,  # one per run that added seeds (--resume), with its command and machine load
             "data": {"calibration": args.data, "calibration_tokens": args.tokens,
                      "calibration_subsets": "one seeded block selection per seed", "evaluation": args.eval_data,
                      "evaluation_tokens": args.eval_tokens, "block_size": args.block_size},
