@@ -45,10 +45,13 @@ from ..geometry.stats import ActivationStats, Moments
 from .units import UnitGroup
 
 
-def whiten_stats(stats: ActivationStats) -> ActivationStats:
-    """A copy of ``stats`` whose every tap has mean 0 and covariance I (same token counts), for scorers only."""
+def whiten_stats(stats: ActivationStats, keys=None) -> ActivationStats:
+    """A copy of ``stats`` whose every tap (or only ``keys``) has mean 0 and covariance I (same token counts),
+    for scorers only."""
     out = stats.clone()
     for key, m in out.moments.items():
+        if keys is not None and key not in keys:
+            continue
         eye = torch.eye(m.dim, dtype=torch.float64).expand_as(m.outer)
         out.moments[key] = Moments(torch.zeros_like(m.sum), (m.count * eye).clone(), m.count.clone())
     return out
@@ -130,17 +133,24 @@ def reparametrise(model: nn.Module, groups: list[UnitGroup], maps: dict[str, tor
             cols = g.cols[:, 0]
             W[:, cols] = (W[:, cols].double() / a).to(W.dtype)
             continue
-        hd = heads.head_dim
-        v, off = _value_rows(model, g.layer)
-        Wv = arch.linear_weight(v)
-        nkv, nq = a.shape[0], W.shape[1] // hd
-        for k in range(nkv):
-            rows = slice(off + k * hd, off + (k + 1) * hd)
-            Wv[rows] = (a[k] @ Wv[rows].double()).to(Wv.dtype)  # v ↦ A v
-            if v.bias is not None:
-                v.bias[rows] = (a[k] @ v.bias[rows].double()).to(v.bias.dtype)
-            inv = torch.linalg.inv(a[k])
-            for h in range(k * (nq // nkv), (k + 1) * (nq // nkv)):  # the query heads reading value k
-                cols = slice(h * hd, (h + 1) * hd)
-                W[:, cols] = (W[:, cols].double() @ inv).to(W.dtype)  # o ↦ o A⁻¹
+        fold_value_maps(model, g.layer, W, a)
     return model
+
+
+@torch.no_grad()
+def fold_value_maps(model: nn.Module, layer: int, o_weight: torch.Tensor, a: torch.Tensor) -> None:
+    """In place, exact: ``v ↦ A_k v`` on the value rows of each KV head ``k`` of block ``layer`` and
+    ``o ↦ o A_k⁻¹`` on the columns of ``o_weight`` (the o_proj weight, (out, heads·hd)) of its query heads."""
+    hd = arch.head_layout(model).head_dim
+    v, off = _value_rows(model, layer)
+    Wv = arch.linear_weight(v)
+    nkv, nq = a.shape[0], o_weight.shape[1] // hd
+    for k in range(nkv):
+        rows = slice(off + k * hd, off + (k + 1) * hd)
+        Wv[rows] = (a[k] @ Wv[rows].double()).to(Wv.dtype)  # v ↦ A v
+        if v.bias is not None:
+            v.bias[rows] = (a[k] @ v.bias[rows].double()).to(v.bias.dtype)
+        inv = torch.linalg.inv(a[k])
+        for h in range(k * (nq // nkv), (k + 1) * (nq // nkv)):  # the query heads reading value k
+            cols = slice(h * hd, (h + 1) * hd)
+            o_weight[:, cols] = (o_weight[:, cols].double() @ inv).to(o_weight.dtype)  # o ↦ o A⁻¹

@@ -334,7 +334,7 @@ def _result(args, baseline, rows, arms_info, load: float, parts: list[dict]) -> 
             **analyse(rows, args.criteria, args.baselines, args.controls, args.sparsities)}
 
 
-def plot_h3(result: dict, path: str) -> None:
+def plot_h3(result: dict, path: str, xlabel: str = "fraction of block parameters removed") -> None:
     """The advantage (log ppl, 95% t interval) of every criterion over every baseline against budget, one panel per control."""
     import matplotlib
 
@@ -353,7 +353,7 @@ def plot_h3(result: dict, path: str) -> None:
             ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=err, marker="o", capsize=2, label=name)
         ax.axhline(0, color="k", lw=0.8)
         ax.set_title(f"{control}")
-        ax.set_xlabel("fraction of block parameters removed")
+        ax.set_xlabel(xlabel)
     axes[0][0].set_ylabel("advantage: log ppl(baseline) − log ppl(criterion)")
     axes[0][-1].legend(fontsize=7)
     fig.suptitle(f"{result['model']}: criterion vs baseline, mean and 95% CI over seeds", fontsize=9)
