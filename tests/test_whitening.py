@@ -257,3 +257,53 @@ def test_bench_prune_h1_controls(tmp_path, monkeypatch):
     assert all(t["p_holm"] is None or t["p_holm"] >= t["p_value"] for t in res["tests"])
     bad = argv[:-2] + ["--targets", "mlp", "-o", str(tmp_path / "bad.json")]
     assert main(bad) == 2 and not (tmp_path / "bad.json").exists()
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_norm_reparametrisation_preserves_the_function_and_whitens_the_channels(family):
+    from hf_geocomp.geometry import Tap
+    from hf_geocomp.prune.whitening import norm_consumers, norm_maps, scale_norm_outputs
+
+    model = FAMILIES[family]()
+    spec = arch.get_spec(model)
+    if spec.family in ("gpt2", "bert", "olmo2") or spec.family.startswith("gemma"):  # post-norms, biased or (1 + w)
+        with pytest.raises(GeoCompError, match="multiplies by its weight"):
+            norm_consumers(model, 0)
+        return
+    readers = [r for layer in range(len(arch.block_prefixes(model))) for rs in norm_consumers(model, layer).values()
+               for r in rs]
+    taps = [Tap(r, "input") for r in readers]
+    stats = collect_stats(model, _batches(), taps)
+    new = scale_norm_outputs(copy.deepcopy(model), norm_maps(model, stats))
+    batch = random_batch(seed=7)
+    assert torch.allclose(_out(new, batch), _out(model, batch), atol=1e-4, rtol=0)
+    after = collect_stats(new, _batches(), taps)
+    for r in readers:
+        var = after.input_of(r).covariance().diagonal()
+        assert torch.allclose(var, torch.ones_like(var), atol=1e-3)
+
+
+def test_cli_bench_lora_h3(tmp_path, tiny_llama_dir, text_file):
+    import json
+
+    from hf_geocomp.cli import main
+
+    out = tmp_path / "lora_h3.json"
+    argv = ["bench-lora-h3", "--model", tiny_llama_dir, "--data", text_file, "--tokens", "128", "--block-size", "32",
+            "--seeds", "2", "--r", "2", "-o", str(out)]
+    assert main(argv) == 0
+    res = json.loads(out.read_text())
+    rows = {(r["control"], r["seed"]): r for r in res["rows"]}
+    assert len(rows) == 3 * 2
+    for seed in (0, 1):
+        assert rows["plain", seed]["budget_moved_from_plain"] == 0
+        assert rows["reparam", seed]["max_logit_change"] < 1e-4
+        plain, moved = rows["plain", seed]["df"], rows["reparam", seed]["df"]
+        assert max(abs(moved[k] / plain[k] - 1) for k in plain) > 0.01  # Df reads the coordinates
+        for name, df in rows["removed", seed]["df"].items():  # with C = I, Df is the input width
+            assert df == pytest.approx(32 if "down_proj" not in name else 48)
+        for control in ("plain", "removed", "reparam"):  # every allocation spends the same budget
+            assert abs(rows[control, seed]["params"] - rows[control, seed]["budget"]) <= 0.01 * rows[control, seed]["budget"]
+    assert [s["control"] for s in res["summary"]] == ["plain", "removed", "reparam"]
+    assert main(argv[:-2] + ["--controls", "removed", "-o", str(tmp_path / "x.json")]) == 2
+    assert not (tmp_path / "x.json").exists()

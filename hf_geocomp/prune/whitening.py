@@ -30,6 +30,12 @@ Two controls, each run beside the plain criterion at the same budget and compens
      all x forces a = c = 1 (x → +∞ gives c = a, x → −∞ gives Φ(ax) = Φ(x)): the control is
      defined for gated MLPs and for heads only.
 
+   * Residual-stream inputs (what q/k/v and gate/up read): they leave an RMSNorm whose weight
+     multiplies each channel, so scaling channel i of that weight by s_i and the matching input
+     column of every consumer by 1/s_i is exact (:func:`norm_maps`, :func:`scale_norm_outputs`);
+     a rotation is not (the norm divides by the RMS of the unnormalised stream), so the
+     per-channel variant is used: every channel given unit variance, correlations kept.
+
    Under these maps ``variance`` (and, for neurons, ``wanda`` and ``taylor``, whose per-unit
    sums are invariant to a diagonal scaling) come out unchanged; ``magnitude`` changes.
 """
@@ -154,3 +160,54 @@ def fold_value_maps(model: nn.Module, layer: int, o_weight: torch.Tensor, a: tor
         for h in range(k * (nq // nkv), (k + 1) * (nq // nkv)):  # the query heads reading value k
             cols = slice(h * hd, (h + 1) * hd)
             o_weight[:, cols] = (o_weight[:, cols].double() @ inv).to(o_weight.dtype)  # o ↦ o A⁻¹
+
+
+PRE_NORMS = {"attention": "input_layernorm", "mlp": "post_attention_layernorm"}  # Llama-style block norms
+
+
+def norm_consumers(model: nn.Module, layer: int) -> dict[str, list[str]]:
+    """{norm module: the dense modules reading its output} of block ``layer``, for norms that multiply by their weight."""
+    spec = arch.get_spec(model)
+    prefix = arch.block_prefixes(model)[layer]
+    readers = {"attention": [spec.qkv] if spec.qkv else [spec.q, spec.k, spec.v], "mlp": list(spec.mlp_in)}
+    out = {}
+    for part, norm in PRE_NORMS.items():
+        module = dict(model.named_modules()).get(prefix + norm)
+        if module is None or getattr(module, "weight", None) is None or spec.family.startswith("gemma"):
+            raise GeoCompError(f"the residual-stream reparametrisation needs a norm that multiplies by its weight "
+                               f"before {part} ({prefix + norm}); {spec.family} has none there.")
+        out[prefix + norm] = [prefix + r for r in readers[part]]
+    return out
+
+
+def _any_input(stats: ActivationStats, modules: list[str]):
+    """The input moments of the first of ``modules`` the statistics hold (they all read the same tensor)."""
+    for name in modules[:-1]:
+        try:
+            return stats.input_of(name)
+        except GeoCompError:
+            continue
+    return stats.input_of(modules[-1])
+
+
+def norm_maps(model: nn.Module, stats: ActivationStats, ridge: float = 1e-6) -> dict[str, torch.Tensor]:
+    """Per pre-norm module, scales s (hidden,) giving every channel of its output unit variance."""
+    maps = {}
+    for layer in range(len(arch.block_prefixes(model))):
+        for norm, readers in norm_consumers(model, layer).items():
+            var = _any_input(stats, readers).covariance().diagonal()
+            maps[norm] = (var + ridge * var.mean().clamp_min(1e-12)).rsqrt()
+    return maps
+
+
+@torch.no_grad()
+def scale_norm_outputs(model: nn.Module, maps: dict[str, torch.Tensor]) -> nn.Module:
+    """Fold ``maps`` into the norms' weights and their readers' input columns, in place (the same function)."""
+    readers = {n: r for layer in range(len(arch.block_prefixes(model))) for n, r in norm_consumers(model, layer).items()}
+    for norm, s in maps.items():
+        w = model.get_submodule(norm).weight
+        w.copy_((w.double() * s).to(w.dtype))
+        for name in readers[norm]:
+            W = arch.linear_weight(model.get_submodule(name))
+            W.copy_((W.double() / s).to(W.dtype))
+    return model

@@ -8,8 +8,8 @@ recipe into it (:func:`hf_geocomp.recipes.load_study`). Every committed result u
 
 from __future__ import annotations
 
-from . import (cross_domain, curvature_bench, fold_bench, h3, kv_bench, kv_h3, kv_speed, lora_bench, lora_lm, overhead,
-               prune_h1, prune_oneshot, prune_recovery)
+from . import (cross_domain, curvature_bench, fold_bench, h3, kv_bench, kv_h3, kv_speed, lora_bench, lora_h3, lora_lm,
+               overhead, prune_h1, prune_oneshot, prune_recovery)
 
 STUDIES = {
     "bench-overhead": (overhead.OverheadOptions, overhead.run_overhead),
@@ -22,6 +22,7 @@ STUDIES = {
     "bench-prune-h1": (prune_h1.H1Options, prune_h1.run_h1),
     "bench-h3": (h3.H3Options, h3.run_h3),
     "bench-kv-h3": (kv_h3.KVH3Options, kv_h3.run_kv_h3),
+    "bench-lora-h3": (lora_h3.LoraH3Options, lora_h3.run_lora_h3),
     "bench-cross-domain": (cross_domain.CrossDomainOptions, cross_domain.run_cross_domain),
     "bench-fold": (fold_bench.FoldBenchOptions, fold_bench.run_fold_bench),
     "bench-curvature": (curvature_bench.CurvatureBenchOptions, curvature_bench.run_curvature_bench),
