@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib
+import os
 import sys
+import time
 
 from .errors import GeoCompError
 from .options import HelpFormatter, Options, add_options, from_namespace, summary
@@ -122,6 +124,24 @@ def check_output(args) -> None:
         check(args.output, getattr(args, "overwrite", False))
 
 
+def record_compute(options, wall_start: float, cpu_start: float, load: float) -> None:
+    """Add what this run cost to its results JSON: wall and CPU seconds (every thread of this process), cores, load."""
+    import json
+    from pathlib import Path
+
+    from .io import write_json
+
+    path = Path(getattr(options, "output", None) or "")
+    if path.suffix != ".json" or not path.is_file():
+        return
+    result = json.loads(path.read_text())
+    result["compute"] = {"wall_seconds": round(time.time() - wall_start, 1),
+                         "cpu_seconds": round(time.process_time() - cpu_start, 1), "cpus": os.cpu_count(),
+                         "load_average_at_start": load,
+                         "note": "this invocation only (a resumed file's earlier parts are not included)"}
+    write_json(path, result)
+
+
 def main(argv: list[str] | None = None) -> int:
     import shlex
 
@@ -144,7 +164,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from .recipes import save_recipe
 
+            started = (time.time(), time.process_time(), os.getloadavg()[0])
             commands()[options.command][1](options)
+            record_compute(options, *started)
             save_recipe(options)
     except GeoCompError as e:
         print(f"hf-geocomp {ns.command}: error: {e}", file=sys.stderr)

@@ -118,6 +118,7 @@ def test_cli_bench_kv_h3(tmp_path, tiny_llama_dir, text_file, capsys):
     assert main(argv + ["--plot", str(tmp_path / "kvh3.png")]) == 0 and (tmp_path / "kvh3.png").exists()
     res = json.loads(out.read_text())
     assert len(res["rows"]) == 3 * 3 * 2 * 2  # seeds × controls × variants × budgets
+    assert res["compute"]["cpu_seconds"] > 0 and res["compute"]["wall_seconds"] > 0  # what a rerun costs
     for arm in (a for a in res["arms"] if a["control"] == "reparam"):
         assert arm["max_logit_change"] < 1e-4 and abs(arm["dense_ppl_ratio"] - 1) < 1e-4
     inv = {(i["criterion"], i["budget"]): i for i in res["invariance"]}
