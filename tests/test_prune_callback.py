@@ -1,6 +1,7 @@
 """The pruning callback in short Trainer runs: gradient accumulation, final surgery, save/reload, 2 processes."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -180,3 +181,28 @@ def test_callback_prunes_only_the_given_layers(tmp_path):
     widths = cb.plan.widths("mlp")
     assert widths[0] == 48 and widths[1] < 48  # block 0 untouched, during training and at the end
     assert trainer.model.model.layers[0].mlp.down_proj.weight.shape == (32, 48)
+
+
+def test_recovery_bench_over_seeds_pairs_each_criterion_with_its_dense_control(tiny_llama_dir, tmp_path):
+    from hf_geocomp.cli import main
+
+    out = tmp_path / "recovery_seeds.json"
+    argv = ["bench-prune-recovery", "--model", tiny_llama_dir, "--train-data", "pydoc:calibration",
+            "--eval-data", "pydoc:evaluation", "--eval-tokens", "128", "--block-size", "16", "--sparsities", "0.3",
+            "--criteria", "variance", "magnitude", "--steps", "3", "--batch-size", "2", "--grad-accum", "1",
+            "--update-every", "1", "--dense-control", "--latency-repeats", "0", "--seeds", "3", "-o", str(out)]
+    assert main(argv) == 0
+    res = json.loads(out.read_text())
+    assert len(res["rows"]) == 3 * 3 and {r["seed"] for r in res["rows"]} == {0, 1, 2}
+    dense = {r["seed"]: r["ppl"] for r in res["rows"] if r["method"] == "finetune (no pruning)"}
+    assert len(set(dense.values())) == 3  # each seed its own blocks and order
+    for r in (r for r in res["rows"] if "criterion" in r):
+        assert r["ppl_vs_control"] == pytest.approx(r["ppl"] / dense[r["seed"]])  # against its own seed's control
+    [test] = res["tests"]
+    assert test["method"] == "variance vs magnitude" and test["n"] == 3 and test["p_holm"] >= test["p_value"]
+    vs = {v["criterion"]: v for v in res["vs_dense"]}
+    for c in ("variance", "magnitude"):
+        logs = [math.log(r["ppl_vs_control"]) for r in res["rows"] if r.get("criterion") == c]
+        assert vs[c]["log_ppl_vs_dense"] == pytest.approx(sum(logs) / 3)
+    bad = tmp_path / "bad.json"
+    assert main(argv[:-2] + ["--baselines", "wanda", "-o", str(bad)]) == 2 and not bad.exists()

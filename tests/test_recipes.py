@@ -184,7 +184,10 @@ def test_lora_merge_reproduces_its_committed_result_and_saves_the_recipe(tmp_pat
     monkeypatch.chdir(ROOT)  # the command names its inputs relative to the repository
     assert main(argv) == 0
     merged = json.loads(out.read_text())
-    assert {k: v for k, v in merged.items() if k != "command"} == {k: v for k, v in committed.items() if k != "command"}
+    run_facts = ("command", "compute")  # how and on what it ran, not what it found
+    assert {k: v for k, v in merged.items() if k not in run_facts} == {k: v for k, v in committed.items()
+                                                                       if k not in run_facts}
+    assert merged["compute"]["wall_seconds"] >= 0 and merged["compute"]["cpus"] >= 1
     saved = tmp_path / "merged.recipe.yaml"
     recipe = yaml.safe_load(saved.read_text())
     assert recipe["command"] == "lora-merge" and recipe["output"] == str(out) and len(recipe["results"]) == 3

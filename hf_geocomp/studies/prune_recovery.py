@@ -11,13 +11,16 @@ pruned row also records ``ppl_vs_control``, its perplexity over the control's.
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import dataclass
 
 import torch
 
 from ..data import calibration_loader, causal_lm_collate, load_corpus, load_model, token_blocks
+from ..errors import GeoCompError
 from ..eval.perplexity import latency_ratio, perplexity
+from ..eval.significance import compare
 from ..io import write_json
 from ..options import EvalOptions, ModelOptions, ThreadsOption, option
 from ..prune.callback import VarianceWeightedPruningCallback
@@ -46,19 +49,23 @@ class RecoveryOptions(ModelOptions, EvalOptions, ThreadsOption):
     grad_accum: int = option(2, "micro-batches per optimizer step", range="[1, inf)")
     dense_control: bool = option(False, "also fine-tune without pruning for the same steps; rows then record "
                                  "ppl_vs_control")
+    seeds: int = option(1, "seeds: each its own training blocks and Trainer seed, every criterion and the dense "
+                        "control paired on it; with 2 or more, paired tests vs the baselines (Holm over the table)",
+                        range="[1, inf)")
+    baselines: list[str] = option(["magnitude"], "criteria every other is compared with when seeds >= 2")
     latency_tokens: int = option(512, "tokens of the latency forward", range="[1, inf)")
     latency_repeats: int = option(5, "0 skips latency (recorded as null)", range="[0, inf)")
     output: str = "recipes/results/prune_smollm2_recovery.json"
 
 
-def _finetune(model, rows, args, callbacks) -> float:
+def _finetune(model, rows, args, callbacks, seed: int = 0) -> float:
     from transformers import Trainer, TrainingArguments
 
     targs = TrainingArguments("runs/prune-recovery-trainer", max_steps=args.steps, learning_rate=args.lr,
                               per_device_train_batch_size=args.batch_size,
                               gradient_accumulation_steps=args.grad_accum, warmup_steps=0.1,
                               lr_scheduler_type="cosine", report_to=[], save_strategy="no", logging_steps=10,
-                              use_cpu=True, disable_tqdm=True, seed=0)
+                              use_cpu=True, disable_tqdm=True, seed=seed)
     cpu = time.process_time()
     Trainer(model=model, args=targs, train_dataset=rows, data_collator=causal_lm_collate, callbacks=callbacks).train()
     return (time.process_time() - cpu) / 60
@@ -73,13 +80,18 @@ def run_recovery(args: RecoveryOptions) -> dict:
     runs = [(s, c) for s in args.sparsities for c in args.criteria]
     for sparsity, criterion in runs:  # every setting checked before the first fine-tune
         callback(sparsity, criterion)
+    missing = [b for b in args.baselines if b not in args.criteria]
+    if args.seeds > 1 and missing:
+        raise GeoCompError(f"baselines {missing} must also be among the criteria {args.criteria}.")
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     base, tok = load_model(args.model)
     evals = list(calibration_loader(base, tok, args.eval_data, args.eval_tokens, args.block_size, 8))
     lat_ids = evals[0]["input_ids"].reshape(-1)[: args.latency_tokens].unsqueeze(0)
     n_train = args.steps * args.batch_size * args.grad_accum * args.block_size
-    rows = token_blocks(tok, load_corpus(args.train_data), args.block_size, max_tokens=n_train)
+    corpus = load_corpus(args.train_data)
+    train_sets = [token_blocks(tok, corpus, args.block_size, max_tokens=n_train, seed=seed) for seed in range(args.seeds)]
+    rows = train_sets[0]
     n0 = block_params(base)
     baseline = {"ppl": perplexity(base, evals), "params": n0}
     print(f"baseline ppl {baseline['ppl']:.3f}", flush=True)
@@ -95,8 +107,9 @@ def run_recovery(args: RecoveryOptions) -> dict:
         write_json(args.output, result(partial=True))
 
     def result(partial):
-        control = next((r["ppl"] for r in out_rows if r["method"] == "finetune (no pruning)"), None)
         for r in out_rows:
+            control = next((c["ppl"] for c in out_rows if c["method"] == "finetune (no pruning)"
+                            and c.get("seed", 0) == r.get("seed", 0)), None)
             if control is not None and "criterion" in r:
                 r["ppl_vs_control"] = r["ppl"] / control
         return {"command": args.command_line, "model": args.model,
@@ -108,18 +121,41 @@ def run_recovery(args: RecoveryOptions) -> dict:
                 "callback": {"criteria": list(args.criteria), "targets": args.targets, "schedule": args.schedule,
                              "end": args.end, "compensation": args.compensation, "allocation": args.allocation,
                              "update_every": args.update_every},
-                "threads": args.threads, "partial": partial, "baseline": baseline, "rows": out_rows}
+                "threads": args.threads, "partial": partial, "baseline": baseline, "rows": out_rows,
+                **(_paired(out_rows, args) if args.seeds > 1 else {})}
 
-    for i, (sparsity, criterion) in enumerate(runs):
-        model = copy.deepcopy(base).train()
-        cb = callback(sparsity, criterion)
-        minutes = _finetune(model, rows, args, [cb])
-        record(f"callback/{criterion}/{args.compensation}", model.eval(), minutes,
-               {"criterion": criterion, "budget": sparsity, "mask_updates": cb.history})
-        del model
-        if i == 0 and args.dense_control:  # right after the first pruned run, so a cut-short run still has both
-            dense = copy.deepcopy(base).train()
-            record("finetune (no pruning)", dense.eval(), _finetune(dense, rows, args, []))
+    for seed, rows in enumerate(train_sets):
+        tag = {"seed": seed} if args.seeds > 1 else {}
+        for i, (sparsity, criterion) in enumerate(runs):
+            model = copy.deepcopy(base).train()
+            cb = callback(sparsity, criterion)
+            minutes = _finetune(model, rows, args, [cb], seed)
+            record(f"callback/{criterion}/{args.compensation}", model.eval(), minutes,
+                   {"criterion": criterion, "budget": sparsity, "mask_updates": cb.history, **tag})
+            del model
+            if i == 0 and args.dense_control:  # right after the first pruned run, so a cut-short run still has both
+                dense = copy.deepcopy(base).train()
+                record("finetune (no pruning)", dense.eval(), _finetune(dense, rows, args, [], seed), tag)
     out = result(partial=False)
     write_json(args.output, out)
     return out
+
+
+def _paired(rows: list[dict], args: RecoveryOptions) -> dict:
+    """Over seeds: each criterion against each baseline (log ppl, paired, Holm over the table, as the H1/H3
+    study), and each criterion against the dense control fine-tuned the same steps on the same blocks
+    (``log_ppl_vs_dense`` = mean log ppl(pruned) − log ppl(dense): what pruning costs after recovery)."""
+    from .h3 import analyse
+
+    pruned = [{**r, "control": "recovered"} for r in rows if "criterion" in r]
+    out = analyse(pruned, args.criteria, args.baselines, ["recovered"], args.sparsities)
+    dense = {r["seed"]: r["ppl"] for r in rows if r["method"] == "finetune (no pruning)"}
+    vs_dense = []
+    for budget in args.sparsities:
+        for c in args.criteria:
+            mine = {r["seed"]: r["ppl"] for r in pruned if r["criterion"] == c and r["budget"] == budget}
+            seeds = sorted(set(mine) & set(dense))
+            if len(seeds) >= 2:
+                res = compare([math.log(mine[s]) for s in seeds], [math.log(dense[s]) for s in seeds])
+                vs_dense.append({"criterion": c, "budget": budget, "log_ppl_vs_dense": res.pop("mean_diff"), **res})
+    return {"summary": out["summary"], "tests": out["tests"], "vs_dense": vs_dense}
