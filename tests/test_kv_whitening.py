@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 
 import pytest
 import torch
@@ -126,6 +127,12 @@ def test_cli_bench_kv_h3(tmp_path, tiny_llama_dir, text_file, capsys):
         assert inv["fisher-bits", b]["same_units_seeds"] == 3  # the Fisher basis allocates the same widths
         assert inv["pca-bits", b]["max_abs_log_ppl_change"] > 10 * inv["fisher-bits", b]["max_abs_log_ppl_change"]
     assert [t["method"] for t in res["tests"]] == ["fisher-bits vs pca-bits"] * 6  # controls × budgets
+    alone = {t["budget"]: t for t in res["sensitivity_alone"]}
+    rows = {(r["criterion"], r["control"], r["budget"], r["seed"]): r["ppl"] for r in res["rows"]}
+    for b in (0.25, 0.125):
+        assert alone[b]["method"] == "fisher-bits/removed vs pca-bits/plain" and alone[b]["n"] == 3
+        diff = [math.log(rows["pca-bits", "plain", b, s]) - math.log(rows["fisher-bits", "removed", b, s]) for s in range(3)]
+        assert alone[b]["advantage_log_ppl"] == pytest.approx(sum(diff) / 3)
     assert {v["removed"] for v in res["verdicts"]} <= {"survives", "does not survive", "no plain advantage to test"}
     bad = tmp_path / "bad.json"
     for extra in (["--variants", "fisher-bits", "pca-bits-refined"], ["--baselines", "aware-bits"],

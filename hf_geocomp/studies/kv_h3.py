@@ -19,6 +19,9 @@ t-test and the rest, Holm over every comparison; ``verdicts`` say whether a plai
 survives each control; ``invariance`` how far each variant moved under the reparametrisation
 (``units_removed`` is here a fingerprint of the widths allocated per layer and head).
 
+``sensitivity_alone`` sets each variant with its variance removed against each baseline as it is
+(the Fisher alone against PCA's variance alone).
+
 Reading: an advantage of ``fisher`` over ``pca`` that survives the variance removal rests on the
 sensitivity; one that survives the reparametrisation belongs to the function, not to the
 coordinates the keys and values happen to be stored in.
@@ -169,4 +172,30 @@ def _result(args, baseline, rows, arms, load: float) -> dict:
             "advantage": "log ppl(baseline) - log ppl(variant), continuation perplexity paired over seeds; "
                          "positive: the variant is better",
             "baseline": baseline, "arms": arms, "rows": rows,
-            **analyse(rows, args.variants, args.baselines, args.controls, args.budgets)}
+            **analyse(rows, args.variants, args.baselines, args.controls, args.budgets),
+            "sensitivity_alone": _sensitivity_alone(rows, args)}
+
+
+def _sensitivity_alone(rows: list[dict], args) -> list[dict]:
+    """Each variant with the variance removed against each baseline as it is (e.g. the Fisher alone against
+    PCA's variance alone), paired over seeds, Holm within this list."""
+    from ..eval.significance import compare, holm
+
+    if not {"plain", "removed"} <= set(args.controls):
+        return []
+    out = []
+    for budget in args.budgets:
+        for base in args.baselines:
+            theirs = {r["seed"]: math.log(r["ppl"]) for r in rows
+                      if r["criterion"] == base and r["control"] == "plain" and r["budget"] == budget}
+            for v in (v for v in args.variants if v != base):
+                mine = {r["seed"]: math.log(r["ppl"]) for r in rows
+                        if r["criterion"] == v and r["control"] == "removed" and r["budget"] == budget}
+                seeds = sorted(set(mine) & set(theirs))
+                if len(seeds) >= 2:
+                    res = compare([theirs[s] for s in seeds], [mine[s] for s in seeds])
+                    out.append({"method": f"{v}/removed vs {base}/plain", "budget": budget,
+                                "advantage_log_ppl": res.pop("mean_diff"), **res})
+    for t, p in zip(out, holm([t["p_value"] for t in out])):
+        t["p_holm"] = p
+    return out
