@@ -40,7 +40,7 @@ from torch import nn
 from .. import arch
 from ..errors import GeoCompError
 from ..geometry import ActivationStats
-from ..prune.whitening import _inv_sqrt, fold_value_maps, whiten_stats
+from ..prune.whitening import fold_value_maps, inv_sqrt, whiten_stats
 
 
 def _kv_keys(model: nn.Module, kinds=("k", "v")) -> dict[tuple[int, str], str]:
@@ -78,7 +78,7 @@ def kv_whitening_maps(model: nn.Module, stats: ActivationStats, ridge: float = 1
         pair = (c_k[:, :half] + c_k[:, half: 2 * half]) / 2
         c_k[:, :half], c_k[:, half: 2 * half] = pair, pair  # one scale per pair; pass-through dims each their own
         c_k = c_k + ridge * c_k.mean(-1, keepdim=True).clamp_min(1e-12)
-        maps[layer] = {"v": torch.stack([_inv_sqrt(c, ridge) for c in c_v]), "k": c_k.rsqrt()}
+        maps[layer] = {"v": torch.stack([inv_sqrt(c, ridge) for c in c_v]), "k": c_k.rsqrt()}
     return maps
 
 

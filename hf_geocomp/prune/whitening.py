@@ -63,7 +63,7 @@ def whiten_stats(stats: ActivationStats, keys=None) -> ActivationStats:
     return out
 
 
-def _inv_sqrt(c: torch.Tensor, ridge: float) -> torch.Tensor:
+def inv_sqrt(c: torch.Tensor, ridge: float) -> torch.Tensor:
     """(C + λ·mean(diag C)·I)^-½ of a symmetric (d, d) matrix."""
     lam = ridge * c.diagonal().mean().clamp_min(1e-12)
     vals, vecs = torch.linalg.eigh(c + lam * torch.eye(c.shape[0], dtype=c.dtype))
@@ -106,7 +106,7 @@ def whitening_maps(model: nn.Module, groups: list[UnitGroup], stats: ActivationS
         nkv = nq // heads.group_size  # value heads (the unpruned layout)
         blocks = cov.reshape(nq, hd, nq, hd).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # (nq, hd, hd)
         pooled = blocks.reshape(nkv, nq // nkv, hd, hd).mean(1)  # (kv, hd, hd): query heads sharing a value
-        maps[g.key] = torch.stack([_inv_sqrt(c, ridge) for c in pooled])
+        maps[g.key] = torch.stack([inv_sqrt(c, ridge) for c in pooled])
     return maps
 
 
@@ -123,7 +123,6 @@ def _value_rows(model: nn.Module, layer: int) -> tuple[nn.Module, int]:
 @torch.no_grad()
 def reparametrise(model: nn.Module, groups: list[UnitGroup], maps: dict[str, torch.Tensor]) -> nn.Module:
     """Fold ``maps`` into the weights in place (same function): producers by the map, consumers by its inverse."""
-    heads = arch.head_layout(model)
     for g in groups:
         if g.key not in maps:
             continue

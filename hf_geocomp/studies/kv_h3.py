@@ -42,6 +42,7 @@ import torch
 from ..data import calibration_loader, load_corpus, load_model, token_blocks
 from ..errors import GeoCompError
 from ..eval.perplexity import continuation_nll
+from ..eval.significance import compare, holm
 from ..io import write_json
 from ..options import EvalOptions, ModelDataOptions, ThreadsOption, option
 from .h3 import analyse, plot_h3
@@ -179,8 +180,6 @@ def _result(args, baseline, rows, arms, load: float) -> dict:
 def _sensitivity_alone(rows: list[dict], args) -> list[dict]:
     """Each variant with the variance removed against each baseline as it is (e.g. the Fisher alone against
     PCA's variance alone), paired over seeds, Holm within this list."""
-    from ..eval.significance import compare, holm
-
     if not {"plain", "removed"} <= set(args.controls):
         return []
     out = []
