@@ -245,7 +245,7 @@ def test_bench_prune_h1_controls(tmp_path, monkeypatch):
             "variance", "magnitude", "wanda", "--seeds", "2", "--block-size", "32", "--train-per-genre", "8",
             "--test-per-genre", "8", "--calibration-passages", "16", "--epochs", "1", "--batch-size", "8",
             "--controls", "plain", "removed", "reparam", "-o", str(out)]
-    assert main(argv) == 0
+    assert main(argv + ["--plot", str(tmp_path / "h1.png")]) == 0 and (tmp_path / "h1.png").stat().st_size > 0
     res = json.loads(out.read_text())
     rows = {(r["criterion"], r["control"], r["seed"]): r for r in res["rows"]}
     assert len(rows) == 3 * 3 * 2

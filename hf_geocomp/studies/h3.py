@@ -334,19 +334,22 @@ def _result(args, baseline, rows, arms_info, load: float, parts: list[dict]) -> 
             **analyse(rows, args.criteria, args.baselines, args.controls, args.sparsities)}
 
 
-def plot_h3(result: dict, path: str, xlabel: str = "fraction of block parameters removed") -> None:
-    """The advantage (log ppl, 95% t interval) of every criterion over every baseline against budget, one panel per control."""
+def plot_h3(result: dict, path: str, xlabel: str = "fraction of block parameters removed",
+            effect: str = "advantage_log_ppl",
+            ylabel: str = "advantage: log ppl(baseline) − log ppl(criterion)") -> None:
+    """The advantage (``effect`` of the tests, 95% t interval) of every criterion over every baseline against budget,
+    one panel per control."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    controls = result["controls"]
+    controls = result.get("controls") or list(dict.fromkeys(t["control"] for t in result["tests"]))
     fig, axes = plt.subplots(1, len(controls), figsize=(4.2 * len(controls), 3.8), sharey=True, squeeze=False)
     for ax, control in zip(axes[0], controls):
         tests = [t for t in result["tests"] if t["control"] == control]
         for name in dict.fromkeys(t["method"] for t in tests):
-            pts = sorted((t["budget"], t["advantage_log_ppl"], t["ci_low"], t["ci_high"]) for t in tests
+            pts = sorted((t["budget"], t[effect], t["ci_low"], t["ci_high"]) for t in tests
                          if t["method"] == name)
             err = [[p[1] - p[2] if p[2] is not None else 0 for p in pts], [p[3] - p[1] if p[3] is not None else 0
                                                                             for p in pts]]
@@ -354,7 +357,7 @@ def plot_h3(result: dict, path: str, xlabel: str = "fraction of block parameters
         ax.axhline(0, color="k", lw=0.8)
         ax.set_title(f"{control}")
         ax.set_xlabel(xlabel)
-    axes[0][0].set_ylabel("advantage: log ppl(baseline) − log ppl(criterion)")
+    axes[0][0].set_ylabel(ylabel)
     axes[0][-1].legend(fontsize=7)
     fig.suptitle(f"{result['model']}: criterion vs baseline, mean and 95% CI over seeds", fontsize=9)
     fig.tight_layout()

@@ -149,6 +149,7 @@ class H1Options(ModelOptions):
     controls: list[str] = option(["plain"], "plain, removed (variance removed), reparam (whitening folded into V/O; "
                                  "targets heads)", choices=CONTROLS)
     output: str = "recipes/results/prune_h1_minilm.json"
+    plot: str | None = option(None, "also plot the accuracy differences against budget to this PNG")
 
 
 def run_h1(args: H1Options) -> dict:
@@ -194,7 +195,17 @@ def run_h1(args: H1Options) -> dict:
                     print(f"  {method:22s} budget {sparsity:.2f} accuracy {acc:.4f} ({time.time() - t:.1f}s)",
                           flush=True)
         write_json(args.output, _result(args, rows, baseline_acc, train_works, test_works))
-    return _result(args, rows, baseline_acc, train_works, test_works)
+    result = _result(args, rows, baseline_acc, train_works, test_works)
+    if args.plot:
+        plot_h1(result, args.plot)
+    return result
+
+
+def plot_h1(result: dict, path: str) -> None:
+    """Accuracy difference (criterion − baseline, 95% t interval) against budget, one panel per control."""
+    from .h3 import plot_h3
+
+    plot_h3(result, path, effect="mean_difference", ylabel="accuracy(criterion) − accuracy(baseline)")
 
 
 def _result(args, rows, baseline_acc, train_works, test_works) -> dict:
