@@ -97,6 +97,19 @@ def test_allocation_follows_the_spectrum(rule):
     assert all(m.alpha / m.rank == pytest.approx(2.0) for m in plan.modules)  # alpha rule: alpha/r kept
 
 
+def test_width_allocation_is_effective_rank_with_the_variance_removed():
+    from hf_geocomp.prune.whitening import whiten_stats
+
+    stats = _constructed_stats([12, 4, 8, 30], dim=[16, 32, 64, 32])  # the spectra differ; only widths count
+    shapes = {"m0": (16, 16), "m1": (32, 32), "m2": (64, 64), "m3": (32, 32)}
+    width = allocate(stats, shapes, rule="width", r=4, lora_alpha=8)
+    removed = allocate(whiten_stats(stats), shapes, rule="effective_rank", r=4, lora_alpha=8)
+    assert [m.score for m in width.modules] == pytest.approx([16, 32, 64, 32])
+    assert [m.rank for m in width.modules] == [m.rank for m in removed.modules]
+    assert [m.rank for m in width.modules] != [m.rank for m in allocate(stats, shapes, rule="effective_rank", r=4,
+                                                                        lora_alpha=8).modules]
+
+
 def test_per_kind_scope_keeps_each_kinds_uniform_share():
     # wide inputs ("down") have the larger Df: a global allocation hands them most of the budget,
     # per_kind keeps uniform LoRA's split between kinds and moves rank between layers only

@@ -59,6 +59,13 @@ class KTauScorer(Scorer):
         return float(Spectrum.of(moments.covariance()).k_at(self.tau))
 
 
+class WidthScorer(Scorer):
+    """The input width: ``effective_rank`` with the variance removed (Df of C = I is d), the H3 control of H2."""
+
+    def score(self, moments: Moments) -> float:
+        return float(moments.dim)
+
+
 class UniformScorer(Scorer):
     """Every module weighs the same (uniform rank, spread over the budget)."""
 
@@ -69,7 +76,7 @@ class UniformScorer(Scorer):
 def make_scorer(allocation: str, tau: float = 0.9) -> Scorer:
     if allocation == "k_tau":
         return KTauScorer(tau)
-    return {"effective_rank": EffectiveRankScorer, "uniform": UniformScorer}[allocation]()
+    return {"effective_rank": EffectiveRankScorer, "width": WidthScorer, "uniform": UniformScorer}[allocation]()
 
 
 @dataclass

@@ -19,7 +19,7 @@ from .peft_type import SAVED_TYPE, SPECTRAL_LORA, extend_peft_type
 
 extend_peft_type(SPECTRAL_LORA)
 
-ALLOCATIONS = ("effective_rank", "k_tau", "uniform")
+ALLOCATIONS = ("effective_rank", "k_tau", "width", "uniform")
 INITS = ("auto", "standard", "principal", "whitened")
 
 
@@ -32,8 +32,9 @@ class SpectralLoraConfig(LoraConfig):
         budget: trainable adapter parameters to spend; ``None`` means the count of uniform
             LoRA at rank ``r`` on the same target modules.
         allocation: ``"effective_rank"`` (rank ∝ Df = (Σλ)²/Σλ² of the input covariance),
-            ``"k_tau"`` (rank ∝ the fewest eigen-directions holding ``tau`` of the variance)
-            or ``"uniform"`` (rank ∝ 1: uniform LoRA spread over the budget).
+            ``"k_tau"`` (rank ∝ the fewest eigen-directions holding ``tau`` of the variance),
+            ``"width"`` (rank ∝ the input width: ``effective_rank`` with the variance removed, the
+            whitening control of H2) or ``"uniform"`` (rank ∝ 1: uniform LoRA spread over the budget).
         tau: variance share for ``allocation="k_tau"``.
         scope: ``"global"`` (every target module against every other) or ``"per_kind"``
             (each kind of module, e.g. all ``down_proj``, keeps uniform LoRA's share of the

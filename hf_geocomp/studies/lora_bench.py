@@ -39,6 +39,8 @@ METHODS = {
     "spectral-k90": {"kind": "spectral", "allocation": "k_tau", "tau": 0.9, "spectral_init": "standard"},
     "uniform-principal": {"kind": "spectral", "allocation": "uniform", "spectral_init": "principal"},
     "uniform-whitened": {"kind": "spectral", "allocation": "uniform", "spectral_init": "whitened"},
+    # H3 for H2: the effective-rank allocation with the variance removed (Df of C = I is the input width)
+    "spectral-width-whitened": {"kind": "spectral", "allocation": "width", "spectral_init": "whitened"},
 }
 BERT_TARGETS = r".*encoder.*\.(query|key|value|dense)"  # every dense layer of the blocks (not the pooler)
 
