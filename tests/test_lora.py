@@ -547,6 +547,13 @@ def test_lm_bench_end_to_end(tiny_llama_dir, tmp_path, capsys):
     (tmp_path / "bad.json").write_text(json.dumps(bad))
     assert main(["lora-merge", str(out), str(tmp_path / "bad.json"), "-o", str(tmp_path / "m2.json")]) == 2
     assert "differs from" in capsys.readouterr().err and not (tmp_path / "m2.json").exists()
+    for rel, ok in ((1e-8, True), (1e-4, False)):  # the untuned score may move in its last digits, no more
+        drifted = json.loads(second.read_text())
+        drifted["baseline"]["ppl"] *= 1 + rel
+        (tmp_path / "drift.json").write_text(json.dumps(drifted))
+        m3 = tmp_path / f"m3_{ok}.json"
+        assert main(["lora-merge", str(out), str(tmp_path / "drift.json"), "-o", str(m3)]) == (0 if ok else 2)
+        assert m3.exists() == ok
 
 
 def test_lora_taps_are_the_targets_inputs_and_allocate_the_same():

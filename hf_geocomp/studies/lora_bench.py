@@ -279,6 +279,16 @@ def _result(args, rows, version, partial):
 METRIC_OF_TASK = {"genre": "accuracy", "causal-lm": "ppl"}
 
 
+def _same(a, b) -> bool:
+    """Equal, but for floats equal to 1e-6 relative: the untuned model's score may move in its last digits
+    between library builds (the same tolerance ``bench-h3 --resume`` allows), never more."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, float) and isinstance(b, float):
+        return math.isclose(a, b, rel_tol=1e-6)
+    return a == b
+
+
 def merge_results(results: list[dict], sources: list[str]) -> dict:
     """One H2 study from several benchmark files of one setting (rows joined by method and seed).
 
@@ -295,7 +305,7 @@ def merge_results(results: list[dict], sources: list[str]) -> dict:
         if res.get("task") not in METRIC_OF_TASK:
             raise GeoCompError(f"{src} is not an H2 benchmark result (task {res.get('task')!r}).")
         for key in ("model", "task", "data", "hyperparameters", "baseline"):
-            if res.get(key) != first.get(key):
+            if not _same(res.get(key), first.get(key)):
                 raise GeoCompError(f"{src} differs from {sources[0]} in {key!r}: these are not one setting.")
     metric = METRIC_OF_TASK[first["task"]]
     rows: dict[tuple, dict] = {}
