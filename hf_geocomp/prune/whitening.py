@@ -143,6 +143,15 @@ def reparametrise(model: nn.Module, groups: list[UnitGroup], maps: dict[str, tor
 
 
 @torch.no_grad()
+def max_output_change(model: nn.Module, other: nn.Module, batch: dict) -> float:
+    """The largest absolute difference of the two models' logits (an encoder's last hidden state) on ``batch``:
+    how exactly a reparametrisation kept the function."""
+    a, b = other(**batch), model(**batch)
+    a, b = (a.logits, b.logits) if hasattr(a, "logits") else (a.last_hidden_state, b.last_hidden_state)
+    return float((a.float() - b.float()).abs().max())
+
+
+@torch.no_grad()
 def fold_value_maps(model: nn.Module, layer: int, o_weight: torch.Tensor, a: torch.Tensor) -> None:
     """In place, exact: ``v ↦ A_k v`` on the value rows of each KV head ``k`` of block ``layer`` and
     ``o ↦ o A_k⁻¹`` on the columns of ``o_weight`` (the o_proj weight, (out, heads·hd)) of its query heads."""
@@ -171,7 +180,10 @@ def norm_consumers(model: nn.Module, layer: int) -> dict[str, list[str]]:
     readers = {"attention": [spec.qkv] if spec.qkv else [spec.q, spec.k, spec.v], "mlp": list(spec.mlp_in)}
     out = {}
     for part, norm in PRE_NORMS.items():
-        module = dict(model.named_modules()).get(prefix + norm)
+        try:
+            module = model.get_submodule(prefix + norm)
+        except AttributeError:
+            module = None
         if module is None or getattr(module, "weight", None) is None or spec.family.startswith("gemma"):
             raise GeoCompError(f"the residual-stream reparametrisation needs a norm that multiplies by its weight "
                                f"before {part} ({prefix + norm}); {spec.family} has none there.")

@@ -59,7 +59,8 @@ from ..prune.cli import PruneOptions
 from ..prune.config import ALLOCATIONS, PruneConfig
 from ..prune.scorers import get_scorer
 from ..prune.units import block_params, unit_groups
-from ..prune.whitening import check_reparametrisable, reparametrise, whiten_stats, whitening_maps
+from ..prune.whitening import (check_reparametrisable, max_output_change, reparametrise, whiten_stats,
+                               whitening_maps)
 
 CONTROLS = ("plain", "removed", "reparam")
 ALPHA = 0.05
@@ -158,11 +159,7 @@ def control_arm(model, control: str, calib, measured: tuple, targets, head_mode:
         work = copy.deepcopy(model)
         reparametrise(work, unit_groups(work, targets, head_mode),
                       whitening_maps(model, unit_groups(model, targets, head_mode), measured[0]))
-        with torch.no_grad():
-            probe = {k: v[:1] for k, v in calib[0].items()}
-            a, b = work(**probe), model(**probe)
-            a, b = (a.logits, b.logits) if hasattr(a, "logits") else (a.last_hidden_state, b.last_hidden_state)
-            record["max_logit_change"] = float((a - b).abs().max())
+        record["max_logit_change"] = max_output_change(model, work, {k: v[:1] for k, v in calib[0].items()})
         model, measured = work, measure(work)
     return model, whiten_stats(measured[0]) if control == "removed" else measured[0], measured, record
 

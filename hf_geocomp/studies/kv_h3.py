@@ -90,6 +90,7 @@ def control_model(model, control: str, stats, calib, probe):
     """(model, statistics the bases read, record) of one control; ``reparam`` measures a reparametrised copy."""
     from ..kv import collect_kv_stats
     from ..kv.whitening import kv_whitening_maps, remove_kv_variance, reparametrise_kv
+    from ..prune.whitening import max_output_change
 
     if control == "plain":
         return model, stats, {}
@@ -97,8 +98,7 @@ def control_model(model, control: str, stats, calib, probe):
         return model, remove_kv_variance(model, stats), {}
     t = time.time()
     work = reparametrise_kv(copy.deepcopy(model), kv_whitening_maps(model, stats))
-    with torch.no_grad():
-        change = float((work(input_ids=probe).logits.float() - model(input_ids=probe).logits.float()).abs().max())
+    change = max_output_change(model, work, {"input_ids": probe})
     return work, collect_kv_stats(work, calib, "fisher"), {"max_logit_change": change,
                                                           "stats_seconds": time.time() - t}
 

@@ -73,8 +73,8 @@ def reparametrised(model, calib, stats_taps):
     """A copy of ``model`` with its adapted inputs whitened by exact maps, and the largest logit change."""
     from ..prune.api import prune_taps
     from ..prune.units import unit_groups
-    from ..prune.whitening import (check_reparametrisable, norm_maps, reparametrise, scale_norm_outputs,
-                                   whitening_maps)
+    from ..prune.whitening import (check_reparametrisable, max_output_change, norm_maps, reparametrise,
+                                   scale_norm_outputs, whitening_maps)
 
     check_reparametrisable(model, ("mlp",))
     targets = ("mlp", "heads")
@@ -82,10 +82,7 @@ def reparametrised(model, calib, stats_taps):
     work = copy.deepcopy(model)
     reparametrise(work, unit_groups(work, targets), whitening_maps(model, unit_groups(model, targets), st))
     scale_norm_outputs(work, norm_maps(model, st))
-    with torch.no_grad():
-        probe = {k: v[:1] for k, v in calib[0].items()}
-        change = float((work(**probe).logits - model(**probe).logits).abs().max())
-    return work, change
+    return work, max_output_change(model, work, {k: v[:1] for k, v in calib[0].items()})
 
 
 def run_lora_h3(args: LoraH3Options) -> dict:

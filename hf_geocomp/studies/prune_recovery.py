@@ -91,7 +91,6 @@ def run_recovery(args: RecoveryOptions) -> dict:
     n_train = args.steps * args.batch_size * args.grad_accum * args.block_size
     corpus = load_corpus(args.train_data)
     train_sets = [token_blocks(tok, corpus, args.block_size, max_tokens=n_train, seed=seed) for seed in range(args.seeds)]
-    rows = train_sets[0]
     n0 = block_params(base)
     baseline = {"ppl": perplexity(base, evals), "params": n0}
     print(f"baseline ppl {baseline['ppl']:.3f}", flush=True)
@@ -107,13 +106,12 @@ def run_recovery(args: RecoveryOptions) -> dict:
         write_json(args.output, result(partial=True))
 
     def result(partial):
+        controls = {c.get("seed", 0): c["ppl"] for c in out_rows if c["method"] == "finetune (no pruning)"}
         for r in out_rows:
-            control = next((c["ppl"] for c in out_rows if c["method"] == "finetune (no pruning)"
-                            and c.get("seed", 0) == r.get("seed", 0)), None)
-            if control is not None and "criterion" in r:
-                r["ppl_vs_control"] = r["ppl"] / control
+            if r.get("seed", 0) in controls and "criterion" in r:
+                r["ppl_vs_control"] = r["ppl"] / controls[r.get("seed", 0)]
         return {"command": args.command_line, "model": args.model,
-                "data": {"train": args.train_data, "train_tokens": len(rows) * args.block_size,
+                "data": {"train": args.train_data, "train_tokens": len(train_sets[0]) * args.block_size,
                          "evaluation": args.eval_data, "evaluation_tokens": args.eval_tokens,
                          "block_size": args.block_size},
                 "finetune": {"steps": args.steps, "lr": args.lr, "batch_size": args.batch_size,
