@@ -129,17 +129,19 @@ def record_compute(options, wall_start: float, cpu_start: float, load: float) ->
     import json
     from pathlib import Path
 
-    from .io import write_json
+    from .io import folder_lock, write_json
 
     path = Path(getattr(options, "output", None) or "")
     if path.suffix != ".json" or not path.is_file():
         return
-    result = json.loads(path.read_text())
-    result["compute"] = {"wall_seconds": round(time.time() - wall_start, 1),
-                         "cpu_seconds": round(time.process_time() - cpu_start, 1), "cpus": os.cpu_count(),
-                         "load_average_at_start": load,
-                         "note": "this invocation only (a resumed file's earlier parts are not included)"}
-    write_json(path, result)
+    with folder_lock(path):  # processes sharing one results file (--resume with disjoint seeds) take turns
+        result = json.loads(path.read_text())
+        result["compute"] = {"wall_seconds": round(time.time() - wall_start, 1),
+                             "cpu_seconds": round(time.process_time() - cpu_start, 1), "cpus": os.cpu_count(),
+                             "load_average_at_start": load,
+                             "note": "this invocation only (a resumed file's earlier parts, or other processes "
+                                     "sharing it, are not included)"}
+        write_json(path, result)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -48,6 +48,22 @@ def output_dir(path: str, overwrite: bool = False):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def folder_lock(path: str | Path):
+    """Hold an exclusive lock on the folder of ``path`` (created if missing) while the block runs: processes that
+    read, merge and rewrite one results file take turns. No lock file is left behind."""
+    import fcntl
+
+    folder = Path(path).parent
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
 def write_json(path: str | Path, obj) -> None:
     """Write JSON atomically (temporary file + rename)."""
     path = Path(path)

@@ -206,3 +206,59 @@ def test_recovery_bench_over_seeds_pairs_each_criterion_with_its_dense_control(t
         assert vs[c]["log_ppl_vs_dense"] == pytest.approx(sum(logs) / 3)
     bad = tmp_path / "bad.json"
     assert main(argv[:-2] + ["--baselines", "wanda", "-o", str(bad)]) == 2 and not bad.exists()
+
+
+def _recovery_argv(model_dir, out, *extra):
+    return ["bench-prune-recovery", "--model", model_dir, "--train-data", "pydoc:calibration",
+            "--eval-data", "pydoc:evaluation", "--eval-tokens", "64", "--block-size", "16", "--sparsities", "0.3",
+            "--criteria", "variance", "magnitude", "--steps", "2", "--batch-size", "2", "--grad-accum", "1",
+            "--update-every", "1", "--dense-control", "--latency-repeats", "0", "-o", str(out), *extra]
+
+
+def test_recovery_bench_resume_runs_only_the_missing_fine_tunes(tiny_llama_dir, tmp_path):
+    """A run cut short after seed 0 is continued with --resume: seed 0's rows are kept as they were, only seed 1's
+    fine-tunes run, and the paired tests then cover both seeds. Other settings are refused before any model loads."""
+    from hf_geocomp.cli import main
+
+    out = tmp_path / "rec.json"
+    assert main(_recovery_argv(tiny_llama_dir, out, "--seeds", "2", "--only-seeds", "0", "--resume")) == 0
+    first = json.loads(out.read_text())
+    assert first["partial"] and {r["seed"] for r in first["rows"]} == {0} and len(first["rows"]) == 3
+    assert main(_recovery_argv(tiny_llama_dir, out, "--seeds", "2")) == 2  # no --resume: refused, file kept
+    assert main(_recovery_argv(tiny_llama_dir, out, "--seeds", "2", "--resume")) == 0
+    res = json.loads(out.read_text())
+    assert not res["partial"] and len(res["rows"]) == 6
+    assert [(r["seed"], r["method"]) for r in res["rows"]] == [
+        (s, m) for s in (0, 1) for m in ("callback/variance/refit", "finetune (no pruning)", "callback/magnitude/refit")]
+    assert [r["ppl"] for r in res["rows"][:3]] == [r["ppl"] for r in first["rows"]]  # kept, not re-run
+    assert [p["seeds"] for p in res["parts"]] == [[0], [0, 1]] and [p["fine_tunes"] for p in res["parts"]] == [3, 3]
+    assert res["tests"][0]["n"] == 2
+    assert main(_recovery_argv(tiny_llama_dir, out, "--seeds", "2", "--resume")) == 2  # nothing left to run
+    for bad in (["--seeds", "2", "--resume", "--steps", "3"],  # another setting
+                ["--seeds", "2", "--only-seeds", "1"],  # a shared file needs --resume
+                ["--seeds", "2", "--only-seeds", "2", "--resume"]):  # no such seed
+        assert main(_recovery_argv("no/such/model", out, *bad)) == 2  # refused before the model is looked up
+    assert json.loads(out.read_text())["rows"] == res["rows"]
+
+
+def test_shared_results_file_keeps_rows_written_by_other_processes(tmp_path):
+    """Two processes of the same settings writing one file: each write merges the other's rows read under the
+    folder lock, one row per key, parts side by side in start order."""
+    from hf_geocomp.studies.resume import save_shared
+
+    path = tmp_path / "shared.json"
+
+    def build(rows, parts):
+        return {"rows": rows, "parts": parts}
+
+    def key(r):
+        return r["seed"], r["i"]
+
+    a = {"id": "a", "started": "2026-01-01T00:00:00"}
+    b = {"id": "b", "started": "2026-01-01T00:00:01"}
+    save_shared(str(path), [{"seed": 0, "i": 0, "v": 1}], a, key, build)
+    save_shared(str(path), [{"seed": 1, "i": 0, "v": 2}], b, key, build)
+    merged = save_shared(str(path), [{"seed": 0, "i": 0, "v": 1}, {"seed": 0, "i": 1, "v": 3}], a, key, build)
+    assert [(r["seed"], r["i"]) for r in merged] == [(0, 0), (0, 1), (1, 0)]
+    assert json.loads(path.read_text()) == {"rows": merged, "parts": [a, b]}
+    assert not list(tmp_path.glob("*.tmp")) and sorted(p.name for p in tmp_path.iterdir()) == ["shared.json"]

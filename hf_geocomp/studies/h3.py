@@ -61,6 +61,7 @@ from ..prune.scorers import get_scorer
 from ..prune.units import block_params, unit_groups
 from ..prune.whitening import (check_reparametrisable, max_output_change, reparametrise, whiten_stats,
                                whitening_maps)
+from .resume import check_same_baseline, previous_run
 
 CONTROLS = ("plain", "removed", "reparam")
 ALPHA = 0.05
@@ -122,20 +123,9 @@ def _settings(args: H3Options) -> dict:
 
 def _resumed(args: H3Options) -> dict | None:
     """The unfinished results file ``args.output`` to continue (None: nothing there yet), checked against ``args``."""
-    if not os.path.exists(args.output):
-        return None
-    with open(args.output) as f:
-        previous = json.load(f)
-    where = f"cannot resume {args.output}"
-    if "settings" not in previous:
-        raise GeoCompError(f"{where}: it records no settings to check against; rerun with --overwrite.")
-    mine = _settings(args)
-    differ = [k for k in mine if k != "seeds" and previous["settings"].get(k) != mine[k]]  # more seeds may follow
-    if differ:
-        raise GeoCompError(f"{where}: its {differ[0]!r} is {previous['settings'].get(differ[0])!r}, this run's "
-                           f"{mine[differ[0]]!r}; rerun with the same settings or with --overwrite.")
-    if set(range(args.seeds)) <= set(previous["seeds_done"]):
-        raise GeoCompError(f"{where}: all {args.seeds} seeds are finished; nothing to run.")
+    previous = previous_run(args.output, _settings(args))
+    if previous is not None and set(range(args.seeds)) <= set(previous["seeds_done"]):
+        raise GeoCompError(f"cannot resume {args.output}: all {args.seeds} seeds are finished; nothing to run.")
     return previous
 
 
@@ -182,10 +172,8 @@ def run_h3(args: H3Options) -> dict:
     baseline = {"ppl": perplexity(model, evals), "params": base_params}
     print(f"baseline ppl {baseline['ppl']:.3f}, block params {base_params}", flush=True)
     rows, arms_info, parts = [], [], []
-    if previous is not None:  # the same model and text must give the same baseline, or the seeds do not pair
-        if not math.isclose(previous["baseline"]["ppl"], baseline["ppl"], rel_tol=1e-6):
-            raise GeoCompError(f"cannot resume {args.output}: its baseline perplexity {previous['baseline']['ppl']:.6g} "
-                               f"is not this run's {baseline['ppl']:.6g} (another model or library version).")
+    check_same_baseline(args.output, previous, baseline["ppl"])
+    if previous is not None:
         rows, arms_info, parts = previous["rows"], previous["arms"], previous["parts"]
         print(f"resuming {args.output}: seeds {previous['seeds_done']} finished", flush=True)
     part = {"command": args.command_line, "load_average_at_start": load, "threads": args.threads, "seeds": []}

@@ -11,7 +11,10 @@ pruned row also records ``ppl_vs_control``, its perplexity over the control's.
 from __future__ import annotations
 
 import copy
+import datetime
+import json
 import math
+import os
 import time
 from dataclasses import dataclass
 
@@ -21,10 +24,11 @@ from ..data import calibration_loader, causal_lm_collate, load_corpus, load_mode
 from ..errors import GeoCompError
 from ..eval.perplexity import latency_ratio, perplexity
 from ..eval.significance import compare
-from ..io import write_json
+from ..io import folder_lock
 from ..options import EvalOptions, ModelOptions, ThreadsOption, option
 from ..prune.callback import VarianceWeightedPruningCallback
 from ..prune.units import block_params
+from .resume import check_same_baseline, previous_run, save_shared
 
 
 @dataclass(kw_only=True)
@@ -53,9 +57,23 @@ class RecoveryOptions(ModelOptions, EvalOptions, ThreadsOption):
                         "control paired on it; with 2 or more, paired tests vs the baselines (Holm over the table)",
                         range="[1, inf)")
     baselines: list[str] = option(["magnitude"], "criteria every other is compared with when seeds >= 2")
+    only_seeds: list[int] | None = option(None, "run only these of the seeds 0..seeds-1 (null: all); processes "
+                                          "given disjoint seeds and --resume share one results file",
+                                          range="[0, inf)")
+    resume: bool = option(False, "continue an unfinished results file of the same settings: keep its rows, run the "
+                                 "missing ones")
     latency_tokens: int = option(512, "tokens of the latency forward", range="[1, inf)")
     latency_repeats: int = option(5, "0 skips latency (recorded as null)", range="[0, inf)")
     output: str = "recipes/results/prune_smollm2_recovery.json"
+
+    def __post_init__(self):
+        super().__post_init__()
+        bad = [s for s in self.only_seeds or [] if s >= self.seeds]
+        if bad:
+            raise GeoCompError(f"only_seeds {bad} are not among the seeds 0..{self.seeds - 1}.")
+        if self.only_seeds is not None and not self.resume:
+            raise GeoCompError("only_seeds runs part of the seeds into a file other processes share: also pass "
+                               "--resume.")
 
 
 def _finetune(model, rows, args, callbacks, seed: int = 0) -> float:
@@ -71,6 +89,26 @@ def _finetune(model, rows, args, callbacks, seed: int = 0) -> float:
     return (time.process_time() - cpu) / 60
 
 
+DENSE = "finetune (no pruning)"
+
+
+def _settings(args: RecoveryOptions) -> dict:
+    """Everything a row's number depends on; a resumed file must match it (more seeds may follow)."""
+    return {k: getattr(args, k) for k in
+            ("model", "train_data", "eval_data", "eval_tokens", "block_size", "sparsities", "criteria", "baselines",
+             "targets", "allocation", "compensation", "schedule", "end", "update_every", "steps", "lr", "batch_size",
+             "grad_accum", "dense_control", "latency_tokens", "latency_repeats", "seeds")}
+
+
+def _key(args: RecoveryOptions):
+    """A row's place in the run: (seed, position), the dense control right after the seed's first pruned run."""
+    order = {(c, s): i for i, (s, c) in enumerate((s, c) for s in args.sparsities for c in args.criteria)}
+
+    def key(row):
+        return row["seed"], 0.5 if row["method"] == DENSE else order[row["criterion"], row["budget"]]
+    return key
+
+
 def run_recovery(args: RecoveryOptions) -> dict:
     def callback(sparsity, criterion):
         return VarianceWeightedPruningCallback(sparsity, criterion=criterion, targets=args.targets,
@@ -83,6 +121,17 @@ def run_recovery(args: RecoveryOptions) -> dict:
     missing = [b for b in args.baselines if b not in args.criteria]
     if args.seeds > 1 and missing:
         raise GeoCompError(f"baselines {missing} must also be among the criteria {args.criteria}.")
+    settings, key = _settings(args), _key(args)
+    previous = previous_run(args.output, settings) if args.resume else None
+    seeds = list(range(args.seeds)) if args.only_seeds is None else sorted(set(args.only_seeds))
+
+    def wanted(seed_list):
+        return {(s, i) for s in seed_list for i in range(len(runs))} | (
+            {(s, 0.5) for s in seed_list} if args.dense_control else set())
+
+    done = {key(r) for r in previous["rows"]} if previous else set()
+    if previous and wanted(seeds) <= done:
+        raise GeoCompError(f"cannot resume {args.output}: every row of seeds {seeds} is there; nothing to run.")
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     base, tok = load_model(args.model)
@@ -90,28 +139,25 @@ def run_recovery(args: RecoveryOptions) -> dict:
     lat_ids = evals[0]["input_ids"].reshape(-1)[: args.latency_tokens].unsqueeze(0)
     n_train = args.steps * args.batch_size * args.grad_accum * args.block_size
     corpus = load_corpus(args.train_data)
-    train_sets = [token_blocks(tok, corpus, args.block_size, max_tokens=n_train, seed=seed) for seed in range(args.seeds)]
     n0 = block_params(base)
     baseline = {"ppl": perplexity(base, evals), "params": n0}
     print(f"baseline ppl {baseline['ppl']:.3f}", flush=True)
-    out_rows = []
+    check_same_baseline(args.output, previous, baseline["ppl"])
+    if previous:
+        print(f"resuming {args.output}: {len(done)} rows there", flush=True)
+    rows = []  # this process's
+    part = {"id": f"{os.getpid()}@{time.time():.6f}", "command": args.command_line,
+            "started": datetime.datetime.now().isoformat(timespec="seconds"), "seeds": seeds, "threads": args.threads,
+            "load_average_at_start": os.getloadavg()[0], "fine_tunes": 0, "train_cpu_minutes": 0.0}
+    train_tokens = n_train // args.block_size * args.block_size
 
-    def record(method, model, minutes, extra=None):
-        ppl = perplexity(model, evals)
-        out_rows.append({"method": method, "sparsity": 1 - block_params(model) / n0, "params": block_params(model),
-                         "ppl": ppl, "ppl_ratio": ppl / baseline["ppl"],
-                         "latency_ratio": latency_ratio(model, base, lat_ids, args.latency_repeats),
-                         "train_cpu_minutes": minutes, **(extra or {})})
-        print({k: v for k, v in out_rows[-1].items() if k != "mask_updates"}, flush=True)
-        write_json(args.output, result(partial=True))
-
-    def result(partial):
-        controls = {c.get("seed", 0): c["ppl"] for c in out_rows if c["method"] == "finetune (no pruning)"}
-        for r in out_rows:
-            if r.get("seed", 0) in controls and "criterion" in r:
-                r["ppl_vs_control"] = r["ppl"] / controls[r.get("seed", 0)]
-        return {"command": args.command_line, "model": args.model,
-                "data": {"train": args.train_data, "train_tokens": len(train_sets[0]) * args.block_size,
+    def result(all_rows, parts):
+        controls = {c["seed"]: c["ppl"] for c in all_rows if c["method"] == DENSE}
+        for r in all_rows:
+            if r["seed"] in controls and "criterion" in r:
+                r["ppl_vs_control"] = r["ppl"] / controls[r["seed"]]
+        return {"command": args.command_line, "model": args.model, "settings": settings,
+                "data": {"train": args.train_data, "train_tokens": train_tokens,
                          "evaluation": args.eval_data, "evaluation_tokens": args.eval_tokens,
                          "block_size": args.block_size},
                 "finetune": {"steps": args.steps, "lr": args.lr, "batch_size": args.batch_size,
@@ -119,24 +165,46 @@ def run_recovery(args: RecoveryOptions) -> dict:
                 "callback": {"criteria": list(args.criteria), "targets": args.targets, "schedule": args.schedule,
                              "end": args.end, "compensation": args.compensation, "allocation": args.allocation,
                              "update_every": args.update_every},
-                "threads": args.threads, "partial": partial, "baseline": baseline, "rows": out_rows,
-                **(_paired(out_rows, args) if args.seeds > 1 else {})}
+                "threads": args.threads, "partial": not wanted(range(args.seeds)) <= {key(r) for r in all_rows},
+                "parts": parts,  # one per process that added rows, with its command, seeds and fine-tune CPU time
+                "baseline": baseline, "rows": all_rows,
+                **(_paired(all_rows, args) if args.seeds > 1 else {})}
 
-    for seed, rows in enumerate(train_sets):
-        tag = {"seed": seed} if args.seeds > 1 else {}
+    def record(method, model, minutes, extra):
+        ppl = perplexity(model, evals)
+        rows.append({"method": method, "sparsity": 1 - block_params(model) / n0, "params": block_params(model),
+                     "ppl": ppl, "ppl_ratio": ppl / baseline["ppl"],
+                     "latency_ratio": latency_ratio(model, base, lat_ids, args.latency_repeats),
+                     "train_cpu_minutes": minutes, **extra})
+        part["fine_tunes"] += 1
+        part["train_cpu_minutes"] = round(part["train_cpu_minutes"] + minutes, 2)
+        print({k: v for k, v in rows[-1].items() if k != "mask_updates"}, flush=True)
+        return save_shared(args.output, rows, part, key, result)
+
+    all_rows = list(previous["rows"]) if previous else []
+    for seed in seeds:
+        train = None
         for i, (sparsity, criterion) in enumerate(runs):
-            model = copy.deepcopy(base).train()
-            cb = callback(sparsity, criterion)
-            minutes = _finetune(model, rows, args, [cb], seed)
-            record(f"callback/{criterion}/{args.compensation}", model.eval(), minutes,
-                   {"criterion": criterion, "budget": sparsity, "mask_updates": cb.history, **tag})
-            del model
-            if i == 0 and args.dense_control:  # right after the first pruned run, so a cut-short run still has both
+            todo = [(seed, i)] + ([(seed, 0.5)] if i == 0 and args.dense_control else [])
+            if all(k in done for k in todo):
+                continue
+            if train is None:
+                train = token_blocks(tok, corpus, args.block_size, max_tokens=n_train, seed=seed)
+            if (seed, i) not in done:
+                model = copy.deepcopy(base).train()
+                cb = callback(sparsity, criterion)
+                minutes = _finetune(model, train, args, [cb], seed)
+                all_rows = record(f"callback/{criterion}/{args.compensation}", model.eval(), minutes,
+                                  {"criterion": criterion, "budget": sparsity, "mask_updates": cb.history,
+                                   "seed": seed})
+                del model
+            if i == 0 and args.dense_control and (seed, 0.5) not in done:
+                # right after the first pruned run, so a cut-short run still has both
                 dense = copy.deepcopy(base).train()
-                record("finetune (no pruning)", dense.eval(), _finetune(dense, rows, args, [], seed), tag)
-    out = result(partial=False)
-    write_json(args.output, out)
-    return out
+                all_rows = record(DENSE, dense.eval(), _finetune(dense, train, args, [], seed), {"seed": seed})
+    with folder_lock(args.output):
+        with open(args.output) as f:
+            return json.load(f)
 
 
 def _paired(rows: list[dict], args: RecoveryOptions) -> dict:
@@ -147,7 +215,7 @@ def _paired(rows: list[dict], args: RecoveryOptions) -> dict:
 
     pruned = [{**r, "control": "recovered"} for r in rows if "criterion" in r]
     out = analyse(pruned, args.criteria, args.baselines, ["recovered"], args.sparsities)
-    dense = {r["seed"]: r["ppl"] for r in rows if r["method"] == "finetune (no pruning)"}
+    dense = {r["seed"]: r["ppl"] for r in rows if r["method"] == DENSE}
     vs_dense = []
     for budget in args.sparsities:
         for c in args.criteria:
