@@ -235,7 +235,6 @@ def test_recovery_bench_resume_runs_only_the_missing_fine_tunes(tiny_llama_dir, 
     assert res["tests"][0]["n"] == 2
     assert main(_recovery_argv(tiny_llama_dir, out, "--seeds", "2", "--resume")) == 2  # nothing left to run
     for bad in (["--seeds", "2", "--resume", "--steps", "3"],  # another setting
-                ["--seeds", "2", "--only-seeds", "1"],  # a shared file needs --resume
                 ["--seeds", "2", "--only-seeds", "2", "--resume"]):  # no such seed
         assert main(_recovery_argv("no/such/model", out, *bad)) == 2  # refused before the model is looked up
     assert json.loads(out.read_text())["rows"] == res["rows"]
@@ -262,3 +261,52 @@ def test_shared_results_file_keeps_rows_written_by_other_processes(tmp_path):
     assert [(r["seed"], r["i"]) for r in merged] == [(0, 0), (0, 1), (1, 0)]
     assert json.loads(path.read_text()) == {"rows": merged, "parts": [a, b]}
     assert not list(tmp_path.glob("*.tmp")) and sorted(p.name for p in tmp_path.iterdir()) == ["shared.json"]
+
+
+def test_processes_sharing_a_results_file_split_its_rows_by_claims(tmp_path):
+    """Each process claims the next row no one has written or claimed; a live process's claim is honoured, a dead
+    one's is taken over, and writing the row releases the claim."""
+    import subprocess
+    import sys
+
+    from hf_geocomp.studies.resume import claim_next, save_shared
+
+    path = str(tmp_path / "shared.json")
+    todo = [(0, 0), (0, 0.5), (0, 1)]
+
+    def key(r):
+        return r["seed"], r["i"]
+
+    def build(rows, parts):
+        return {"rows": rows, "parts": parts}
+
+    assert claim_next(path, todo, key, build) == (0, 0)
+    assert claim_next(path, todo, key, build) == (0, 0.5)  # (0, 0) is claimed by a live process (this one)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    doc = json.loads(open(path).read())
+    doc["claims"][0]["pid"] = int(dead.stdout)  # (0, 0)'s process has ended
+    open(path, "w").write(json.dumps(doc))
+    assert claim_next(path, todo, key, build) == (0, 0)
+    save_shared(path, [{"seed": 0, "i": 0.5}], {"id": "me", "started": "x"}, key, build)
+    doc = json.loads(open(path).read())
+    assert [c["key"] for c in doc["claims"]] == [[0, 0]] and doc["rows"] == [{"seed": 0, "i": 0.5}]
+    assert claim_next(path, todo, key, build) == (0, 1)
+    assert claim_next(path, todo, key, build) is None  # everything is written or claimed
+
+
+def test_recovery_bench_leaves_rows_claimed_by_a_live_process(tiny_llama_dir, tmp_path):
+    """A row another running process has claimed is not run again; the file stays partial with the claim."""
+    import os
+
+    from hf_geocomp.cli import main
+
+    out = tmp_path / "rec.json"
+    assert main(_recovery_argv(tiny_llama_dir, out, "--seeds", "2", "--only-seeds", "0", "--resume")) == 0
+    doc = json.loads(out.read_text())
+    doc["claims"] = [{"key": [1, 0], "host": __import__("socket").gethostname(), "pid": os.getpid()}]
+    out.write_text(json.dumps(doc))
+    assert main(_recovery_argv(tiny_llama_dir, out, "--seeds", "2", "--resume")) == 0
+    res = json.loads(out.read_text())
+    assert [(r["seed"], r["method"]) for r in res["rows"]][3:] == [(1, "finetune (no pruning)"),
+                                                                   (1, "callback/magnitude/refit")]
+    assert res["partial"] and res["claims"] == doc["claims"]

@@ -28,7 +28,7 @@ from ..io import folder_lock
 from ..options import EvalOptions, ModelOptions, ThreadsOption, option
 from ..prune.callback import VarianceWeightedPruningCallback
 from ..prune.units import block_params
-from .resume import check_same_baseline, previous_run, save_shared
+from .resume import check_same_baseline, claim_next, previous_run, save_shared
 
 
 @dataclass(kw_only=True)
@@ -57,11 +57,10 @@ class RecoveryOptions(ModelOptions, EvalOptions, ThreadsOption):
                         "control paired on it; with 2 or more, paired tests vs the baselines (Holm over the table)",
                         range="[1, inf)")
     baselines: list[str] = option(["magnitude"], "criteria every other is compared with when seeds >= 2")
-    only_seeds: list[int] | None = option(None, "run only these of the seeds 0..seeds-1 (null: all); processes "
-                                          "given disjoint seeds and --resume share one results file",
+    only_seeds: list[int] | None = option(None, "run only these of the seeds 0..seeds-1 (null: all)",
                                           range="[0, inf)")
     resume: bool = option(False, "continue an unfinished results file of the same settings: keep its rows, run the "
-                                 "missing ones")
+                                 "missing ones; processes started alike share the file and split its rows")
     latency_tokens: int = option(512, "tokens of the latency forward", range="[1, inf)")
     latency_repeats: int = option(5, "0 skips latency (recorded as null)", range="[0, inf)")
     output: str = "recipes/results/prune_smollm2_recovery.json"
@@ -71,9 +70,6 @@ class RecoveryOptions(ModelOptions, EvalOptions, ThreadsOption):
         bad = [s for s in self.only_seeds or [] if s >= self.seeds]
         if bad:
             raise GeoCompError(f"only_seeds {bad} are not among the seeds 0..{self.seeds - 1}.")
-        if self.only_seeds is not None and not self.resume:
-            raise GeoCompError("only_seeds runs part of the seeds into a file other processes share: also pass "
-                               "--resume.")
 
 
 def _finetune(model, rows, args, callbacks, seed: int = 0) -> float:
@@ -179,29 +175,28 @@ def run_recovery(args: RecoveryOptions) -> dict:
         part["fine_tunes"] += 1
         part["train_cpu_minutes"] = round(part["train_cpu_minutes"] + minutes, 2)
         print({k: v for k, v in rows[-1].items() if k != "mask_updates"}, flush=True)
-        return save_shared(args.output, rows, part, key, result)
+        save_shared(args.output, rows, part, key, result)
 
-    all_rows = list(previous["rows"]) if previous else []
-    for seed in seeds:
-        train = None
-        for i, (sparsity, criterion) in enumerate(runs):
-            todo = [(seed, i)] + ([(seed, 0.5)] if i == 0 and args.dense_control else [])
-            if all(k in done for k in todo):
-                continue
-            if train is None:
-                train = token_blocks(tok, corpus, args.block_size, max_tokens=n_train, seed=seed)
-            if (seed, i) not in done:
-                model = copy.deepcopy(base).train()
-                cb = callback(sparsity, criterion)
-                minutes = _finetune(model, train, args, [cb], seed)
-                all_rows = record(f"callback/{criterion}/{args.compensation}", model.eval(), minutes,
-                                  {"criterion": criterion, "budget": sparsity, "mask_updates": cb.history,
-                                   "seed": seed})
-                del model
-            if i == 0 and args.dense_control and (seed, 0.5) not in done:
-                # right after the first pruned run, so a cut-short run still has both
-                dense = copy.deepcopy(base).train()
-                all_rows = record(DENSE, dense.eval(), _finetune(dense, train, args, [], seed), {"seed": seed})
+    order = [(seed, i) for seed in seeds for i in range(len(runs))]
+    if args.dense_control:  # right after the seed's first pruned run, so a cut-short run still has both
+        order = [k for seed in seeds for k in [(seed, 0), (seed, 0.5)] + [(seed, i) for i in range(1, len(runs))]]
+    train_sets = {}
+    while (claimed := claim_next(args.output, order, key, result)) is not None:
+        seed, pos = claimed
+        if seed not in train_sets:
+            train_sets[seed] = token_blocks(tok, corpus, args.block_size, max_tokens=n_train, seed=seed)
+        model = copy.deepcopy(base).train()
+        if pos == 0.5:
+            record(DENSE, model.eval(), _finetune(model, train_sets[seed], args, [], seed), {"seed": seed})
+        else:
+            sparsity, criterion = runs[pos]
+            cb = callback(sparsity, criterion)
+            minutes = _finetune(model, train_sets[seed], args, [cb], seed)
+            record(f"callback/{criterion}/{args.compensation}", model.eval(), minutes,
+                   {"criterion": criterion, "budget": sparsity, "mask_updates": cb.history, "seed": seed})
+        del model
+    if not rows:
+        print(f"every row of seeds {seeds} left is being run by another process", flush=True)
     with folder_lock(args.output):
         with open(args.output) as f:
             return json.load(f)
