@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--readme", default=None, help="regenerate the <!-- report: PATH --> tables of this markdown file")
     rp.add_argument("--check", action="store_true", help="with --readme: only check the tables match, exit 2 if not")
     rp.add_argument("--output", "-o", default=None, help="write the report here instead of stdout")
+    rp.add_argument("--plot", default=None, help="also draw the paired tests of one results file (effect against "
+                    "budget, 95%% CI, a panel per control) to this PNG")
     rp.set_defaults(handler=_lazy(".report:run_report"))
 
     run_help = ("the main job: compress a model as a recipe says, measure it against its base and baselines, write "

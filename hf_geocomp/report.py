@@ -112,7 +112,29 @@ def refresh(markdown: str, root: Path) -> str:
     return MARKER.sub(sub, markdown)
 
 
+EFFECTS = ("advantage_log_ppl", "mean_difference")  # the paired effect a study's tests carry (perplexity, accuracy)
+
+
+def _plot_tests(files: list[Path], path: str) -> None:
+    """``--plot``: the paired tests of one results file, effect against budget (studies.h3's figure)."""
+    if len(files) != 1:
+        raise GeoCompError(f"--plot draws one results file; {len(files)} were named.")
+    result = load(files[0])
+    tests = [t for t in result.get("tests") or [] if "budget" in t and "control" in t]
+    effect = next((e for e in EFFECTS if tests and all(e in t for t in tests)), None)
+    if effect is None:
+        raise GeoCompError(f"{files[0]} has no paired tests by budget and control to plot "
+                           f"(a 'tests' list whose entries carry budget, control and one of {', '.join(EFFECTS)}).")
+    from .studies.h3 import plot_h3
+
+    plot_h3({**result, "model": result.get("model", files[0].stem), "tests": tests}, path, xlabel="budget", effect=effect,
+            ylabel="advantage over the baseline" + (" (log ppl)" if effect == EFFECTS[0] else ""))
+    print(f"wrote {path}")
+
+
 def run_report(args) -> None:
+    if args.readme and args.plot:
+        raise GeoCompError("--plot draws a results file; it does not go with --readme.")
     if args.readme:
         path = Path(args.readme)
         text = path.read_text()
@@ -132,11 +154,17 @@ def run_report(args) -> None:
     for r in args.results:
         p = Path(r)
         files.append(p / "results.json" if p.is_dir() else p)
+    from .io import check_output
+
+    for out in (args.output, args.plot):
+        if out:
+            check_output(out, args.overwrite)
+    if args.plot:
+        _plot_tests(files, args.plot)
+        if not args.output:
+            return
     text = "\n".join(render(f) for f in files)
     if args.output:
-        from .io import check_output
-
-        check_output(args.output, args.overwrite)
         Path(args.output).write_text(text)
         print(f"wrote {args.output} ({len(files)} results)")
     else:

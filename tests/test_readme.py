@@ -91,3 +91,21 @@ def test_report_blocks_select_rows(tmp_path):
                                   tmp_path)
     with pytest.raises(GeoCompError, match="no row of 'rows' matches"):
         refresh("<!-- report: r.json where=kind:fold -->\n<!-- /report -->", tmp_path)
+
+
+def test_report_plots_a_files_paired_tests(tmp_path, capsys):
+    import json
+
+    from hf_geocomp.cli import main
+
+    png = tmp_path / "kv.png"
+    assert main(["report", str(ROOT / "recipes/results/kv_h3_smollm2.json"), "--plot", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "| " not in capsys.readouterr().out  # the plot alone
+    assert main(["report", str(ROOT / "recipes/results/prune_h3_minilm.json"), "--plot",  # accuracy differences
+                 str(tmp_path / "minilm.png")]) == 0 and (tmp_path / "minilm.png").stat().st_size > 1000
+    assert main(["report", str(ROOT / "recipes/results/kv_h3_smollm2.json"), "--plot", str(png)]) == 2
+    assert "already exists" in capsys.readouterr().err and png.stat().st_size > 1000
+    (tmp_path / "r.json").write_text(json.dumps({"command": "x", "rows": [{"method": "a", "ppl": 3.0}]}))
+    assert main(["report", str(tmp_path / "r.json"), "--plot", str(tmp_path / "r.png")]) == 2
+    assert "has no paired tests by budget and control" in capsys.readouterr().err
+    assert not (tmp_path / "r.png").exists()

@@ -330,7 +330,7 @@ def plot_h3(result: dict, path: str, xlabel: str = "fraction of block parameters
     import matplotlib.pyplot as plt
 
     controls = result.get("controls") or list(dict.fromkeys(t["control"] for t in result["tests"]))
-    fig, axes = plt.subplots(1, len(controls), figsize=(4.2 * len(controls), 3.8), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(1, len(controls), figsize=(max(5.6, 4.2 * len(controls)), 3.8), sharey=True, squeeze=False)
     for ax, control in zip(axes[0], controls):
         tests = [t for t in result["tests"] if t["control"] == control]
         for name in dict.fromkeys(t["method"] for t in tests):
