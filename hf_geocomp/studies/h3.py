@@ -330,7 +330,12 @@ def plot_h3(result: dict, path: str, xlabel: str = "fraction of block parameters
     import matplotlib.pyplot as plt
 
     controls = result.get("controls") or list(dict.fromkeys(t["control"] for t in result["tests"]))
-    fig, axes = plt.subplots(1, len(controls), figsize=(max(5.6, 4.2 * len(controls)), 3.8), sharey=True, squeeze=False)
+    labels = len(dict.fromkeys(t["method"] for t in result["tests"] if t["control"] in controls))
+    width = max(5.6, 4.2 * len(controls))
+    columns = max(1, min(labels, int(width // 2)))
+    below = 0.25 * -(-labels // columns) + 0.15  # inches for the legend, below the panels so that it covers no line
+    fig, axes = plt.subplots(1, len(controls), figsize=(width, 3.8 + below),
+                             sharey=True, squeeze=False)
     for ax, control in zip(axes[0], controls):
         tests = [t for t in result["tests"] if t["control"] == control]
         for name in dict.fromkeys(t["method"] for t in tests):
@@ -343,8 +348,12 @@ def plot_h3(result: dict, path: str, xlabel: str = "fraction of block parameters
         ax.set_title(f"{control}")
         ax.set_xlabel(xlabel)
     axes[0][0].set_ylabel(ylabel)
-    axes[0][-1].legend(fontsize=7)
+    legend = {}
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=columns, fontsize=7, frameon=False)
     fig.suptitle(f"{result['model']}: criterion vs baseline, mean and 95% CI over seeds", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, below / (3.8 + below), 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
