@@ -334,8 +334,8 @@ def plot_h3(result: dict, path: str, xlabel: str = "fraction of block parameters
     width = max(5.6, 4.2 * len(controls))
     columns = max(1, min(labels, int(width // 2)))
     below = 0.25 * -(-labels // columns) + 0.15  # inches for the legend, below the panels so that it covers no line
-    fig, axes = plt.subplots(1, len(controls), figsize=(width, 3.8 + below),
-                             sharey=True, squeeze=False)
+    fig, axes = plt.subplots(1, len(controls), figsize=(width, 3.8 + below), sharey=True, squeeze=False)
+    legend = {}  # label -> the first line drawn with it
     for ax, control in zip(axes[0], controls):
         tests = [t for t in result["tests"] if t["control"] == control]
         for name in dict.fromkeys(t["method"] for t in tests):
@@ -343,15 +343,12 @@ def plot_h3(result: dict, path: str, xlabel: str = "fraction of block parameters
                          if t["method"] == name)
             err = [[p[1] - p[2] if p[2] is not None else 0 for p in pts], [p[3] - p[1] if p[3] is not None else 0
                                                                             for p in pts]]
-            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=err, marker="o", capsize=2, label=name)
+            line = ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=err, marker="o", capsize=2)
+            legend.setdefault(name, line)
         ax.axhline(0, color="k", lw=0.8)
         ax.set_title(f"{control}")
         ax.set_xlabel(xlabel)
     axes[0][0].set_ylabel(ylabel)
-    legend = {}
-    for ax in axes[0]:
-        for handle, label in zip(*ax.get_legend_handles_labels()):
-            legend.setdefault(label, handle)
     fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=columns, fontsize=7, frameon=False)
     fig.suptitle(f"{result['model']}: criterion vs baseline, mean and 95% CI over seeds", fontsize=9)
     fig.tight_layout(rect=(0, below / (3.8 + below), 1, 1))
