@@ -424,7 +424,7 @@ class StatsCollector:
     """
 
     def __init__(self, model: nn.Module, taps: Iterable[Tap], compute_dtype: torch.dtype = torch.float32,
-                 training_only: bool = False, fold_rows: int = FOLD_ROWS):
+                 training_only: bool = False, fold_rows: int = FOLD_ROWS, fingerprint: bool = True):
         self.model = model
         self.taps = list(taps)
         if not self.taps:
@@ -440,7 +440,7 @@ class StatsCollector:
         self.training_only = training_only
         self._skip = False
         self.stats = ActivationStats(taps={t.key: t for t in self.taps},
-                                     meta={"fingerprint": model_fingerprint(model)})
+                                     meta={"fingerprint": model_fingerprint(model)} if fingerprint else {})
         self._by_module: dict[str, list[Tap]] = {}
         for t in self.taps:
             self._by_module.setdefault(t.module, []).append(t)
@@ -452,17 +452,25 @@ class StatsCollector:
         self.batches = 0
 
     # hooks -----------------------------------------------------------------------------
-    def _pre_root(self, module, args, kwargs):
-        self._skip = self.training_only and not module.training
-        mask = kwargs.get("attention_mask")
+    def begin_batch(self, attention_mask: torch.Tensor | None = None, training: bool = False) -> None:
+        """A batch starts: its 2-d ``attention_mask`` selects the real tokens (called by the model's
+        forward pre-hook, or by a caller that runs the modules itself, block by block)."""
+        self._skip = self.training_only and not training
+        mask = attention_mask
         usable = isinstance(mask, torch.Tensor) and mask.dim() == 2 and not bool(mask.all())
         self._mask = mask if usable else None  # an all-ones mask selects nothing: skip the copy
 
-    def _post_root(self, module, args, kwargs, output):
+    def end_batch(self) -> None:
         if self._skip:
             return
         self._seen.clear()  # dedup groups are fixed by the first batch
         self.batches += 1
+
+    def _pre_root(self, module, args, kwargs):
+        self.begin_batch(kwargs.get("attention_mask"), module.training)
+
+    def _post_root(self, module, args, kwargs, output):
+        self.end_batch()
 
     def _module_hook(self, name: str):
         def hook(module, args, output):

@@ -1,0 +1,78 @@
+"""Block-by-block calibration: the statistics equal a whole-model pass, in every supported family."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_geocomp.errors import GeoCompError
+from hf_geocomp.geometry import collect_stats, collect_stats_sequential, kv_head_taps, linear_input_taps
+from hf_geocomp.geometry.stats import kv_grad_taps
+
+from .conftest import random_batch
+from .families import FAMILIES
+
+
+def _batches(model, n=3, pad_last=0):
+    """Rows longer than the sliding windows of the tiny families (12), the last batch right-padded."""
+    return [random_batch(batch=2, seq=20, seed=s, pad_last=pad_last if s == n - 1 else 0) for s in range(n)]
+
+
+def _assert_equal_stats(a, b, rel=1e-10):
+    assert sorted(a.keys()) == sorted(b.keys())
+    for key in a.keys():
+        ma, mb = a[key], b[key]
+        assert ma.n == mb.n > 0, key
+        for x, y in ((ma.sum, mb.sum), (ma.outer, mb.outer)):
+            scale = max(float(x.abs().max()), 1e-30)
+            assert float((x - y).abs().max()) <= rel * scale, key
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_sequential_statistics_equal_the_whole_model_pass(name):
+    model = FAMILIES[name]()
+    batches = _batches(model, pad_last=3)
+    taps = linear_input_taps(model) + kv_head_taps(model)
+    whole = collect_stats(model, batches, taps)
+    seen = []
+    seq = collect_stats_sequential(model, batches, taps, on_block=lambda i, s: seen.append((i, sorted(s.keys()))),
+                                   keep=True)
+    _assert_equal_stats(whole, seq)
+    assert [i for i, _ in seen] == list(range(model.config.num_hidden_layers))
+    for i, keys in seen:  # each callback sees its own block's taps only
+        assert keys and all(f".{i}." in k for k in keys)
+
+
+def test_gradient_taps_and_taps_outside_blocks_are_refused():
+    model = FAMILIES["llama3"]()
+    with pytest.raises(GeoCompError, match="gradients"):
+        collect_stats_sequential(model, _batches(model), kv_grad_taps(model))
+    with pytest.raises(GeoCompError, match="not inside a transformer block"):
+        collect_stats_sequential(model, _batches(model), linear_input_taps(model, "lm_head"))
+    with pytest.raises(GeoCompError, match="propagate"):
+        collect_stats_sequential(model, _batches(model), linear_input_taps(model), propagate="pruned")
+
+
+def test_compressed_propagation_feeds_the_changed_block_forward():
+    """With propagate="compressed" the next block sees the changed block's outputs; with "original" it does not."""
+    results = {}
+    for propagate in ("original", "compressed"):
+        model = FAMILIES["llama3"]()
+        batches = _batches(model)
+
+        def zero_mlp(i, stats, model=model):
+            if i == 0:
+                with torch.no_grad():
+                    model.model.layers[0].mlp.down_proj.weight.zero_()
+
+        results[propagate] = collect_stats_sequential(model, batches, linear_input_taps(model), zero_mlp,
+                                                      propagate=propagate, keep=True)
+    changed = FAMILIES["llama3"]()
+    with torch.no_grad():
+        changed.model.layers[0].mlp.down_proj.weight.zero_()
+    whole_changed = collect_stats(changed, _batches(changed), linear_input_taps(changed))
+    whole = collect_stats(FAMILIES["llama3"](), _batches(changed), linear_input_taps(changed))
+    key = "model.layers.1.mlp.down_proj:in"
+    _assert_equal_stats(results["compressed"], whole_changed)
+    assert torch.allclose(results["original"][key].outer, whole[key].outer, rtol=1e-10, atol=0)
+    assert not torch.allclose(results["compressed"][key].outer, whole[key].outer)
