@@ -76,3 +76,58 @@ def test_compressed_propagation_feeds_the_changed_block_forward():
     _assert_equal_stats(results["compressed"], whole_changed)
     assert torch.allclose(results["original"][key].outer, whole[key].outer, rtol=1e-10, atol=0)
     assert not torch.allclose(results["compressed"][key].outer, whole[key].outer)
+
+
+PRUNE_CASES = [dict(criterion="variance", targets=["mlp", "heads"], allocation="global", compensation="bias+refit"),
+               dict(criterion="wanda", targets=["mlp"], allocation="uniform", compensation="bias")]
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+@pytest.mark.parametrize("case", range(len(PRUNE_CASES)))
+def test_sequential_pruning_equals_whole_model_pruning(name, case):
+    from hf_geocomp.prune import PruneConfig, prune, prune_sequential, prune_taps
+
+    from .conftest import model_output
+
+    from hf_geocomp import arch
+
+    whole, seq = FAMILIES[name](), FAMILIES[name]()
+    case = dict(PRUNE_CASES[case])
+    if arch.get_spec(whole).head_pruning:  # a family whose heads cannot be cut alone (OLMo2)
+        case["targets"] = ["mlp"]
+    cfg = PruneConfig(sparsity=0.3, **case)
+    batches = _batches(whole)
+    stats = collect_stats(whole, batches, prune_taps(whole, cfg.targets, criteria=[cfg.criterion],
+                                                     compensation=cfg.compensation, head_mode=cfg.head_mode))
+    _, plan = prune(whole, stats, config=cfg)
+    _, plan_seq = prune_sequential(seq, batches, cfg)
+    assert plan_seq.to_dict() == plan.to_dict()
+    for (n, p), (n2, q) in zip(whole.state_dict().items(), seq.state_dict().items()):
+        assert n == n2 and p.shape == q.shape and torch.allclose(p, q, rtol=1e-6, atol=1e-7), n
+    test = random_batch(batch=2, seq=20, seed=9)
+    assert torch.allclose(model_output(whole, test), model_output(seq, test), rtol=1e-5, atol=1e-5)
+
+
+def test_compressed_propagation_prunes_and_reloads(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    import hf_geocomp  # noqa: F401  (the geocomp quantizer rebuilds the pruned shapes)
+    from hf_geocomp.hub import mark_compressed
+    from hf_geocomp.prune import PruneConfig, prune_sequential
+
+    from .conftest import model_output
+
+    cfg = PruneConfig(sparsity=0.3, criterion="variance", targets=["mlp"], allocation="global",
+                      compensation="bias+refit")
+    model, original = FAMILIES["qwen2"](), FAMILIES["qwen2"]()
+    batches = _batches(model)
+    _, plan = prune_sequential(model, batches, cfg, propagate="compressed")
+    _, plan_orig = prune_sequential(original, batches, cfg, propagate="original")
+    assert plan.to_dict() == plan_orig.to_dict()  # the same units go; only the refits differ
+    down = "model.layers.1.mlp.down_proj.weight"
+    assert not torch.allclose(model.state_dict()[down], original.state_dict()[down])
+    mark_compressed(model, plan, None)
+    model.save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path)
+    test = random_batch(batch=2, seq=20, seed=9)
+    assert torch.equal(model_output(model, test), model_output(again, test))

@@ -138,3 +138,48 @@ def prune(model: nn.Module, stats=None, sparsity: float = 0.2, criterion: str = 
     apply_plan(model, groups, plan, stats, cfg.compensation, cfg.refit_damp, cfg.refit_shrinkage)
     update_config(model, plan)
     return model, plan
+
+
+def prune_sequential(model: nn.Module, batches, config: PruneConfig, propagate: str = "original",
+                     grads: dict | None = None, scores: dict | None = None,
+                     progress: bool = False) -> tuple[nn.Module, PrunePlan]:
+    """:func:`prune`, with one block's statistics in memory at a time (a model of any size).
+
+    Two block-by-block passes (:func:`~hf_geocomp.geometry.collect_stats_sequential`): the first
+    scores every unit from the small statistics its criterion reads (per-feature variances,
+    per-head blocks) and the plan is allocated over the whole model, as :func:`prune` does; the
+    second measures each block's consumer inputs in full where the compensation reads them, cuts
+    the block and refits it, and frees them. With ``propagate="original"`` the result equals
+    :func:`prune` on whole-model statistics; with ``"compressed"`` each block's compensation is
+    fitted to the outputs of the already pruned blocks before it, what it will really receive.
+    """
+    from ..geometry import collect_stats_sequential
+
+    cfg = config
+    if cfg.criterion == "taylor" and grads is None:
+        raise GeoCompError("the taylor criterion needs grads (see taylor_grads).")
+    batches = list(batches)
+    groups = unit_groups(model, cfg.targets, cfg.head_mode)
+    if scores is None:
+        taps = prune_taps(model, cfg.targets, criteria=[cfg.criterion], head_mode=cfg.head_mode)
+        if taps:
+            scores = {}
+
+            def score_block(i, stats):
+                scores.update(score_groups(model, [g for g in groups if g.layer == i], cfg, stats, grads))
+
+            collect_stats_sequential(model, batches, taps, score_block, progress=progress)
+        else:
+            scores = score_groups(model, groups, cfg, None, grads)
+    plan = allocate(groups, scores, cfg, block_params(model), layers=arch.layer_indices(model, cfg.layers))
+    taps = prune_taps(model, cfg.targets, criteria=[], compensation=cfg.compensation, head_mode=cfg.head_mode)
+    if taps:
+        def cut_block(i, stats):
+            apply_plan(model, groups, plan, stats, cfg.compensation, cfg.refit_damp, cfg.refit_shrinkage,
+                       layers={i}, check=False)
+
+        collect_stats_sequential(model, batches, taps, cut_block, propagate=propagate, progress=progress)
+    else:
+        apply_plan(model, groups, plan)
+    update_config(model, plan)
+    return model, plan

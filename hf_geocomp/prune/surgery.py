@@ -59,14 +59,22 @@ def _pruned(groups: list[UnitGroup], plan: PrunePlan):
 
 
 def apply_plan(model: nn.Module, groups: list[UnitGroup], plan: PrunePlan, stats=None,
-               compensation: str = "none", damp: float = 1e-2, shrinkage: float = 0.0) -> nn.Module:
-    """Replace the modules of ``groups`` by smaller ones holding only the kept units (in place)."""
+               compensation: str = "none", damp: float = 1e-2, shrinkage: float = 0.0,
+               layers: set[int] | None = None, check: bool = True) -> nn.Module:
+    """Replace the modules of ``groups`` by smaller ones holding only the kept units (in place).
+
+    ``layers``: cut only the groups of these blocks (block-by-block pruning hands each block its own
+    statistics); ``check=False`` skips the check that ``stats`` were measured on these very weights
+    (a caller that measured them itself, block by block, on a model it is changing as it goes).
+    """
     plan.validate(groups)
+    if layers is not None:
+        groups = [g for g in groups if g.layer in layers]
     bias, refit = "bias" in compensation, "refit" in compensation
     by_key = {gp.key: gp for gp in plan.groups}
     if (bias or refit) and stats is None:
         raise GeoCompError(f"compensation {compensation!r} needs activation statistics.")
-    if bias or refit:  # the refit reads these statistics: never from another model or older weights
+    if (bias or refit) and check:  # the refit reads these statistics: never from another model or older weights
         stats.check_model(model)
     for kind in ("mlp", "heads"):
         if bias and any(by_key[g.key].removed for g in groups if g.kind == kind and g.key in by_key):
