@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from hf_geocomp.geometry import ActivationStats, Tap, collect_stats, kv_head_taps, linear_input_taps
+from hf_geocomp.geometry import (ActivationStats, Tap, collect_stats, collect_stats_sequential, kv_head_taps,
+                                 linear_input_taps)
 
 from .conftest import random_batch, tiny_llama
 
@@ -25,7 +26,7 @@ def _taps(model):
     return linear_input_taps(model) + kv_head_taps(model) + diag
 
 
-def _worker(rank, world_size, port, n_samples, out_path):
+def _worker(rank, world_size, port, n_samples, out_path, sequential=False):
     import os
 
     from accelerate import Accelerator
@@ -37,12 +38,16 @@ def _worker(rank, world_size, port, n_samples, out_path):
     acc = Accelerator(cpu=True, dataloader_config=DataLoaderConfiguration(even_batches=False))
     model = tiny_llama()
     loader = acc.prepare(torch.utils.data.DataLoader(Blocks(n_samples), batch_size=2))
-    stats = collect_stats(model, loader, _taps(model), compute_dtype=torch.float64)
+    if sequential:  # block by block: each block's sums are reduced before the next block is measured
+        stats = collect_stats_sequential(model, loader, _taps(model), compute_dtype=torch.float64, keep=True)
+    else:
+        stats = collect_stats(model, loader, _taps(model), compute_dtype=torch.float64)
     stats.save(f"{out_path}.rank{acc.process_index}")
 
 
+@pytest.mark.parametrize("sequential", [False, True], ids=["whole-model", "block-by-block"])
 @pytest.mark.parametrize("n_samples", [9, 2])  # 5 batches split 3/2; one batch, so one rank sees nothing
-def test_two_processes_match_one(tmp_path, n_samples):
+def test_two_processes_match_one(tmp_path, n_samples, sequential):
     import socket
 
     import torch.multiprocessing as mp
@@ -52,7 +57,7 @@ def test_two_processes_match_one(tmp_path, n_samples):
         port = sock.getsockname()[1]
     out = str(tmp_path / "stats")
     # spawn, not fork: forking a process whose OpenMP pool already ran can deadlock
-    mp.spawn(_worker, args=(2, port, n_samples, out), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, port, n_samples, out, sequential), nprocs=2, join=True)
     model = tiny_llama()
     single = collect_stats(model, torch.utils.data.DataLoader(Blocks(n_samples), batch_size=2), _taps(model),
                            compute_dtype=torch.float64)

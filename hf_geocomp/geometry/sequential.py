@@ -51,6 +51,12 @@ class _Recorder(nn.Module):
         return hidden
 
 
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def _blocks(model: nn.Module) -> tuple[nn.ModuleList, list[str]]:
     prefixes = arch.block_prefixes(model)
     return model.get_submodule(prefixes[0].rstrip(".").rpartition(".")[0]), prefixes
@@ -113,7 +119,7 @@ def collect_stats_sequential(model: nn.Module, batches: Iterable[Mapping[str, to
                                "measures block modules only.")
         by_block[i].append(t)
     hidden, calls = block_inputs(model, batches)
-    if not hidden:
+    if not hidden and not _distributed():  # in a distributed run an empty shard still takes part in every sum
         raise GeoCompError("calibration saw zero tokens; give it non-empty data.")
     merged = ActivationStats(meta={"tokens": 0}) if keep else None
     with torch.no_grad():
