@@ -9,7 +9,7 @@ from hf_geocomp.errors import GeoCompError
 from hf_geocomp.geometry import collect_stats, collect_stats_sequential, kv_head_taps, linear_input_taps
 from hf_geocomp.geometry.stats import kv_grad_taps
 
-from .conftest import random_batch
+from .conftest import model_output, random_batch
 from .families import FAMILIES
 
 
@@ -131,3 +131,25 @@ def test_compressed_propagation_prunes_and_reloads(tmp_path):
     again = AutoModelForCausalLM.from_pretrained(tmp_path)
     test = random_batch(batch=2, seq=20, seed=9)
     assert torch.equal(model_output(model, test), model_output(again, test))
+
+
+def test_compress_on_load_pipelines_agree(tiny_llama_dir):
+    """from_pretrained(..., quantization_config=GeoCompConfig(...)) runs the block-by-block pipeline by default."""
+    from transformers import AutoModelForCausalLM
+
+    from hf_geocomp import GeoCompConfig
+
+    prune = {"sparsity": 0.3, "criterion": "variance", "targets": ["mlp"], "allocation": "global",
+             "compensation": "bias+refit"}
+    models = {}
+    for pipeline in ("sequential", "whole-model"):
+        cfg = GeoCompConfig(prune=prune, calibration="pydoc:calibration", tokens=64, block_size=16, pipeline=pipeline)
+        models[pipeline] = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=cfg)
+    plans = {k: m.config.quantization_config.plan for k, m in models.items()}
+    assert plans["sequential"]["prune"] == plans["whole-model"]["prune"]
+    assert models["sequential"].config.quantization_config.pipeline == "sequential"
+    test = random_batch(batch=2, seq=20, seed=9)
+    a, b = (model_output(m, test) for m in models.values())
+    assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+    with pytest.raises(GeoCompError, match="pipeline must be one of"):
+        GeoCompConfig(prune=prune, calibration="pydoc:calibration", pipeline="layerwise")

@@ -25,6 +25,7 @@ from .. import arch
 from ..errors import GeoCompError
 from .stats import ActivationStats, StatsCollector, Tap, skip_logits
 
+PIPELINES = ("sequential", "whole-model")
 PROPAGATE = ("original", "compressed")
 
 

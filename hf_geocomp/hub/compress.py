@@ -27,7 +27,7 @@ def _calibration(model: nn.Module, cfg: GeoCompConfig) -> list:
 
 def compress_loaded(model: nn.Module, cfg: GeoCompConfig) -> GeoCompConfig:
     """Run ``cfg``'s request on ``model`` (in place) and record the result; returns the resolved config."""
-    from ..geometry import ActivationStats, collect_stats
+    from ..geometry import ActivationStats
 
     stats = ActivationStats.load(cfg.stats_file) if cfg.stats_file else None
     if stats is None and cfg.prune is not None and cfg.prune.criterion == "taylor" and not cfg.calibration:
@@ -37,13 +37,12 @@ def compress_loaded(model: nn.Module, cfg: GeoCompConfig) -> GeoCompConfig:
     model.eval()
     prune_plan = kv_plan = None
     if cfg.prune is not None:
-        from ..prune import prune, prune_taps, taylor_grads
+        from ..prune import prune, prune_calibrated
 
-        p = cfg.prune
-        taps = prune_taps(model, p.targets, criteria=[p.criterion], compensation=p.compensation, head_mode=p.head_mode)
-        pstats = stats if stats is not None else collect_stats(model, batches, taps) if taps else None
-        grads = taylor_grads(model, batches, cfg.prune.targets) if cfg.prune.criterion == "taylor" else None
-        _, prune_plan = prune(model, pstats, grads=grads, config=cfg.prune)
+        if stats is not None:
+            _, prune_plan = prune(model, stats, config=cfg.prune)
+        else:
+            _, prune_plan = prune_calibrated(model, batches, cfg.prune, cfg.pipeline, cfg.propagate)
     if cfg.kv is not None:
         from .. import arch
         from ..kv import build_plan, collect_kv_stats, use_reduced_attention

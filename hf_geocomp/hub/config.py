@@ -27,6 +27,9 @@ FIELDS = {  # name → help (the docstring of __init__ mirrors this)
     "block_size": "tokens per calibration block (>= 2)",
     "batch_size": "calibration blocks per forward pass (>= 1)",
     "seed": "seed of the calibration block selection",
+    "pipeline": "sequential (one block's statistics in memory at a time) | whole-model (every block's at once)",
+    "propagate": "block-by-block inputs: original (equal to the whole-model statistics) | compressed (from the "
+                 "pruned blocks before)",
     "tokenizer": "tokenizer folder or Hub id for the calibration text (None: the model's own)",
     "plan": "the resolved plan of a compressed model (written on save; never set it by hand)",
     "format_version": "version of the plan format",
@@ -58,12 +61,16 @@ class GeoCompConfig(QuantizationConfigMixin):
             it serves one method, measured on the very model being loaded.
         tokens: calibration tokens; block_size: tokens per block; batch_size: blocks per pass;
         seed: seed of the block selection; tokenizer: folder or Hub id (None: the model's).
+        pipeline: ``sequential`` (pruning statistics measured and used one block at a time: the memory of
+            one block's, any model size) or ``whole-model`` (every block's at once).
+        propagate: with ``sequential``, each block's inputs come from the ``original`` blocks before it
+            (the same statistics as a whole-model pass) or from the ``compressed`` ones.
         plan: the resolved plan (written on save, read on reload); format_version: its version.
     """
 
     def __init__(self, prune=None, kv=None, calibration: str | None = None, stats_file: str | None = None,
                  tokens: int = 4096, block_size: int = 256, batch_size: int = 8, seed: int = 0,
-                 tokenizer: str | None = None, plan: dict | None = None, format_version: int = FORMAT_VERSION,
+                 pipeline: str = "sequential", propagate: str = "original", tokenizer: str | None = None, plan: dict | None = None, format_version: int = FORMAT_VERSION,
                  quant_method: str = QUANT_METHOD, **kwargs):
         if kwargs:
             raise GeoCompError(f"GeoCompConfig has no option {sorted(kwargs)[0]!r}; allowed: {', '.join(FIELDS)}.")
@@ -80,10 +87,16 @@ class GeoCompConfig(QuantizationConfigMixin):
         self.kv = _as(KVConfig, kv, "kv")
         self.calibration, self.stats_file, self.tokenizer = calibration, stats_file, tokenizer
         self.tokens, self.block_size, self.batch_size, self.seed = tokens, block_size, batch_size, seed
+        self.pipeline, self.propagate = pipeline, propagate
         self.plan = plan
         self._check()
 
     def _check(self) -> None:
+        from ..geometry.sequential import PIPELINES, PROPAGATE
+
+        for name, value, allowed in (("pipeline", self.pipeline, PIPELINES), ("propagate", self.propagate, PROPAGATE)):
+            if value not in allowed:
+                raise GeoCompError(f"GeoCompConfig {name} must be one of {', '.join(allowed)}, got {value!r}.")
         for name, value, least in (("tokens", self.tokens, 1), ("block_size", self.block_size, 2),
                                    ("batch_size", self.batch_size, 1)):
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
@@ -131,7 +144,7 @@ class GeoCompConfig(QuantizationConfigMixin):
                 "kv": None if self.kv is None else {**self.kv.__dict__, "widths": list(self.kv.widths)},
                 "calibration": self.calibration, "stats_file": self.stats_file, "tokens": self.tokens,
                 "block_size": self.block_size, "batch_size": self.batch_size, "seed": self.seed,
-                "tokenizer": self.tokenizer, "plan": self.plan}
+                "pipeline": self.pipeline, "propagate": self.propagate, "tokenizer": self.tokenizer, "plan": self.plan}
 
     def __iter__(self):
         yield from self.to_dict().items()

@@ -6,7 +6,7 @@ compensation or least-squares refit), ``VarianceWeightedPruningCallback`` does i
 fine-tuning with a ``transformers.Trainer``.
 """
 
-from .api import prune, prune_sequential, prune_taps, score_groups, taylor_grads, update_config
+from .api import prune, prune_calibrated, prune_sequential, prune_taps, score_groups, taylor_grads, update_config
 from .config import PruneConfig
 from .plan import GroupPlan, PrunePlan, allocate
 from .scorers import SCORERS, Scorer, get_scorer
@@ -14,7 +14,7 @@ from .surgery import apply_masks, apply_plan
 from .units import UnitGroup, block_params, unit_groups
 
 __all__ = ["GroupPlan", "PruneConfig", "PrunePlan", "SCORERS", "Scorer", "UnitGroup", "allocate", "apply_masks",
-           "apply_plan", "block_params", "get_scorer", "prune", "prune_sequential", "prune_taps", "score_groups", "taylor_grads",
+           "apply_plan", "block_params", "get_scorer", "prune", "prune_calibrated", "prune_sequential", "prune_taps", "score_groups", "taylor_grads",
            "unit_groups", "update_config", "VarianceWeightedPruningCallback"]
 
 

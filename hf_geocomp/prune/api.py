@@ -183,3 +183,25 @@ def prune_sequential(model: nn.Module, batches, config: PruneConfig, propagate: 
         apply_plan(model, groups, plan)
     update_config(model, plan)
     return model, plan
+
+
+def prune_calibrated(model: nn.Module, batches, config: PruneConfig, pipeline: str = "sequential",
+                     propagate: str = "original", progress: bool = False) -> tuple[nn.Module, PrunePlan]:
+    """Calibrate on ``batches`` and prune: the one pruning step of the main job and of compress on load.
+
+    ``pipeline="sequential"``: :func:`prune_sequential` (one block's statistics at a time);
+    ``"whole-model"``: every block's statistics at once, then :func:`prune`. The taylor criterion's
+    gradients come from a backward pass through the whole model either way.
+    """
+    from ..geometry import PIPELINES, collect_stats
+
+    if pipeline not in PIPELINES:
+        raise GeoCompError(f"pipeline must be one of {', '.join(PIPELINES)}, got {pipeline!r}.")
+    cfg = config
+    grads = taylor_grads(model, batches, cfg.targets) if cfg.criterion == "taylor" else None
+    if pipeline == "sequential":
+        return prune_sequential(model, batches, cfg, propagate, grads=grads, progress=progress)
+    taps = prune_taps(model, cfg.targets, criteria=[cfg.criterion], compensation=cfg.compensation,
+                      head_mode=cfg.head_mode)
+    stats = collect_stats(model, batches, taps, progress=progress) if taps else None
+    return prune(model, stats, grads=grads, config=cfg)
