@@ -96,6 +96,7 @@ def push(folder: str, repo_id: str, token: str | None = None, private: bool = Fa
 
     ``token``: None uses huggingface_hub's own (``HF_TOKEN`` or ``hf auth login``).
     """
+    import httpx
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
@@ -105,6 +106,11 @@ def push(folder: str, repo_id: str, token: str | None = None, private: bool = Fa
         raise GeoCompError(f"{folder!r} is not an exported model or adapter folder (config.json is missing).")
     if not any(path.glob("*.safetensors")):
         raise GeoCompError(f"{folder!r} has no safetensors weights to push.")
+    from ..data import hub_unreachable
+
+    why = hub_unreachable(endpoint)
+    if why:  # fail now, not after the client's retries
+        raise GeoCompError(f"cannot push to {repo_id!r}: {why}.")
     api = HfApi(endpoint=endpoint, token=token)
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)
@@ -115,4 +121,7 @@ def push(folder: str, repo_id: str, token: str | None = None, private: bool = Fa
         raise GeoCompError(f"cannot push to {repo_id!r}: HF_HUB_OFFLINE is set; unset it to push.") from None
     except HfHubHTTPError as e:  # the message names the URL and status, never the token
         raise GeoCompError(f"pushing to {repo_id!r} failed: {str(e).splitlines()[0]}") from None
+    except httpx.TransportError as e:  # no connection (refused, reset, timed out)
+        raise GeoCompError(f"cannot push to {repo_id!r}: the Hub at {api.endpoint} cannot be reached "
+                           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no details'}).") from None
     return str(info.commit_url)
