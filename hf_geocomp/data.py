@@ -109,12 +109,13 @@ def _hub_id(name: str) -> str:
     return name
 
 
-def hub_unreachable(endpoint: str | None = None, timeout: float = 5.0) -> str | None:
+def hub_unreachable(endpoint: str | None = None, timeout: float = 5.0, connect: bool = False) -> str | None:
     """Why the Hub at ``endpoint`` (default: huggingface_hub's) cannot be reached at all, or None if it may be.
 
     Checked at once, so that an id that is not cached fails now instead of after the clients' retries (about 30 s):
-    ``HF_HUB_OFFLINE`` set, or the endpoint's host name does not resolve within ``timeout`` seconds. Behind a
-    configured proxy the proxy resolves names, so only the offline switch counts.
+    ``HF_HUB_OFFLINE`` set, or the endpoint's host name does not resolve within ``timeout`` seconds, or (with
+    ``connect``) no TCP connection to it opens within ``timeout``. Behind a configured proxy the proxy resolves
+    names and connects, so only the offline switch counts.
     """
     import socket
     import threading
@@ -130,9 +131,11 @@ def hub_unreachable(endpoint: str | None = None, timeout: float = 5.0) -> str | 
         return None
     failure = []
 
+    port = url.port or (80 if url.scheme == "http" else 443)
+
     def resolve():
         try:
-            socket.getaddrinfo(url.hostname, url.port or 443)
+            socket.getaddrinfo(url.hostname, port)
         except OSError as e:
             failure.append(e)
 
@@ -141,6 +144,11 @@ def hub_unreachable(endpoint: str | None = None, timeout: float = 5.0) -> str | 
     worker.join(timeout)
     if worker.is_alive() or failure:
         return f"the Hub host {url.hostname!r} cannot be resolved (no network?)"
+    if connect:
+        try:
+            socket.create_connection((url.hostname, port), timeout=timeout).close()
+        except OSError as e:
+            return f"no connection to the Hub at {url.hostname}:{port} opens ({e.strerror or e})"
     return None
 
 

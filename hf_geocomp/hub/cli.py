@@ -27,7 +27,7 @@ def export_command(args) -> None:
     folder = Path(args.model)
     if not (folder / "config.json").is_file():
         raise GeoCompError(f"{args.model!r} is not a saved model folder (config.json is missing).")
-    if not any(folder.glob(pattern) for pattern in ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin")):
+    if not any(any(folder.glob(p)) for p in ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin")):
         raise GeoCompError(f"{args.model!r} has a config.json but no weights (*.safetensors or pytorch_model*.bin); "
                            "export a folder written by save_pretrained.")
     try:

@@ -96,7 +96,6 @@ def push(folder: str, repo_id: str, token: str | None = None, private: bool = Fa
 
     ``token``: None uses huggingface_hub's own (``HF_TOKEN`` or ``hf auth login``).
     """
-    import httpx
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
@@ -108,7 +107,7 @@ def push(folder: str, repo_id: str, token: str | None = None, private: bool = Fa
         raise GeoCompError(f"{folder!r} has no safetensors weights to push.")
     from ..data import hub_unreachable
 
-    why = hub_unreachable(endpoint)
+    why = hub_unreachable(endpoint, connect=True)
     if why:  # fail now, not after the client's retries
         raise GeoCompError(f"cannot push to {repo_id!r}: {why}.")
     api = HfApi(endpoint=endpoint, token=token)
@@ -121,7 +120,11 @@ def push(folder: str, repo_id: str, token: str | None = None, private: bool = Fa
         raise GeoCompError(f"cannot push to {repo_id!r}: HF_HUB_OFFLINE is set; unset it to push.") from None
     except HfHubHTTPError as e:  # the message names the URL and status, never the token
         raise GeoCompError(f"pushing to {repo_id!r} failed: {str(e).splitlines()[0]}") from None
-    except httpx.TransportError as e:  # no connection (refused, reset, timed out)
+    except Exception as e:
+        # no connection (refused, reset, timed out): the HTTP client's TransportError (httpx in huggingface_hub 1.x,
+        # httpx2 in 2.x), recognised by name so that neither has to be imported
+        if not any(c.__name__ == "TransportError" for c in type(e).__mro__):
+            raise
         raise GeoCompError(f"cannot push to {repo_id!r}: the Hub at {api.endpoint} cannot be reached "
                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no details'}).") from None
     return str(info.commit_url)
