@@ -109,7 +109,7 @@ def push(folder: str, repo_id: str, token: str | None = None, private: bool = Fa
 
     why = hub_unreachable(endpoint, connect=True)
     if why:  # fail now, not after the client's retries
-        raise GeoCompError(f"cannot push to {repo_id!r}: {why}.")
+        raise GeoCompError(f"cannot push to {repo_id!r}: {why}" + ("; unset it to push." if "OFFLINE" in why else "."))
     api = HfApi(endpoint=endpoint, token=token)
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)
