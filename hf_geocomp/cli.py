@@ -98,7 +98,9 @@ def options_of(ns: argparse.Namespace):
     if ns.command == "run":
         from .recipes import is_job_recipe, load_job, load_study
 
-        overrides = ns.set + ([f"output={ns.output}"] if ns.output else [])
+        if ns.output is not None and not ns.output.strip():
+            raise GeoCompError("--output is empty; give the folder (or results file) to write.")
+        overrides = ns.set + ([f"output={ns.output}"] if ns.output is not None else [])
         if ns.recipe is None or is_job_recipe(ns.recipe):
             return load_job(ns.recipe, overrides)
         options = load_study(ns.recipe, overrides, {name: cls for name, (cls, _) in commands().items()})
@@ -122,7 +124,7 @@ def check_output(args) -> None:
     """Refuse, before any work, to replace an existing output file or non-empty folder without ``--overwrite``."""
     from .io import check_output as check
 
-    if getattr(args, "output", None) and not getattr(args, "resume", False):  # --resume continues the file
+    if getattr(args, "output", None) is not None and not getattr(args, "resume", False):  # --resume continues it
         check(args.output, getattr(args, "overwrite", False))
 
 

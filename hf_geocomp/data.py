@@ -109,10 +109,54 @@ def _hub_id(name: str) -> str:
     if close:
         raise GeoCompError(f"model {name!r} is not a bundled name, a folder or a cached Hub id; "
                            f"did you mean {close[0]!r}?")
-    if constants.HF_HUB_OFFLINE:
+    why = hub_unreachable()
+    if why:
         raise GeoCompError(f"model {name!r} is not a bundled name ({', '.join(BUNDLED_MODELS)}), a folder, or a Hub "
-                           "id in the local HF cache, and HF_HUB_OFFLINE is set, so it cannot be downloaded.")
+                           f"id in the local HF cache, and {why}, so it cannot be downloaded.")
     return name
+
+
+def hub_unreachable(endpoint: str | None = None, timeout: float = 5.0, connect: bool = False) -> str | None:
+    """Why the Hub at ``endpoint`` (default: huggingface_hub's) cannot be reached at all, or None if it may be.
+
+    Checked at once, so that an id that is not cached fails now instead of after the clients' retries (about 30 s):
+    ``HF_HUB_OFFLINE`` set, or the endpoint's host name does not resolve within ``timeout`` seconds, or (with
+    ``connect``) no TCP connection to it opens within ``timeout``. Behind a configured proxy the proxy resolves
+    names and connects, so only the offline switch counts.
+    """
+    import socket
+    import threading
+    import urllib.request
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    url = urlparse(endpoint or constants.ENDPOINT)
+    if not url.hostname or urllib.request.getproxies().get(url.scheme or "https"):
+        return None
+    failure = []
+
+    port = url.port or (80 if url.scheme == "http" else 443)
+
+    def resolve():
+        try:
+            socket.getaddrinfo(url.hostname, port)
+        except OSError as e:
+            failure.append(e)
+
+    worker = threading.Thread(target=resolve, daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive() or failure:
+        return f"the Hub host {url.hostname!r} cannot be resolved (no network?)"
+    if connect:
+        try:
+            socket.create_connection((url.hostname, port), timeout=timeout).close()
+        except OSError as e:
+            return f"no connection to the Hub at {url.hostname}:{port} opens ({e.strerror or e})"
+    return None
 
 
 def load_model(name: str, task: str = "auto", dtype: torch.dtype = torch.float32, **kwargs):
@@ -121,9 +165,39 @@ def load_model(name: str, task: str = "auto", dtype: torch.dtype = torch.float32
     ``task``: ``"causal-lm"``, ``"encoder"`` (bare ``AutoModel``), ``"sequence-classification"``
     or ``"auto"`` (causal LM when the checkpoint has one, else the encoder).
     """
-    from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM,
-                              AutoModelForSequenceClassification, AutoTokenizer)
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
+
+    where, gguf = resolve_model(name)
+    extra = {"gguf_file": gguf} if gguf else {}
+    config = load_config(name)
+    if task == "auto":
+        archs = " ".join(getattr(config, "architectures", None) or [])
+        task = "causal-lm" if ("CausalLM" in archs or "LMHead" in archs or gguf) else "encoder"
+    classes = {"causal-lm": AutoModelForCausalLM, "encoder": AutoModel,
+               "sequence-classification": AutoModelForSequenceClassification}
+    if task not in classes:
+        raise GeoCompError(f"task {task!r} is not one of {', '.join(['auto', *classes])}.")
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # keep load reports of unused heads (pooler, lm_head) quiet
+    try:
+        model = classes[task].from_pretrained(where, dtype=dtype, **extra, **kwargs)
+    except (OSError, ValueError) as e:
+        raise GeoCompError(f"cannot load model {name!r}: {str(e).splitlines()[0]}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    tokenizer = load_tokenizer(name)
+    block_bos(tokenizer, model)  # a family that needs a BOS its tokenizer lacks: one clear error now
+    if gguf:
+        unflag_dequantized(model)
+    model.eval()
+    return model, tokenizer
+
+
+def load_config(name: str):
+    """The transformers config of a bundled name, folder, GGUF file or Hub id, without reading any weights;
+    a :class:`GeoCompError` for an unreadable one or an unsupported family."""
+    from transformers import AutoConfig
 
     where, gguf = resolve_model(name)
     extra = {"gguf_file": gguf} if gguf else {}
@@ -139,29 +213,21 @@ def load_model(name: str, task: str = "auto", dtype: torch.dtype = torch.float32
     from .arch import check_config
 
     check_config(config)  # an unsupported family is refused here, before any weights are read
-    if task == "auto":
-        archs = " ".join(getattr(config, "architectures", None) or [])
-        task = "causal-lm" if ("CausalLM" in archs or "LMHead" in archs or gguf) else "encoder"
-    classes = {"causal-lm": AutoModelForCausalLM, "encoder": AutoModel,
-               "sequence-classification": AutoModelForSequenceClassification}
-    if task not in classes:
-        raise GeoCompError(f"task {task!r} is not one of {', '.join(['auto', *classes])}.")
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # keep load reports of unused heads (pooler, lm_head) quiet
+    return config
+
+
+def load_tokenizer(name: str):
+    """The tokenizer of a bundled name, folder, GGUF file or Hub id (its pad token set to EOS if it has none)."""
+    from transformers import AutoTokenizer
+
+    where, gguf = resolve_model(name)
     try:
-        model = classes[task].from_pretrained(where, dtype=dtype, **extra, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(where, **extra)
+        tokenizer = AutoTokenizer.from_pretrained(where, **({"gguf_file": gguf} if gguf else {}))
     except (OSError, ValueError) as e:
-        raise GeoCompError(f"cannot load model {name!r}: {str(e).splitlines()[0]}") from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
+        raise GeoCompError(f"cannot load the tokenizer of model {name!r}: {str(e).splitlines()[0]}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    block_bos(tokenizer, model)  # a family that needs a BOS its tokenizer lacks: one clear error now
-    if gguf:
-        unflag_dequantized(model)
-    model.eval()
-    return model, tokenizer
+    return tokenizer
 
 
 def unflag_dequantized(model):
@@ -350,6 +416,10 @@ def _hf_corpus(source: str, spec: str) -> Corpus:
         name, config, split = parts
     else:
         (name, split), config = parts, None
+    why = None if Path(name).exists() or datasets.config.HF_HUB_OFFLINE else hub_unreachable()
+    if why:  # offline, datasets reads its own cache at once; otherwise it would retry for about 30 s
+        raise GeoCompError(f"dataset {name!r} is not a local folder and {why}, so it cannot be downloaded; set "
+                           "HF_HUB_OFFLINE=1 to read it from the local datasets cache.")
     try:
         ds = datasets.load_dataset(name, config or None, split=split)
     except Exception as e:  # datasets raises many types for a missing dataset
@@ -363,7 +433,8 @@ def _hf_corpus(source: str, spec: str) -> Corpus:
 
 
 def model_max_length(model) -> int | None:
-    cfg = model.config
+    """The positions a model (or its config) reads, or None where it does not say."""
+    cfg = getattr(model, "config", model)
     return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
 
 
@@ -381,10 +452,10 @@ def tokenizer_bos(tokenizer) -> int | None:
 def block_bos(tokenizer, model=None) -> int | None:
     """The BOS every block starts with: the tokenizer's own (:func:`tokenizer_bos`), or, for a family
     that needs one whatever its tokenizer says (Gemma), its ``bos_token_id``; a :class:`GeoCompError`
-    when such a family's tokenizer has none."""
-    from .arch import get_spec
+    when such a family's tokenizer has none. ``model``: the model or its config."""
+    from .arch import check_config
 
-    spec = get_spec(model) if model is not None else None
+    spec = check_config(getattr(model, "config", model)) if model is not None else None
     if spec is not None and spec.needs_bos:
         if getattr(tokenizer, "bos_token_id", None) is None:
             raise GeoCompError(f"{spec.family} models need a BOS token at the start of every sequence, but this "
@@ -472,7 +543,8 @@ def causal_lm_collate(rows) -> dict:
 
 def calibration_loader(model, tokenizer, source: str, tokens: int, block_size: int = 256, batch_size: int = 8,
                        seed: int = 0):
-    """A DataLoader of ``{input_ids, attention_mask}`` blocks from a text source."""
+    """A DataLoader of ``{input_ids, attention_mask}`` blocks from a text source (``model``: the model or its
+    config)."""
     blocks = token_blocks(tokenizer, load_corpus(source), block_size, max_tokens=tokens,
                           max_length=model_max_length(model), seed=seed, bos=block_bos(tokenizer, model))
     return torch.utils.data.DataLoader(blocks, batch_size=batch_size)

@@ -13,15 +13,34 @@ from .errors import GeoCompError
 
 
 def check_output(path: str | Path, overwrite: bool = False) -> None:
-    """Raise unless ``path`` may be written: absent, an empty folder, or ``overwrite`` given."""
+    """Raise unless ``path`` may be written: absent, an empty folder, or ``overwrite`` given; and its parent
+    folder can be created and written (checked before any work, so a run never ends on an unwritable output)."""
+    if not str(path).strip():
+        raise GeoCompError("the output path is empty; give a folder or file name.")
     target = Path(path)
-    if overwrite or not target.exists():
-        return
-    if target.is_dir():
+    if target.exists() and not overwrite:
+        if not target.is_dir():
+            raise GeoCompError(f"output file {str(path)!r} already exists; pass --overwrite to replace it.")
         if any(target.iterdir()):
             raise GeoCompError(f"output folder {str(path)!r} already exists and is not empty; pass --overwrite.")
-    else:
-        raise GeoCompError(f"output file {str(path)!r} already exists; pass --overwrite to replace it.")
+    check_writable_parent(target)
+
+
+def check_writable_parent(target: Path) -> None:
+    """Raise unless the folder that will hold ``target`` exists or can be created, and a file can be written there.
+
+    Nothing is created: the nearest existing ancestor must be a folder in which a probe folder can be made.
+    """
+    ancestor = target.absolute().parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise GeoCompError(f"cannot write {str(target)!r}: {str(ancestor)!r} is a file, not a folder.")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".hf_geocomp_probe.", dir=ancestor))
+    except OSError as e:
+        raise GeoCompError(f"cannot write {str(target)!r}: the folder {str(ancestor)!r} is not writable "
+                           f"({e.strerror or e}).") from None
 
 
 @contextlib.contextmanager
@@ -40,12 +59,28 @@ def output_dir(path: str, overwrite: bool = False):
     tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder
     try:
         yield tmp
-        if target.exists():
-            shutil.rmtree(target) if target.is_dir() else target.unlink()
-        os.replace(tmp, target)
+        replace_aside(tmp, target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def replace_aside(new: Path, target: Path) -> None:
+    """Rename ``new`` to ``target``; an existing ``target`` is first renamed aside (a hidden ``.<name>.old-*``
+    sibling) and removed only once ``new`` is in place, so at every moment one of them is whole on disk. If the
+    final rename fails, the old one is put back."""
+    if not target.exists():
+        os.replace(new, target)
+        return
+    aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent)) / target.name
+    os.replace(target, aside)
+    try:
+        os.replace(new, target)
+    except BaseException:
+        os.replace(aside, target)
+        os.rmdir(aside.parent)
+        raise
+    shutil.rmtree(aside.parent, ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,6 +79,8 @@ class JobConfig:
                 raise GeoCompError(f"{name} must be at least {least}, got {getattr(self, name)}.")
         if not self.eval_data:
             raise GeoCompError("eval_data must name at least one held-out text source.")
+        if self.threads is not None and self.threads < 1:
+            raise GeoCompError(f"threads must be at least 1 (or null for torch's default), got {self.threads}.")
         if self.prune is None and self.kv is None:
             raise GeoCompError("the recipe turns off both prune and kv: there is nothing to compress.")
 
@@ -117,19 +120,86 @@ def _progress(items, desc: str, enabled: bool):
     return tqdm(items, desc=desc, disable=not enabled, leave=False)
 
 
-def _held_out(tok, job: JobConfig, model) -> dict:
+@dataclass
+class Prepared:
+    """Everything a job needs that is decided before any weights load: from the model's config and tokenizer."""
+
+    config: object  # the model's transformers config
+    tokenizer: object
+    data: dict  # held-out source → (perplexity batches, continuation windows (windows, prefill + score))
+    batches: list  # calibration batches
+    quant: list  # QuantizedCache baselines that can run: (backend, bits)
+    skipped: list  # baselines that cannot, as {"method", "reason"}
+
+
+def prepare(job: JobConfig, overwrite: bool = False) -> Prepared:
+    """Check everything that can be wrong and tokenize every text, reading the model's config and tokenizer only.
+
+    Refused here, in seconds: an unwritable or existing output, an unknown model, text sources that are missing or
+    too short for what the job asks (``tokens``, ``eval_tokens``, ``windows``), blocks or windows longer than
+    the model's positions, and QuantizedCache baselines the model's layers cannot use (skipped, or refused
+    where the user named them).
+    """
+    from .data import load_config, load_corpus, load_tokenizer, model_max_length
+    from .io import check_output
+    from .studies.kv_bench import quant_baselines
+
+    check_output(job.output, overwrite)  # also that its folder is writable (for the partial results file too)
+    config = load_config(job.model)
+    pcfg, kcfg = job.prune_config(), job.kv_config()
+    default = JobConfig.__dataclass_fields__["kv_baselines"].default_factory()
+    quant, skipped = quant_baselines(job.kv_baselines, config, job.kv_baselines != default) if kcfg else ([], [])
+    limit = model_max_length(config)
+    for name, n in (("block_size", job.block_size), ("eval_block", job.eval_block),
+                    ("prefill + score", job.prefill + job.score)):
+        if limit is not None and n > limit:
+            raise GeoCompError(f"{name} = {n} tokens exceeds the {limit} positions of model {job.model!r}; "
+                               f"make it at most {limit}.")
+    for source in [job.calibration, *job.eval_data]:
+        load_corpus(source)
+    tok = load_tokenizer(job.model)
+    data = _held_out(tok, job, config)
+    return Prepared(config, tok, data, _calibration(tok, job, config), quant, skipped)
+
+
+def _enough(blocks, asked: int, size: int, what: str, source: str) -> None:
+    """Refuse a request the text cannot meet, rather than quietly measure less than was asked."""
+    if len(blocks) * size < asked:
+        raise GeoCompError(f"{what} = {asked} but {source!r} gives only {len(blocks) * size} tokens in blocks of "
+                           f"{size}; ask for at most that, or use a longer text.")
+
+
+def _calibration(tok, job: JobConfig, config) -> list:
+    from .data import calibration_loader
+
+    loader = calibration_loader(config, tok, job.calibration, job.tokens, job.block_size, job.batch_size)
+    _enough(loader.dataset, job.tokens, job.block_size, "tokens", job.calibration)
+    return list(loader)
+
+
+def _held_out(tok, job: JobConfig, config) -> dict:
     """Per source: teacher-forced blocks and continuation windows (disjoint from calibration by work or file)."""
     from .data import load_corpus, model_max_length, token_blocks
 
     out = {}
     for source in job.eval_data:
         corpus = load_corpus(source)
-        blocks = token_blocks(tok, corpus, job.eval_block, max_tokens=job.eval_tokens, max_length=model_max_length(model))
+        blocks = token_blocks(tok, corpus, job.eval_block, max_tokens=job.eval_tokens,
+                              max_length=model_max_length(config))
+        _enough(blocks, job.eval_tokens, job.eval_block, "eval_tokens", source)
         win = token_blocks(tok, corpus, job.prefill + job.score, max_tokens=job.windows * (job.prefill + job.score),
-                           max_length=model_max_length(model), seed=1)
+                           max_length=model_max_length(config), seed=1)
+        _enough(win, job.windows * (job.prefill + job.score), job.prefill + job.score, "windows x (prefill + score)",
+                source)
         out[source] = ([blocks[i: i + 8] for i in range(0, len(blocks), 8)],
                        torch.stack([w["input_ids"] for w in win])[: job.windows])
     return out
+
+
+def partial_path(job: JobConfig) -> Path:
+    """Where a job that fails after its first measurement keeps what it measured: ``<output>.partial.json``."""
+    out = Path(job.output)
+    return out.with_name(out.name + ".partial.json")
 
 
 def _ppl(model, data: dict, progress: bool) -> dict:
@@ -150,162 +220,233 @@ def _continuation(model, data: dict, make_cache, prefill: int) -> dict:
     return out
 
 
-def run_job(job: JobConfig, overwrite: bool = False, progress: bool = True, command: str | None = None,
-            recipe_path: str | None = None) -> dict:
-    """Compress, measure and export as ``job`` says; returns the results dict written as ``results.json``."""
-    import tempfile
+def _domain(job: JobConfig, src: str) -> str:
+    return "calibration" if src == job.eval_data[0] else "off-domain"
 
-    import yaml
+
+def _evaluate_base(model, job: JobConfig, pre: Prepared, results: dict, progress: bool) -> tuple[dict, dict]:
+    """The base model's perplexity and continuation perplexity (into ``results["baseline"]``); prints a lower
+    bound of the time the rest of the run takes, from the evaluation just measured."""
+    from transformers import DynamicCache
+
+    from .prune import block_params
+
+    t0 = time.perf_counter()
+    base_ppl = _ppl(model, pre.data, progress)
+    per_eval = time.perf_counter() - t0
+    models = (1 + len(job.prune_baselines)) if job.prune is not None else 0
+    caches = (2 + len(pre.quant)) if job.kv is not None else 1
+    forwards = models * per_eval + per_eval * job.tokens / (job.eval_tokens * len(job.eval_data)) * (
+        1 + (job.prune is not None) + (job.kv is not None)) + per_eval * job.windows * (job.prefill + job.score) / (
+        job.eval_tokens) * caches
+    print(f"estimated time for the rest of the run: at least {forwards:.0f} s, a lower bound (the forward passes "
+          f"still to run, at the speed this machine just evaluated the base model: {models} pruned models to "
+          f"evaluate, {caches} caches, calibration of {job.tokens} tokens; backward passes, fitting and export come "
+          f"on top)", flush=True)
+    base_cont = _continuation(model, pre.data, lambda: DynamicCache(config=model.config), job.prefill)
+    results["baseline"].update({"params": sum(p.numel() for p in model.parameters()), "block_params": block_params(model),
+                                **{f"ppl[{s}]": v for s, v in base_ppl.items()},
+                                **{f"continuation_ppl[{s}]": v[0] for s, v in base_cont.items()},
+                                **{f"kv_bytes[{s}]": v[1] for s, v in base_cont.items()}})
+    return base_ppl, base_cont
+
+
+def _prune_one(model, cfg, stats, batches) -> object:
+    """Prune ``model`` in place with ``cfg`` (its criterion scored on ``stats``, or gradients for taylor)."""
+    from .prune import prune, score_groups, taylor_grads, unit_groups
+
+    grads = taylor_grads(model, batches, cfg.targets) if cfg.criterion == "taylor" else None
+    scores = score_groups(model, unit_groups(model, cfg.targets, cfg.head_mode), cfg, stats, grads)
+    return prune(model, stats, config=cfg, scores=scores, grads=grads)[1]
+
+
+def _prune_stage(model, job: JobConfig, pre: Prepared, results: dict, base_ppl: dict, progress: bool):
+    """Prune with each baseline criterion, then with the recipe's own; returns the plan of the last, which is
+    applied to ``model`` itself (the base is no longer needed then).
+
+    One model beside the base at a time: each baseline prunes a copy that is measured and freed before the next,
+    so memory holds the base and one pruned copy, never a copy per baseline.
+    """
+    import gc
+
+    from .geometry import collect_stats
+    from .prune import block_params, prune_taps
+
+    pcfg = job.prune_config()
+    print(f"pruning {pcfg.sparsity:.0%} of block parameters ({pcfg.criterion}, {pcfg.allocation}, "
+          f"{pcfg.compensation}) and baselines {', '.join(job.prune_baselines) or '(none)'}", flush=True)
+    base = results["baseline"]
+    taps = prune_taps(model, pcfg.targets, criteria=[pcfg.criterion, *job.prune_baselines],
+                      compensation=pcfg.compensation, head_mode=pcfg.head_mode)  # only what they read
+    stats = collect_stats(model, _progress(pre.batches, "calibration (pruning)", progress), taps) if taps else None
+
+    def measure(pruned, criterion) -> list[dict]:
+        ppl, params = _ppl(pruned, pre.data, progress), sum(p.numel() for p in pruned.parameters())
+        return [{"method": f"prune-{criterion}", "eval_data": src, "budget": pcfg.sparsity,
+                 "sparsity": 1 - block_params(pruned) / base["block_params"], "params": params,
+                 "params_ratio": params / base["params"], "ppl": ppl[src], "ppl_ratio": ppl[src] / base_ppl[src],
+                 "domain": _domain(job, src)} for src in job.eval_data]
+
+    first = len(results["rows"])
+    for criterion in dict.fromkeys(c for c in job.prune_baselines if c != pcfg.criterion):
+        pruned = copy.deepcopy(model)
+        _prune_one(pruned, dataclasses.replace(pcfg, criterion=criterion), stats, pre.batches)
+        results["rows"].extend(measure(pruned, criterion))
+        del pruned
+        gc.collect()
+    plan = _prune_one(model, pcfg, stats, pre.batches)
+    del stats
+    results["rows"][first:first] = measure(model, pcfg.criterion)  # the recipe's own criterion first
+    return plan
+
+
+def _kv_stage(model, job: JobConfig, pre: Prepared, results: dict, base_cont: dict, progress: bool):
+    """Plan the coded KV cache on ``model`` and measure it beside the uncompressed cache and the QuantizedCache
+    baselines (continuation perplexity); returns the plan."""
     from transformers import DynamicCache
 
     from . import arch
-    from .data import BUNDLED_MODELS, calibration_loader, load_corpus, load_model, resolve_model
-    from .eval.memory import tensor_bytes
-    from .geometry import collect_stats
-    from .hub import GeoCompConfig, export, mark_compressed
-    from .io import check_output
     from .kv import build_plan, collect_kv_stats, use_reduced_attention
-    from .prune import block_params, prune, prune_taps, score_groups, unit_groups
-    from .recipes import to_yaml_dict
-    from .studies.kv_bench import parse_quant
 
-    # ---- everything that can be wrong is found before the model loads --------------------------
-    check_output(job.output, overwrite)
-    resolve_model(job.model)
-    pcfg, kcfg = job.prune_config(), job.kv_config()
-    quant = [parse_quant(q) for q in job.kv_baselines] if kcfg is not None else []
-    for source in [job.calibration, *job.eval_data]:
-        load_corpus(source)
-    if job.threads:
-        torch.set_num_threads(job.threads)
-    t_start = time.perf_counter()
-    say = print
-
-    model, tok = load_model(job.model)
-    say(f"loaded {job.model} ({sum(p.numel() for p in model.parameters()):,} parameters) "
-        f"in {time.perf_counter() - t_start:.0f} s")
-    data = _held_out(tok, job, model)
-    batches = list(calibration_loader(model, tok, job.calibration, job.tokens, job.block_size, job.batch_size))
-
-    t0 = time.perf_counter()
-    base_ppl = _ppl(model, data, progress)
-    per_eval = time.perf_counter() - t0
-    models = 1 + (1 + len(job.prune_baselines) if pcfg is not None else 0)
-    caches = (2 + len(quant)) if kcfg is not None else 1
-    calib = per_eval * job.tokens / (job.eval_tokens * len(job.eval_data)) * (2 + (3 if kcfg and kcfg.method == "fisher" else 1))
-    cont = per_eval * job.windows * (job.prefill + job.score) / job.eval_tokens * caches
-    say(f"estimated time for the rest of the run: about {(models - 1) * per_eval + calib + cont:.0f} s "
-        f"({models - 1} pruned models to evaluate, {caches} caches, calibration of {job.tokens} tokens)")
-    base_cont = _continuation(model, data, lambda: DynamicCache(config=model.config), job.prefill)
-    n_base = block_params(model)
-    params_base = sum(p.numel() for p in model.parameters())
-    rows = []
-
-    final, prune_plan = model, None
-    if pcfg is not None:
-        say(f"pruning {pcfg.sparsity:.0%} of block parameters ({pcfg.criterion}, {pcfg.allocation}, "
-            f"{pcfg.compensation}) and baselines {', '.join(job.prune_baselines) or '(none)'}")
-        taps = prune_taps(model, pcfg.targets, criteria=[pcfg.criterion, *job.prune_baselines],
-                          compensation=pcfg.compensation, head_mode=pcfg.head_mode)  # only what they read
-        stats = collect_stats(model, _progress(batches, "calibration (pruning)", progress), taps) if taps else None
-        for criterion in [pcfg.criterion, *[c for c in job.prune_baselines if c != pcfg.criterion]]:
-            cfg = dataclasses.replace(pcfg, criterion=criterion)
-            pruned = copy.deepcopy(model)
-            if cfg.criterion == "taylor":
-                from .prune import taylor_grads
-
-                grads = taylor_grads(pruned, batches, cfg.targets)
-            else:
-                grads = None
-            scores = score_groups(pruned, unit_groups(pruned, cfg.targets, cfg.head_mode), cfg, stats, grads)
-            _, plan = prune(pruned, stats, config=cfg, scores=scores, grads=grads)
-            ppl = _ppl(pruned, data, progress)
-            params = sum(p.numel() for p in pruned.parameters())
-            for src in job.eval_data:
-                rows.append({"method": f"prune-{criterion}", "eval_data": src, "budget": pcfg.sparsity,
-                             "sparsity": 1 - block_params(pruned) / n_base, "params": params,
-                             "params_ratio": params / params_base, "ppl": ppl[src], "ppl_ratio": ppl[src] / base_ppl[src],
-                             "domain": "calibration" if src == job.eval_data[0] else "off-domain"})
-            if criterion == pcfg.criterion:
-                final, prune_plan = pruned, plan
-            else:
-                del pruned
-    else:
-        final = copy.deepcopy(model)
-    del model
-
-    kv_plan = None
-    if kcfg is not None:
-        say(f"planning the KV cache at {kcfg.budget} of its bytes ({kcfg.method} basis) on the compressed model")
+    kcfg = job.kv_config()
+    print(f"planning the KV cache at {kcfg.budget} of its bytes ({kcfg.method} basis) on the compressed model",
+          flush=True)
+    kstats = collect_kv_stats(model, _progress(pre.batches, "calibration (KV)", progress), kcfg.method)
+    kv_plan = build_plan(model, kstats, kcfg)
+    del kstats
+    runs = {"dynamic": (_continuation(model, pre.data, lambda: DynamicCache(config=model.config), job.prefill), 1.0)}
+    if pre.quant:
         from transformers import QuantizedCache
 
-        kstats = collect_kv_stats(final, _progress(batches, "calibration (KV)", progress), kcfg.method)
-        kv_plan = build_plan(final, kstats, kcfg)
-        dense = _continuation(final, data, lambda: DynamicCache(config=final.config), job.prefill)
-        runs = {"dynamic": (dense, 1.0)}
-        for backend, nbits in quant:
+        bits = 8 * torch.empty((), dtype=next(model.parameters()).dtype).element_size()
+        for backend, nbits in pre.quant:
             runs[f"quantized-{backend}-int{nbits}"] = (_continuation(
-                final, data, lambda b=backend, n=nbits: QuantizedCache(backend=b, config=final.config, nbits=n), job.prefill),
-                nbits / (8 * torch.empty((), dtype=next(final.parameters()).dtype).element_size()))
-        if arch.get_spec(final).family != "bert":
-            use_reduced_attention(final)
-        runs["geocomp-kv"] = (_continuation(final, data, lambda: kv_plan.cache(final), job.prefill), kcfg.budget)
-        for method, (res, budget) in runs.items():
-            for src in job.eval_data:
-                ppl, nbytes = res[src]
-                rows.append({"method": f"{'prune+' if pcfg else ''}{method}", "eval_data": src, "budget": budget,
-                             "kv_bytes": nbytes, "kv_bytes_ratio": nbytes / base_cont[src][1], "ppl": ppl,
-                             "ppl_ratio": ppl / base_cont[src][0], "metric": "continuation ppl",
-                             "domain": "calibration" if src == job.eval_data[0] else "off-domain"})
-    request = GeoCompConfig(prune=pcfg, kv=kcfg, calibration=job.calibration, tokens=job.tokens,
-                            block_size=job.block_size, batch_size=job.batch_size)
-    mark_compressed(final, prune_plan, kv_plan, request=request)
+                model, pre.data, lambda b=backend, n=nbits: QuantizedCache(backend=b, config=model.config, nbits=n),
+                job.prefill), nbits / bits)
+    if arch.get_spec(model).family != "bert":
+        use_reduced_attention(model)
+    runs["geocomp-kv"] = (_continuation(model, pre.data, lambda: kv_plan.cache(model), job.prefill), kcfg.budget)
+    for method, (res, budget) in runs.items():
+        for src in job.eval_data:
+            ppl, nbytes = res[src]
+            results["rows"].append({"method": f"{'prune+' if job.prune else ''}{method}", "eval_data": src,
+                                    "budget": budget, "kv_bytes": nbytes, "kv_bytes_ratio": nbytes / base_cont[src][1],
+                                    "ppl": ppl, "ppl_ratio": ppl / base_cont[src][0], "metric": "continuation ppl",
+                                    "domain": _domain(job, src)})
+    return kv_plan
 
+
+def _export_stage(model, prune_plan, kv_plan, job: JobConfig, pre: Prepared, results: dict, t_start: float,
+                  command: str | None, overwrite: bool) -> list[str]:
+    """Record the plans in ``model`` and write the model folder (atomic) with results, plots, recipe and card;
+    returns the names of the extra files."""
+    import tempfile
+
+    import yaml
+
+    from .data import BUNDLED_MODELS
+    from .hub import GeoCompConfig, export, mark_compressed
+    from .recipes import to_yaml_dict
+
+    request = GeoCompConfig(prune=job.prune_config(), kv=job.kv_config(), calibration=job.calibration,
+                            tokens=job.tokens, block_size=job.block_size, batch_size=job.batch_size)
+    mark_compressed(model, prune_plan, kv_plan, request=request)
     bundled = BUNDLED_MODELS.get(job.model)
-    results = {
-        "command": command or "hf-geocomp run", "model": job.model,
-        "data": {"calibration": job.calibration, "calibration_tokens": job.tokens, "evaluation": job.eval_data,
-                 "eval_tokens": job.eval_tokens, "continuation": {"windows": job.windows, "prefill": job.prefill,
-                                                                   "score": job.score}},
-        "baseline": {"method": "base", "params": params_base, "block_params": n_base,
-                     **{f"ppl[{s}]": v for s, v in base_ppl.items()},
-                     **{f"continuation_ppl[{s}]": v[0] for s, v in base_cont.items()},
-                     **{f"kv_bytes[{s}]": v[1] for s, v in base_cont.items()}},
-        "rows": rows, "recipe": to_yaml_dict(job),
-        "wall_seconds": round(time.perf_counter() - t_start, 1), "threads": torch.get_num_threads(),
-        "notes": "ppl: teacher-forced perplexity on eval_tokens held-out tokens per source (prune-* rows, against "
-                 "the base model); continuation ppl: the context prefilled into the cache, the next score tokens "
-                 "scored through it (KV rows, against the base model's uncompressed cache); kv_bytes: bytes the "
-                 "cache's tensors hold after one window; budget of quantized-*: nominal bits over the dtype's bits.",
-    }
     with tempfile.TemporaryDirectory() as tmp:
         plots = plot_results(results, Path(tmp))
         (Path(tmp) / "recipe.yaml").write_text(yaml.safe_dump(to_yaml_dict(job), sort_keys=False))
         extra = {p.name: p for p in plots} | {"recipe.yaml": Path(tmp) / "recipe.yaml"}
         results["wall_seconds"] = round(time.perf_counter() - t_start, 1)
-        export(final, job.output, results=results, tokenizer=tok, base_model=bundled.hub_id if bundled else job.model,
-               command=command, overwrite=overwrite, extra_files=extra)
-    diff = check_reload(final, job.output, next(iter(data.values()))[1][:1, :64])
-    say(summary_table(results))
-    say(f"reload check: from_pretrained({job.output!r}) gives the measured model's logits (max |Δ| {diff:.2e})")
-    say(f"wrote {job.output} in {time.perf_counter() - t_start:.0f} s: model, results.json, "
-        f"{', '.join(extra)}, plan.png, README.md (model card); reload with `import hf_geocomp` + from_pretrained")
+        export(model, job.output, results=results, tokenizer=pre.tokenizer,
+               base_model=bundled.hub_id if bundled else job.model, command=command, overwrite=overwrite,
+               extra_files=extra)
+    return list(extra)
+
+
+def run_job(job: JobConfig, overwrite: bool = False, progress: bool = True, command: str | None = None,
+            recipe_path: str | None = None) -> dict:
+    """Compress, measure and export as ``job`` says; returns the results dict written as ``results.json``.
+
+    Stages: :func:`prepare` (no weights), load, base evaluation, pruning, KV coding, export, reload check. A
+    failure after the model loads writes what was measured to :func:`partial_path` (``"partial": true`` and
+    the error) and re-raises; the model folder is only ever written whole.
+    """
+    from .data import load_model
+    from .io import write_json
+    from .recipes import to_yaml_dict
+
+    pre = prepare(job, overwrite)  # everything that can be wrong is found before the model loads
+    if job.threads:
+        torch.set_num_threads(job.threads)
+    t_start = time.perf_counter()
+    results = {
+        "command": command or "hf-geocomp run", "model": job.model,
+        "data": {"calibration": job.calibration, "calibration_tokens": job.tokens, "evaluation": job.eval_data,
+                 "eval_tokens": job.eval_tokens, "continuation": {"windows": job.windows, "prefill": job.prefill,
+                                                                   "score": job.score}},
+        "baseline": {"method": "base"}, "rows": [], "skipped": pre.skipped, "recipe": to_yaml_dict(job),
+        "wall_seconds": None, "threads": torch.get_num_threads(),
+        "notes": "ppl: teacher-forced perplexity on eval_tokens held-out tokens per source (prune-* rows, against "
+                 "the base model); continuation ppl: the context prefilled into the cache, the next score tokens "
+                 "scored through it (KV rows, against the base model's uncompressed cache); kv_bytes: bytes the "
+                 "cache's tensors hold after one window; budget of quantized-*: nominal bits over the dtype's bits; "
+                 "skipped: baselines this model cannot run, and why.",
+    }
+    model, _ = load_model(job.model)
+    print(f"loaded {job.model} ({sum(p.numel() for p in model.parameters()):,} parameters) "
+          f"in {time.perf_counter() - t_start:.0f} s", flush=True)
+    stage = "base evaluation"
+    try:
+        base_ppl, base_cont = _evaluate_base(model, job, pre, results, progress)
+        stage = "pruning"
+        prune_plan = _prune_stage(model, job, pre, results, base_ppl, progress) if job.prune is not None else None
+        stage = "KV coding"
+        kv_plan = _kv_stage(model, job, pre, results, base_cont, progress) if job.kv is not None else None
+        stage = "export"
+        extra = _export_stage(model, prune_plan, kv_plan, job, pre, results, t_start, command, overwrite)
+        stage = "reload check"
+        window = next(iter(pre.data.values()))[1][:1]  # (1, prefill + score)
+        diff = check_reload(model, job.output, window, job.prefill)
+    except (Exception, KeyboardInterrupt) as e:
+        partial = {**results, "partial": True, "failed_stage": stage, "error": f"{type(e).__name__}: {e}"[:500],
+                   "wall_seconds": round(time.perf_counter() - t_start, 1)}
+        write_json(partial_path(job), partial)
+        print(f"the run failed during {stage}; what it measured is kept in {partial_path(job)} (partial)",
+              file=sys.stderr, flush=True)
+        raise
+    partial_path(job).unlink(missing_ok=True)  # a failed earlier run's partial results are superseded
+    print(summary_table(results))
+    print(f"reload check: from_pretrained({job.output!r}) gives the measured model's logits and its own cache's "
+          f"continuation (max |Δ| {diff:.2e})")
+    print(f"wrote {job.output} in {time.perf_counter() - t_start:.0f} s: model, results.json, "
+          f"{', '.join(extra)}, plan.png, README.md (model card); reload with `import hf_geocomp` + from_pretrained")
     return results
 
 
 @torch.no_grad()
-def check_reload(model, folder: str, ids: torch.Tensor) -> float:
-    """Reload ``folder`` and compare its logits with ``model``'s; a mismatch removes the folder and raises."""
+def continuation_logits(model, ids: torch.Tensor, prefill: int) -> torch.Tensor:
+    """Logits of ``ids`` read as a continuation: ``ids[:, :prefill]`` prefilled into the model's own cache (the
+    coded cache of a model with a KV plan), then the rest scored through that cache; (batch, seq, vocab) float."""
+    first = model(input_ids=ids[:, :prefill], use_cache=True)
+    rest = model(input_ids=ids[:, prefill:], past_key_values=first.past_key_values, use_cache=True)
+    return torch.cat([first.logits, rest.logits], 1).float()
+
+
+@torch.no_grad()
+def check_reload(model, folder: str, ids: torch.Tensor, prefill: int) -> float:
+    """Reload ``folder`` and compare its continuation logits (:func:`continuation_logits`) with ``model``'s, so
+    the saved cache bases are read too; a mismatch removes the folder and raises."""
     import shutil
 
     from transformers import AutoModelForCausalLM
 
     again = AutoModelForCausalLM.from_pretrained(folder, dtype=next(model.parameters()).dtype).eval()
-    a, b = model.eval()(input_ids=ids).logits.float(), again(input_ids=ids).logits.float()
+    a, b = continuation_logits(model.eval(), ids, prefill), continuation_logits(again, ids, prefill)
     diff = float((a - b).abs().max())
     if not diff <= 1e-4 * max(1.0, float(a.abs().max())):
         shutil.rmtree(folder, ignore_errors=True)
-        raise GeoCompError(f"the exported folder reloads with different logits (max |Δ| {diff:.3g}); it was removed.")
+        raise GeoCompError(f"the exported folder reloads with different logits or cache continuation (max |Δ| "
+                           f"{diff:.3g}); it was removed.")
     return diff
 
 

@@ -204,3 +204,122 @@ def test_overhead_benchmark_runs_on_a_tiny_model(tmp_path, capsys, tiny_llama_di
     assert rows["lora"]["distinct_inputs"] == 6
     assert rows["lora"]["stats_macs_per_token"] == 2 * (2 * 32 * 33 / 2 + 48 * 49 / 2)
     assert "bound" in stdout and "full-previous" in stdout
+
+def test_overwrite_keeps_the_old_output_when_the_final_rename_fails(tmp_path, monkeypatch):
+    """--overwrite renames the old output aside before the new one takes its place: a failure (a kill) between
+    the two never leaves neither; here the failed rename puts the old one back."""
+    from pathlib import Path
+
+    from hf_geocomp import io
+
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    real = os.replace
+
+    def fail_on_the_new(src, dst):
+        if Path(dst) == target and Path(src).name != target.name:  # the new folder (not the old one put back)
+            raise OSError("killed between the two renames")
+        return real(src, dst)
+
+    monkeypatch.setattr(io.os, "replace", fail_on_the_new)
+    with pytest.raises(OSError, match="killed"):
+        with io.output_dir(str(target), overwrite=True) as tmp:
+            (tmp / "new.txt").write_text("new")
+    assert sorted(os.listdir(tmp_path)) == ["out"] and (target / "old.txt").read_text() == "old"
+    monkeypatch.undo()
+    with io.output_dir(str(target), overwrite=True) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert sorted(os.listdir(tmp_path)) == ["out"] and os.listdir(target) == ["new.txt"]
+
+
+def test_bad_outputs_and_inputs_are_one_sentence_before_any_work(tmp_path, capsys, monkeypatch):
+    """Each found before a model loads, as one error line and exit status 2, never a traceback."""
+    from hf_geocomp import data
+
+    def no_weights(*a, **k):
+        raise AssertionError("a model was loaded before the input was checked")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(data, "load_model", no_weights)
+    for argv, message in [
+        (["run", "-o", ""], "--output is empty"),
+        (["run", "-o", "/proc/geocomp-out"], "cannot write '/proc/geocomp-out': the folder '/proc' is not writable"),
+        (["run", "-o", "/etc/hostname/out"], "'/etc/hostname' is a file, not a folder"),
+        (["run", "--set", "threads=-1", "-o", "o"], "threads must be at least 1 (or null for torch's default), got -1"),
+        (["run", "--set", "threads=0", "-o", "o"], "threads must be at least 1"),
+        (["analyze", "-o", ""], "the output path is empty"),
+    ]:
+        code, _, err = run_cli(capsys, *argv)
+        assert code == 2 and message in err and "Traceback" not in err, (argv, err)
+        assert len(err.strip().splitlines()) == 1, err
+    assert os.listdir(tmp_path) == []
+
+
+def test_export_of_a_folder_without_weights(tmp_path, capsys):
+    from .conftest import tiny_llama
+
+    folder = tmp_path / "model"
+    tiny_llama().config.save_pretrained(folder)
+    code, _, err = run_cli(capsys, "export", str(folder), "-o", str(tmp_path / "exported"))
+    assert code == 2 and "has a config.json but no weights" in err and "Traceback" not in err, err
+    assert not (tmp_path / "exported").exists()
+
+
+def test_push_without_network_is_one_sentence(tmp_path, capsys, monkeypatch):
+    """No network: a host that does not resolve or refuses fails at once; a connection that breaks is named."""
+    import socket
+    import threading
+    import time
+
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    folder = tmp_path / "exported"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(b"x")
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+
+    def hang_up():  # accepts, then closes without answering: the client's transport error
+        while True:
+            conn, _ = server.accept()
+            conn.close()
+
+    threading.Thread(target=hang_up, daemon=True).start()
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    refused = closed.getsockname()[1]
+    closed.close()  # nothing listens there now
+    for endpoint, message in [("http://no-such-host.invalid", "the Hub host 'no-such-host.invalid' cannot be resolved"),
+                              (f"http://127.0.0.1:{refused}", f"no connection to the Hub at 127.0.0.1:{refused} opens"),
+                              (f"http://127.0.0.1:{server.getsockname()[1]}", "cannot be reached (RemoteProtocolError")]:
+        t = time.perf_counter()
+        code, _, err = run_cli(capsys, "push", str(folder), "--repo-id", "me/model", "--endpoint", endpoint)
+        assert code == 2 and message in err and "Traceback" not in err, err
+        assert len(err.strip().splitlines()) == 1 and time.perf_counter() - t < 10, err
+    server.close()
+
+
+def test_unreachable_hub_ids_fail_at_once(tmp_path, monkeypatch):
+    """A model or dataset id that is not cached fails at once offline or when the Hub's host does not resolve,
+    instead of after about 30 s of the clients' retries."""
+    import time
+
+    import datasets
+    from huggingface_hub import constants
+
+    t = time.perf_counter()
+    with pytest.raises(GeoCompError, match="HF_HUB_OFFLINE is set, so it cannot be downloaded"):
+        resolve_model("someone/no-such-model")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "https://no-such-host.invalid")
+    with pytest.raises(GeoCompError, match="the Hub host 'no-such-host.invalid' cannot be resolved"):
+        resolve_model("someone/no-such-model")
+    with pytest.raises(GeoCompError, match="dataset 'someone/no-such-data' is not a local folder and the Hub host "
+                                           "'no-such-host.invalid' cannot be resolved"):
+        load_corpus("hf:someone/no-such-data:train")
+    assert time.perf_counter() - t < 10

@@ -24,9 +24,16 @@ def export_command(args) -> None:
             results = json.loads(Path(args.results).read_text())
         except (OSError, ValueError) as e:
             raise GeoCompError(f"cannot read results JSON {args.results!r}: {e}") from None
-    if not (Path(args.model) / "config.json").is_file():
+    folder = Path(args.model)
+    if not (folder / "config.json").is_file():
         raise GeoCompError(f"{args.model!r} is not a saved model folder (config.json is missing).")
-    model = AutoModelForCausalLM.from_pretrained(args.model)
+    if not any(any(folder.glob(p)) for p in ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin")):
+        raise GeoCompError(f"{args.model!r} has a config.json but no weights (*.safetensors or pytorch_model*.bin); "
+                           "export a folder written by save_pretrained.")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(args.model)
+    except OSError as e:  # damaged or incomplete weights
+        raise GeoCompError(f"cannot load the model in {args.model!r}: {str(e).splitlines()[0]}") from None
     tok = AutoTokenizer.from_pretrained(args.model) if (Path(args.model) / "tokenizer_config.json").is_file() else None
     export(model, args.output, results=results, tokenizer=tok, base_model=args.base_model, repo_id=args.repo_id,
            command=args.command_line, overwrite=args.overwrite)

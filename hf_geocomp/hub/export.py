@@ -105,6 +105,11 @@ def push(folder: str, repo_id: str, token: str | None = None, private: bool = Fa
         raise GeoCompError(f"{folder!r} is not an exported model or adapter folder (config.json is missing).")
     if not any(path.glob("*.safetensors")):
         raise GeoCompError(f"{folder!r} has no safetensors weights to push.")
+    from ..data import hub_unreachable
+
+    why = hub_unreachable(endpoint, connect=True)
+    if why:  # fail now, not after the client's retries
+        raise GeoCompError(f"cannot push to {repo_id!r}: {why}" + ("; unset it to push." if "OFFLINE" in why else "."))
     api = HfApi(endpoint=endpoint, token=token)
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)
@@ -115,4 +120,11 @@ def push(folder: str, repo_id: str, token: str | None = None, private: bool = Fa
         raise GeoCompError(f"cannot push to {repo_id!r}: HF_HUB_OFFLINE is set; unset it to push.") from None
     except HfHubHTTPError as e:  # the message names the URL and status, never the token
         raise GeoCompError(f"pushing to {repo_id!r} failed: {str(e).splitlines()[0]}") from None
+    except Exception as e:
+        # no connection (refused, reset, timed out): the HTTP client's TransportError (httpx in huggingface_hub 1.x,
+        # httpx2 in 2.x), recognised by name so that neither has to be imported
+        if not any(c.__name__ == "TransportError" for c in type(e).__mro__):
+            raise
+        raise GeoCompError(f"cannot push to {repo_id!r}: the Hub at {api.endpoint} cannot be reached "
+                           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no details'}).") from None
     return str(info.commit_url)

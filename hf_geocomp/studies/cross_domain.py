@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..data import block_bos, load_corpus, load_model, model_max_length, token_blocks
+from ..data import block_bos, load_config, load_corpus, load_model, model_max_length, token_blocks
 from ..errors import GeoCompError
 from ..eval.perplexity import continuation_nll, perplexity
 from ..fold import fold
@@ -34,7 +34,7 @@ from ..io import write_json
 from ..kv import KVConfig, build_plan, collect_kv_stats
 from ..options import ModelOptions, ThreadsOption, option
 from ..prune import PruneConfig, prune, prune_taps
-from .kv_bench import DTYPES, ContinuationOptions, KVCodecOptions
+from .kv_bench import DTYPES, ContinuationOptions, KVCodecOptions, default_of, quant_baselines
 
 # name → (calibration source, evaluation source): disjoint splits of one kind of text
 DOMAINS = {
@@ -177,8 +177,10 @@ def run_cross_domain(args: CrossDomainOptions) -> dict:
     for _, fields in variants:
         for budget in args.budgets:
             KVConfig(budget=budget, reference_tokens=args.prefill, sink_tokens=args.sink_tokens, **fields)
-    model, tok = load_model(args.model)
     kv_on = bool(args.budgets)  # no budgets: a pruning-only matrix
+    quant, skipped = quant_baselines(args.quant, load_config(args.model), args.quant != default_of(
+        type(args), "quant"), "--quant") if kv_on else ([], [])  # decided from the config, before the weights load
+    model, tok = load_model(args.model)
     kv_model = copy.deepcopy(model).to(getattr(torch, args.kv_dtype)) if kv_on else None
     bos = block_bos(tok, model)
     limit = model_max_length(model)
@@ -208,7 +210,7 @@ def run_cross_domain(args: CrossDomainOptions) -> dict:
                            "refit_shrinkages": args.refit_shrinkages, "fold_repairs": args.fold_repairs,
                            "shrinkage": args.shrinkage, "min_bits": args.min_bits,
                            "cpus": os.cpu_count(), "load_average_at_start": os.getloadavg()[0]},
-              "baseline": baseline, "rows": rows, "complete": False,
+              "baseline": baseline, "rows": rows, "skipped": skipped, "complete": False,
               "notes": "ppl_ratio is to the uncompressed model on the same evaluation domain in this run; KV rows "
                        "are continuation perplexity with the uncompressed DynamicCache as baseline; times are wall-clock "
                        "seconds, comparable across rows only if nothing else ran (load_average_at_start)."}
@@ -240,8 +242,7 @@ def run_cross_domain(args: CrossDomainOptions) -> dict:
                 folds[repair] = fold(copy.deepcopy(model), args.sparsity, targets=args.targets, repair=repair)[0]
             add({"method": f"fold:{repair}", "kind": "prune", "calibration": None, "eval_data": d,
                  "sparsity": args.sparsity, "ppl": perplexity(folds[repair], evals[d])}, "dense")
-        for spec in args.quant if kv_on else []:
-            backend, nbits = spec.split(":")
+        for backend, nbits in quant:
             try:
                 nll, n, nbytes = continuation_nll(kv_model, windows[d], args.prefill, _quantized(kv_model, backend,
                                                                                                   int(nbits)))

@@ -188,11 +188,57 @@ def parse_quant(spec: str) -> tuple[str, int]:
     return backend, int(bits)
 
 
+def quantized_cache_refusal(config) -> str | None:
+    """Why transformers' ``QuantizedCache`` refuses a model of this ``config``, or None if it runs.
+
+    The rule of ``QuantizedCache.__init__`` (transformers 5.23, ``cache_utils``): every layer type of the text
+    config, as its own ``get_layer_types_and_kwargs`` reads it, must be ``full_attention``; models with
+    sliding-window (Gemma 2/3, Mistral, Qwen2 with ``use_sliding_window``) or chunked layers are refused. Read
+    from the config alone, so the decision is made before any weights load.
+    """
+    from transformers.cache_utils import get_layer_types_and_kwargs
+
+    layer_types, _ = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
+    other = sorted(set(layer_types) - {"full_attention"})
+    if not other:
+        return None
+    return f"transformers' QuantizedCache supports only full-attention layers, and this model has {', '.join(other)}"
+
+
+def quant_baselines(specs: list[str], config, explicit: bool, where: str = "kv_baselines") -> tuple[list, list]:
+    """The QuantizedCache baselines of ``specs`` that can run on a model of ``config``: ``([(backend, bits)],
+    skipped)``, ``skipped`` a list of ``{"method", "reason"}`` for results files.
+
+    Decided from the config alone, before any weights load. A baseline that cannot run is skipped with one
+    printed line, unless the user named the baselines (``explicit``: not the command's default), which is
+    refused at once.
+    """
+    parsed = [parse_quant(spec) for spec in specs]
+    reason = quantized_cache_refusal(config) if parsed else None
+    if reason is None:
+        return parsed, []
+    if explicit:
+        raise GeoCompError(f"{where} {', '.join(specs)} cannot run on this model: {reason}; drop them "
+                           f"({where} empty) to run without them.")
+    skipped = [{"method": f"quantized-{b}-int{n}", "reason": reason} for b, n in parsed]
+    print(f"skipping the QuantizedCache baseline(s) {', '.join(s['method'] for s in skipped)}: {reason}.", flush=True)
+    return [], skipped
+
+
+def default_of(options_cls, name: str):
+    """The default value of field ``name`` of an options dataclass (to tell a user's choice from the default)."""
+    import dataclasses
+
+    f = next(f for f in dataclasses.fields(options_cls) if f.name == name)
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
 def run_kv_bench(args: KVBenchOptions) -> dict:
-    from ..data import load_model
+    from ..data import load_config, load_model
     from ..kv import collect_kv_stats
 
-    backends = [parse_quant(spec) for spec in args.quant]  # bad baselines fail before the model loads
+    backends, skipped = quant_baselines(args.quant, load_config(args.model), args.quant != default_of(
+        type(args), "quant"), "--quant")  # bad baselines fail before the model loads
     for spec in args.refine_lr:
         parse_lr(spec)
     dtype = getattr(torch, args.dtype)
@@ -278,7 +324,7 @@ def run_kv_bench(args: KVBenchOptions) -> dict:
     result = {"command": args.command_line, "model": args.model, "dtype": args.dtype,
               "data": {"calibration": args.data, "calibration_tokens": stats.tokens, "evaluation": args.eval_data,
                        "windows": int(windows.shape[0]), "prefill": args.prefill, "score": args.score},
-              "baseline": base, "rows": rows, "speed": speed, "greedy": greedy,
+              "baseline": base, "rows": rows, "skipped": skipped, "speed": speed, "greedy": greedy,
               "notes": "budget = fraction of the uncompressed cache bytes in the model dtype (quantized-*: nominal "
                        "bits/element over the dtype's bits); kv_bytes = bytes of the tensors the cache holds after "
                        "prefill + score tokens, batch = windows; ppl_ratio and tokens_per_s_ratio are to the "

@@ -25,9 +25,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..data import calibration_loader, load_corpus, load_model, token_blocks
+from ..data import calibration_loader, load_config, load_corpus, load_model, token_blocks
 from ..errors import GeoCompError
-from .kv_bench import DTYPES, KVCodecOptions, cache_factories
+from .kv_bench import DTYPES, KVCodecOptions, cache_factories, default_of, quant_baselines
 from ..eval.memory import tensor_bytes
 from ..io import resolved_args, write_json
 from ..options import ModelDataOptions, ThreadsOption, option
@@ -163,6 +163,8 @@ def run_kv_speed(args: KVSpeedOptions) -> dict:
             raise GeoCompError(f"--configs {spec!r} is not BATCHxCONTEXT[:STEPS], e.g. 8x4096:8.") from None
         configs.append((batch, ctx))
         steps_of[batch, ctx] = int(steps) if steps else args.steps
+    backends, skipped = quant_baselines(args.quant, load_config(args.model), args.quant != default_of(
+        type(args), "quant"), "--quant")  # decided from the config, before the weights load
     model, tok = load_model(args.model, dtype=dtype)
     longest = max(ctx + steps_of[b, ctx] for b, ctx in configs) + 1
     if longest > model.config.max_position_embeddings:
@@ -176,7 +178,6 @@ def run_kv_speed(args: KVSpeedOptions) -> dict:
         raise GeoCompError("the fused decode kernel is not available (see the warning above); pass "
                            "--allow-torch-path to time the PyTorch path instead.")
     stats = collect_kv_stats(model, calibration_loader(model, tok, args.data, args.tokens, args.block_size, args.batch_size), "fisher")
-    backends = [(s.split(":")[0], int(s.split(":")[1])) for s in args.quant]
     factories = cache_factories(model, stats, args.budgets, backends, ["fisher-bits"], group_size=args.group_size,
                                 sink_tokens=args.sink_tokens, reference_tokens=max(ctx for _, ctx in configs))
     methods = {}  # label → (method, budget, make, attention implementation)
@@ -277,7 +278,7 @@ def run_kv_speed(args: KVSpeedOptions) -> dict:
     result = {"command": args.command_line, "model": args.model, "dtype": args.dtype,
               "data": {"calibration": args.data, "calibration_tokens": stats.tokens, "context_text": args.eval_data},
               "baseline": {"method": "dynamic", "weights_bytes": weights},
-              "rows": rows, "prefill": prefill, "profiles": profiles,
+              "rows": rows, "skipped": skipped, "prefill": prefill, "profiles": profiles,
               "machine": {"threads": args.threads, "cpus": os.cpu_count(), "load_before": load_before,
                           "load_after": _load(), "fused_kernel": fused.kernel() is not None,
                           "shared": sharing(load_before)},
