@@ -46,6 +46,10 @@ class JobConfig:
         kv_baselines: QuantizedCache baselines as ``backend:bits`` (the ``bench`` extra).
         output: the model folder written.
         threads: torch threads (None: torch's default).
+        pipeline: ``sequential`` (pruning statistics measured, used and freed one block at a time) or
+            ``whole-model`` (every block's statistics at once, shared by the criteria).
+        propagate: with ``sequential``, each block's inputs come from the ``original`` blocks before it (the
+            whole-model statistics) or from the ``compressed`` ones.
         prune: a :class:`~hf_geocomp.prune.PruneConfig` (as a mapping; None: no pruning).
         kv: a :class:`~hf_geocomp.kv.KVConfig` (as a mapping; None: no KV coding).
     """
@@ -68,6 +72,9 @@ class JobConfig:
                                     metadata={"help": "QuantizedCache baselines, backend:bits"})
     output: str = field(default="runs/smollm2-135m-geocomp", metadata={"help": "the model folder written"})
     threads: int | None = field(default=None, metadata={"help": "torch threads (null: torch's default)"})
+    pipeline: str = field(default="sequential", metadata={"help": "sequential (one block's statistics at a time) | "
+                                                                  "whole-model"})
+    propagate: str = field(default="original", metadata={"help": "sequential inputs: original | compressed"})
     prune: dict | None = field(default_factory=lambda: dict(DEFAULT_PRUNE),
                                metadata={"help": "PruneConfig fields (null: no pruning)"})
     kv: dict | None = field(default_factory=lambda: dict(DEFAULT_KV), metadata={"help": "KVConfig fields (null: off)"})
@@ -81,6 +88,11 @@ class JobConfig:
             raise GeoCompError("eval_data must name at least one held-out text source.")
         if self.threads is not None and self.threads < 1:
             raise GeoCompError(f"threads must be at least 1 (or null for torch's default), got {self.threads}.")
+        from .geometry.sequential import PIPELINES, PROPAGATE
+
+        for name, allowed in (("pipeline", PIPELINES), ("propagate", PROPAGATE)):
+            if getattr(self, name) not in allowed:
+                raise GeoCompError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}.")
         if self.prune is None and self.kv is None:
             raise GeoCompError("the recipe turns off both prune and kv: there is nothing to compress.")
 
@@ -251,10 +263,13 @@ def _evaluate_base(model, job: JobConfig, pre: Prepared, results: dict, progress
     return base_ppl, base_cont
 
 
-def _prune_one(model, cfg, stats, batches) -> object:
-    """Prune ``model`` in place with ``cfg`` (its criterion scored on ``stats``, or gradients for taylor)."""
-    from .prune import prune, score_groups, taylor_grads, unit_groups
+def _prune_one(model, cfg, stats, batches, job: JobConfig) -> object:
+    """Prune ``model`` in place with ``cfg``: block by block (``job.pipeline``), or its criterion scored on the
+    shared whole-model ``stats`` (gradients for taylor)."""
+    from .prune import prune, prune_calibrated, score_groups, taylor_grads, unit_groups
 
+    if job.pipeline == "sequential":
+        return prune_calibrated(model, batches, cfg, job.pipeline, job.propagate)[1]
     grads = taylor_grads(model, batches, cfg.targets) if cfg.criterion == "taylor" else None
     scores = score_groups(model, unit_groups(model, cfg.targets, cfg.head_mode), cfg, stats, grads)
     return prune(model, stats, config=cfg, scores=scores, grads=grads)[1]
@@ -276,9 +291,12 @@ def _prune_stage(model, job: JobConfig, pre: Prepared, results: dict, base_ppl: 
     print(f"pruning {pcfg.sparsity:.0%} of block parameters ({pcfg.criterion}, {pcfg.allocation}, "
           f"{pcfg.compensation}) and baselines {', '.join(job.prune_baselines) or '(none)'}", flush=True)
     base = results["baseline"]
-    taps = prune_taps(model, pcfg.targets, criteria=[pcfg.criterion, *job.prune_baselines],
-                      compensation=pcfg.compensation, head_mode=pcfg.head_mode)  # only what they read
-    stats = collect_stats(model, _progress(pre.batches, "calibration (pruning)", progress), taps) if taps else None
+    if job.pipeline == "sequential":  # each criterion calibrates block by block: one block's statistics at a time
+        stats = None
+    else:
+        taps = prune_taps(model, pcfg.targets, criteria=[pcfg.criterion, *job.prune_baselines],
+                          compensation=pcfg.compensation, head_mode=pcfg.head_mode)  # only what they read
+        stats = collect_stats(model, _progress(pre.batches, "calibration (pruning)", progress), taps) if taps else None
 
     def measure(pruned, criterion) -> list[dict]:
         ppl, params = _ppl(pruned, pre.data, progress), sum(p.numel() for p in pruned.parameters())
@@ -290,11 +308,11 @@ def _prune_stage(model, job: JobConfig, pre: Prepared, results: dict, base_ppl: 
     first = len(results["rows"])
     for criterion in dict.fromkeys(c for c in job.prune_baselines if c != pcfg.criterion):
         pruned = copy.deepcopy(model)
-        _prune_one(pruned, dataclasses.replace(pcfg, criterion=criterion), stats, pre.batches)
+        _prune_one(pruned, dataclasses.replace(pcfg, criterion=criterion), stats, pre.batches, job)
         results["rows"].extend(measure(pruned, criterion))
         del pruned
         gc.collect()
-    plan = _prune_one(model, pcfg, stats, pre.batches)
+    plan = _prune_one(model, pcfg, stats, pre.batches, job)
     del stats
     results["rows"][first:first] = measure(model, pcfg.criterion)  # the recipe's own criterion first
     return plan
@@ -349,7 +367,8 @@ def _export_stage(model, prune_plan, kv_plan, job: JobConfig, pre: Prepared, res
     from .recipes import to_yaml_dict
 
     request = GeoCompConfig(prune=job.prune_config(), kv=job.kv_config(), calibration=job.calibration,
-                            tokens=job.tokens, block_size=job.block_size, batch_size=job.batch_size)
+                            tokens=job.tokens, block_size=job.block_size, batch_size=job.batch_size,
+                            pipeline=job.pipeline, propagate=job.propagate)
     mark_compressed(model, prune_plan, kv_plan, request=request)
     bundled = BUNDLED_MODELS.get(job.model)
     with tempfile.TemporaryDirectory() as tmp:
