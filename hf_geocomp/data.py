@@ -378,19 +378,25 @@ def block_bos(tokenizer, model=None) -> int | None:
 
 
 def token_blocks(tokenizer, corpus: Corpus, block_size: int, max_tokens: int | None = None,
-                 max_length: int | None = None, seed: int = 0, bos: int | None | str = "auto"):
+                 max_length: int | None = None, seed: int = 0, bos: int | None | str = "auto", model=None):
     """Fixed-length blocks of ``block_size`` tokens as a ``datasets.Dataset`` (torch format).
 
     Each document is tokenized whole and cut into blocks that never cross documents. With
     ``max_tokens``, a deterministic (seeded) selection of ``ceil(max_tokens / block_size)``
     blocks spread over all documents is kept; a ``mix:`` corpus gives each of its sources an
-    equal share. ``bos``: a token id that starts *every* block (then ``block_size - 1`` text
-    tokens follow), None for none, ``"auto"`` for what the tokenizer itself adds
-    (:func:`tokenizer_bos`). Every block is one sequence the model reads from position 0, as
-    ``tokenizer(text)`` would give it, so the BOS goes on every block, not only a document's first.
+    equal share (:func:`_select_blocks`). ``bos``: a token id that starts *every* block (then
+    ``block_size - 1`` text tokens follow), None for none, ``"auto"`` for :func:`block_bos` of
+    the tokenizer and ``model``: the one rule calibration, training and evaluation blocks share,
+    so pass the ``model`` the blocks are for (without it, ``"auto"`` is what the tokenizer itself
+    adds, :func:`tokenizer_bos`, which is wrong for a family that needs a BOS, such as Gemma).
+    Every block is one sequence the model reads from position 0, as ``tokenizer(text)`` would
+    give it, so the BOS goes on every block, not only a document's first. ``max_length``
+    defaults to the ``model``'s positions.
     """
     import datasets
 
+    if max_length is None and model is not None:
+        max_length = model_max_length(model)
     if block_size < 2:
         raise GeoCompError(f"block size must be at least 2 tokens, got {block_size}.")
     if max_length is not None and block_size > max_length:
@@ -398,7 +404,7 @@ def token_blocks(tokenizer, corpus: Corpus, block_size: int, max_tokens: int | N
     if max_tokens is not None and max_tokens <= 0:
         raise GeoCompError(f"token count must be positive, got {max_tokens}.")
     if bos == "auto":
-        bos = tokenizer_bos(tokenizer)
+        bos = block_bos(tokenizer, model)
     prefix = [] if bos is None else [int(bos)]
     text_len = block_size - len(prefix)
 
@@ -426,6 +432,12 @@ def token_blocks(tokenizer, corpus: Corpus, block_size: int, max_tokens: int | N
 
 
 def _select_blocks(blocks, max_tokens, block_size, seed, source):
+    """A seeded selection of ``ceil(max_tokens / block_size)`` blocks (all of them without ``max_tokens``).
+
+    A ``mix:`` source gives each of its ``p`` sources the same number of blocks, ``ceil(n / p)`` of
+    the ``n`` asked (so up to ``p - 1`` blocks more than asked, never fewer); a source with fewer
+    blocks than that share is refused rather than leaving the mix unequal.
+    """
     if len(blocks) == 0:
         raise GeoCompError(f"data source {source!r} gives zero blocks of {block_size} tokens.")
     if max_tokens is None:
@@ -434,13 +446,20 @@ def _select_blocks(blocks, max_tokens, block_size, seed, source):
     if source.startswith("mix:"):  # an equal share of blocks from each source of the mix
         parts = mix_parts(source)
         owner = [next(i for i, p in enumerate(parts) if d.startswith(p + "/")) for d in blocks["doc"]]
-        chosen = []
-        for i, part in enumerate(parts):
-            mine = [j for j, o in enumerate(owner) if o == i]
-            if not mine:
+        mine = [[j for j, o in enumerate(owner) if o == i] for i in range(len(parts))]
+        share = -(-n // len(parts))
+        for part, own in zip(parts, mine):
+            if not own:
                 raise GeoCompError(f"source {part!r} of the mix gives zero blocks of {block_size} tokens.")
-            random.Random(seed + i).shuffle(mine)
-            chosen += mine[: -(-n // len(parts))]
+            if len(own) < share:
+                raise GeoCompError(
+                    f"source {part!r} of the mix gives {len(own)} blocks of {block_size} tokens, fewer than its equal "
+                    f"share of {share} ({max_tokens} tokens over {len(parts)} sources); ask for at most "
+                    f"{len(parts) * min(map(len, mine)) * block_size} tokens or a smaller block size.")
+        chosen = []
+        for i, own in enumerate(mine):
+            random.Random(seed + i).shuffle(own)
+            chosen += own[:share]
         return blocks.select(sorted(chosen))
     order = list(range(len(blocks)))
     random.Random(seed).shuffle(order)
@@ -457,6 +476,5 @@ def causal_lm_collate(rows) -> dict:
 def calibration_loader(model, tokenizer, source: str, tokens: int, block_size: int = 256, batch_size: int = 8,
                        seed: int = 0):
     """A DataLoader of ``{input_ids, attention_mask}`` blocks from a text source."""
-    blocks = token_blocks(tokenizer, load_corpus(source), block_size, max_tokens=tokens,
-                          max_length=model_max_length(model), seed=seed, bos=block_bos(tokenizer, model))
+    blocks = token_blocks(tokenizer, load_corpus(source), block_size, max_tokens=tokens, seed=seed, model=model)
     return torch.utils.data.DataLoader(blocks, batch_size=batch_size)
