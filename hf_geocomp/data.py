@@ -390,13 +390,10 @@ def token_blocks(tokenizer, corpus: Corpus, block_size: int, max_tokens: int | N
     so pass the ``model`` the blocks are for (without it, ``"auto"`` is what the tokenizer itself
     adds, :func:`tokenizer_bos`, which is wrong for a family that needs a BOS, such as Gemma).
     Every block is one sequence the model reads from position 0, as ``tokenizer(text)`` would
-    give it, so the BOS goes on every block, not only a document's first. ``max_length``
-    defaults to the ``model``'s positions.
+    give it, so the BOS goes on every block, not only a document's first.
     """
     import datasets
 
-    if max_length is None and model is not None:
-        max_length = model_max_length(model)
     if block_size < 2:
         raise GeoCompError(f"block size must be at least 2 tokens, got {block_size}.")
     if max_length is not None and block_size > max_length:
@@ -476,5 +473,6 @@ def causal_lm_collate(rows) -> dict:
 def calibration_loader(model, tokenizer, source: str, tokens: int, block_size: int = 256, batch_size: int = 8,
                        seed: int = 0):
     """A DataLoader of ``{input_ids, attention_mask}`` blocks from a text source."""
-    blocks = token_blocks(tokenizer, load_corpus(source), block_size, max_tokens=tokens, seed=seed, model=model)
+    blocks = token_blocks(tokenizer, load_corpus(source), block_size, max_tokens=tokens,
+                          max_length=model_max_length(model), seed=seed, model=model)
     return torch.utils.data.DataLoader(blocks, batch_size=batch_size)

@@ -119,14 +119,15 @@ def _progress(items, desc: str, enabled: bool):
 
 def _held_out(tok, job: JobConfig, model) -> dict:
     """Per source: teacher-forced blocks and continuation windows (disjoint from calibration by work or file)."""
-    from .data import load_corpus, token_blocks
+    from .data import load_corpus, model_max_length, token_blocks
 
     out = {}
     for source in job.eval_data:  # the model decides the BOS, as for calibration (data.block_bos)
         corpus = load_corpus(source)
-        blocks = token_blocks(tok, corpus, job.eval_block, max_tokens=job.eval_tokens, model=model)
+        blocks = token_blocks(tok, corpus, job.eval_block, max_tokens=job.eval_tokens, max_length=model_max_length(model),
+                              model=model)
         win = token_blocks(tok, corpus, job.prefill + job.score, max_tokens=job.windows * (job.prefill + job.score),
-                           seed=1, model=model)
+                           max_length=model_max_length(model), seed=1, model=model)
         out[source] = ([blocks[i: i + 8] for i in range(0, len(blocks), 8)],
                        torch.stack([w["input_ids"] for w in win])[: job.windows])
     return out

@@ -42,7 +42,7 @@ def run_lm_bench(args: LMLoraOptions) -> dict:
     from transformers.utils import logging as hf_logging
 
     from .. import __version__
-    from ..data import calibration_loader, causal_lm_collate, load_corpus, load_model, token_blocks
+    from ..data import calibration_loader, causal_lm_collate, load_corpus, load_model, model_max_length, token_blocks
     from ..eval.perplexity import perplexity
     from ..io import write_json
 
@@ -50,9 +50,11 @@ def run_lm_bench(args: LMLoraOptions) -> dict:
     hf_logging.set_verbosity_error()
     torch.set_num_threads(args.threads)  # on a shared, oversubscribed CPU one thread is several times faster
     base, tok = load_model(args.model, task="causal-lm")
+    max_len = model_max_length(base)
     train = token_blocks(tok, load_corpus(args.train_data), args.train_block,
-                         max_tokens=args.steps * args.train_batch * args.train_block, model=base)
-    held_out = token_blocks(tok, load_corpus(args.eval_data), args.eval_block, max_tokens=args.eval_tokens, model=base)
+                         max_tokens=args.steps * args.train_batch * args.train_block, max_length=max_len, model=base)
+    held_out = token_blocks(tok, load_corpus(args.eval_data), args.eval_block, max_tokens=args.eval_tokens,
+                            max_length=max_len, model=base)
     eval_batches = [causal_lm_collate([held_out[j] for j in range(i, min(i + 8, len(held_out)))])
                     for i in range(0, len(held_out), 8)]
     calib = calibration_loader(base, tok, args.data, args.tokens, args.block_size, args.batch_size)
