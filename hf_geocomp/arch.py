@@ -107,8 +107,8 @@ def check_config(config) -> ArchSpec:
 
 
 def get_spec(model: nn.Module) -> ArchSpec:
-    """The :class:`ArchSpec` of ``model`` or a :class:`GeoCompError` naming its type."""
-    return check_config(getattr(model, "config", None))
+    """The :class:`ArchSpec` of ``model`` (or of a config) or a :class:`GeoCompError` naming its type."""
+    return check_config(getattr(model, "config", model))
 
 
 def _base_prefix(model: nn.Module, spec: ArchSpec) -> str:
@@ -319,18 +319,32 @@ def _rotary(model: nn.Module):
     return next((m for n, m in model.named_modules() if n.endswith("rotary_emb")), None)
 
 
-def rope_frequencies(model: nn.Module, layer: int = 0) -> tuple[torch.Tensor | None, float]:
-    """``(inv_freq (rot/2,), scale)`` of block ``layer``'s RoPE, as its rotary module computes cos and sin;
-    ``(None, 1.0)`` where the block applies none (GPT-2, BERT, SmolLM3's NoPE layers).
+def rope_frequencies(model: nn.Module, layer: int = 0, seq_len: int | None = None) -> tuple[torch.Tensor | None, float]:
+    """``(inv_freq (rot/2,), scale)`` of block ``layer``'s RoPE, as its rotary module computes cos and sin
+    in a forward of ``seq_len`` positions; ``(None, 1.0)`` where the block applies none (GPT-2, BERT,
+    SmolLM3's NoPE layers).
 
     ``rot = 2·len(inv_freq)`` may be below head_dim (partial rotary, e.g. Phi-4-mini): the rest passes through.
+    ``scale`` is the RoPE type's ``attention_scaling`` (longrope, yarn: above 1), which multiplies cos and sin.
+    ``longrope`` (Phi-3, Phi-4-mini) takes short factors in a forward of up to
+    ``original_max_position_embeddings`` positions and long ones past it: its frequencies are computed for
+    ``seq_len`` by transformers' own ``ROPE_INIT_FUNCTIONS`` (``None``: the short set the model starts
+    with), never read from the rotary module, which keeps whatever the last forward chose.
     """
     spec, cfg = get_spec(model), model.config
     rotary = _rotary(model)
     if rotary is None or (spec.no_rope_layers and not getattr(cfg, spec.no_rope_layers)[layer]):
         return None, 1.0
-    if spec.rope_per_layer_type:
-        kind = cfg.layer_types[layer]
+    kind = cfg.layer_types[layer] if spec.rope_per_layer_type else None
+    rope_type = rotary.rope_type[kind] if kind else rotary.rope_type
+    if rope_type == "longrope":
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        device = (getattr(rotary, f"{kind}_inv_freq") if kind else rotary.inv_freq).device
+        inv_freq, scale = ROPE_INIT_FUNCTIONS[rope_type](cfg, device, seq_len=seq_len,
+                                                         **({"layer_type": kind} if kind else {}))
+        return inv_freq, float(scale)
+    if kind:
         return getattr(rotary, f"{kind}_inv_freq").detach(), float(getattr(rotary, f"{kind}_attention_scaling"))
     return rotary.inv_freq.detach(), float(getattr(rotary, "attention_scaling", 1.0) or 1.0)
 
@@ -340,11 +354,13 @@ def rope_scale(model: nn.Module, layer: int = 0) -> float:
     return rope_frequencies(model, layer)[1]
 
 
-def _rope_tables(model: nn.Module, layer: int, positions: torch.Tensor, gradient: bool = False):
+def _rope_tables(model: nn.Module, layer: int, positions: torch.Tensor, gradient: bool = False,
+                 seq_len: int | None = None):
     """``cos``, ``sin`` (P, d) and the signed half swap ``J`` (d, d) with ``R_p x = cos_p ⊙ x + sin_p ⊙ Jx``,
     or None without RoPE. Pass-through components of a partial rotary get cos 1, sin 0. ``gradient``:
-    the tables of ``R_p⁻ᵀ`` (how a gradient w.r.t. the pre-RoPE key maps to the stored one)."""
-    inv_freq, scale = rope_frequencies(model, layer)
+    the tables of ``R_p⁻ᵀ`` (how a gradient w.r.t. the pre-RoPE key maps to the stored one). ``seq_len``:
+    the length of the forward that rotates them (see :func:`rope_frequencies`)."""
+    inv_freq, scale = rope_frequencies(model, layer, seq_len)
     if inv_freq is None:
         return None
     d, half = head_layout(model).head_dim, inv_freq.shape[0]
@@ -360,9 +376,12 @@ def _rope_tables(model: nn.Module, layer: int, positions: torch.Tensor, gradient
     return cos, sin, j
 
 
-def apply_rope(model: nn.Module, layer: int, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """RoPE of block ``layer`` applied to ``x`` (..., P, head_dim) at ``positions`` (P,), in float64."""
-    tables = _rope_tables(model, layer, positions)
+def apply_rope(model: nn.Module, layer: int, x: torch.Tensor, positions: torch.Tensor,
+               seq_len: int | None = None) -> torch.Tensor:
+    """RoPE of block ``layer`` applied to ``x`` (..., P, head_dim) at ``positions`` (P,), in float64, as a
+    forward of ``seq_len`` positions applies it (default: up to the last of ``positions``)."""
+    seq_len = int(positions.max()) + 1 if seq_len is None and len(positions) else seq_len
+    tables = _rope_tables(model, layer, positions, seq_len=seq_len)
     if tables is None:
         return x.to(torch.float64)
     cos, sin, j = tables
@@ -380,8 +399,10 @@ def rope_average(model: nn.Module, matrix: torch.Tensor, positions: int, layer: 
     ``R_p⁻ᵀ · matrix · R_p⁻¹`` instead (second moments of gradients w.r.t. the key). Uses the
     rotate-half layout (``R_p x = cos_p ⊙ x + sin_p ⊙ Jx``, J the signed half swap), so the
     average is four Hadamard products with position-averaged cos/sin outer products, exact and O(P·d²).
+    Each position is rotated as in one forward of ``positions`` tokens (longrope: long factors past its
+    original length).
     """
-    tables = _rope_tables(model, layer, torch.arange(positions), gradient)
+    tables = _rope_tables(model, layer, torch.arange(positions), gradient, seq_len=positions)
     if tables is None:
         return matrix
     cos, sin, j = tables

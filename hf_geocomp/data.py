@@ -465,16 +465,19 @@ def block_bos(tokenizer, model=None) -> int | None:
 
 
 def token_blocks(tokenizer, corpus: Corpus, block_size: int, max_tokens: int | None = None,
-                 max_length: int | None = None, seed: int = 0, bos: int | None | str = "auto"):
+                 max_length: int | None = None, seed: int = 0, bos: int | None | str = "auto", model=None):
     """Fixed-length blocks of ``block_size`` tokens as a ``datasets.Dataset`` (torch format).
 
     Each document is tokenized whole and cut into blocks that never cross documents. With
     ``max_tokens``, a deterministic (seeded) selection of ``ceil(max_tokens / block_size)``
     blocks spread over all documents is kept; a ``mix:`` corpus gives each of its sources an
-    equal share. ``bos``: a token id that starts *every* block (then ``block_size - 1`` text
-    tokens follow), None for none, ``"auto"`` for what the tokenizer itself adds
-    (:func:`tokenizer_bos`). Every block is one sequence the model reads from position 0, as
-    ``tokenizer(text)`` would give it, so the BOS goes on every block, not only a document's first.
+    equal share (:func:`_select_blocks`). ``bos``: a token id that starts *every* block (then
+    ``block_size - 1`` text tokens follow), None for none, ``"auto"`` for :func:`block_bos` of
+    the tokenizer and ``model``: the one rule calibration, training and evaluation blocks share,
+    so pass the ``model`` the blocks are for (without it, ``"auto"`` is what the tokenizer itself
+    adds, :func:`tokenizer_bos`, which is wrong for a family that needs a BOS, such as Gemma).
+    Every block is one sequence the model reads from position 0, as ``tokenizer(text)`` would
+    give it, so the BOS goes on every block, not only a document's first.
     """
     import datasets
 
@@ -485,7 +488,7 @@ def token_blocks(tokenizer, corpus: Corpus, block_size: int, max_tokens: int | N
     if max_tokens is not None and max_tokens <= 0:
         raise GeoCompError(f"token count must be positive, got {max_tokens}.")
     if bos == "auto":
-        bos = tokenizer_bos(tokenizer)
+        bos = block_bos(tokenizer, model)
     prefix = [] if bos is None else [int(bos)]
     text_len = block_size - len(prefix)
 
@@ -513,6 +516,12 @@ def token_blocks(tokenizer, corpus: Corpus, block_size: int, max_tokens: int | N
 
 
 def _select_blocks(blocks, max_tokens, block_size, seed, source):
+    """A seeded selection of ``ceil(max_tokens / block_size)`` blocks (all of them without ``max_tokens``).
+
+    A ``mix:`` source gives each of its ``p`` sources the same number of blocks, ``ceil(n / p)`` of
+    the ``n`` asked (so up to ``p - 1`` blocks more than asked, never fewer); a source with fewer
+    blocks than that share is refused rather than leaving the mix unequal.
+    """
     if len(blocks) == 0:
         raise GeoCompError(f"data source {source!r} gives zero blocks of {block_size} tokens.")
     if max_tokens is None:
@@ -521,13 +530,20 @@ def _select_blocks(blocks, max_tokens, block_size, seed, source):
     if source.startswith("mix:"):  # an equal share of blocks from each source of the mix
         parts = mix_parts(source)
         owner = [next(i for i, p in enumerate(parts) if d.startswith(p + "/")) for d in blocks["doc"]]
-        chosen = []
-        for i, part in enumerate(parts):
-            mine = [j for j, o in enumerate(owner) if o == i]
-            if not mine:
+        mine = [[j for j, o in enumerate(owner) if o == i] for i in range(len(parts))]
+        share = -(-n // len(parts))
+        for part, own in zip(parts, mine):
+            if not own:
                 raise GeoCompError(f"source {part!r} of the mix gives zero blocks of {block_size} tokens.")
-            random.Random(seed + i).shuffle(mine)
-            chosen += mine[: -(-n // len(parts))]
+            if len(own) < share:
+                raise GeoCompError(
+                    f"source {part!r} of the mix gives {len(own)} blocks of {block_size} tokens, fewer than its equal "
+                    f"share of {share} ({max_tokens} tokens over {len(parts)} sources); ask for at most "
+                    f"{len(parts) * min(map(len, mine)) * block_size} tokens or a smaller block size.")
+        chosen = []
+        for i, own in enumerate(mine):
+            random.Random(seed + i).shuffle(own)
+            chosen += own[:share]
         return blocks.select(sorted(chosen))
     order = list(range(len(blocks)))
     random.Random(seed).shuffle(order)
@@ -546,5 +562,5 @@ def calibration_loader(model, tokenizer, source: str, tokens: int, block_size: i
     """A DataLoader of ``{input_ids, attention_mask}`` blocks from a text source (``model``: the model or its
     config)."""
     blocks = token_blocks(tokenizer, load_corpus(source), block_size, max_tokens=tokens,
-                          max_length=model_max_length(model), seed=seed, bos=block_bos(tokenizer, model))
+                          max_length=model_max_length(model), seed=seed, model=model)
     return torch.utils.data.DataLoader(blocks, batch_size=batch_size)

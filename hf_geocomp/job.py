@@ -194,13 +194,13 @@ def _held_out(tok, job: JobConfig, config) -> dict:
     from .data import load_corpus, model_max_length, token_blocks
 
     out = {}
-    for source in job.eval_data:
+    for source in job.eval_data:  # the model decides the BOS, as for calibration (data.block_bos)
         corpus = load_corpus(source)
         blocks = token_blocks(tok, corpus, job.eval_block, max_tokens=job.eval_tokens,
-                              max_length=model_max_length(config))
+                              max_length=model_max_length(config), model=config)
         _enough(blocks, job.eval_tokens, job.eval_block, "eval_tokens", source)
         win = token_blocks(tok, corpus, job.prefill + job.score, max_tokens=job.windows * (job.prefill + job.score),
-                           max_length=model_max_length(config), seed=1)
+                           max_length=model_max_length(config), seed=1, model=config)
         _enough(win, job.windows * (job.prefill + job.score), job.prefill + job.score, "windows x (prefill + score)",
                 source)
         out[source] = ([blocks[i: i + 8] for i in range(0, len(blocks), 8)],

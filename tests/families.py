@@ -118,3 +118,34 @@ def bert():
 FAMILIES = {f.__name__: f for f in (llama3, mistral, qwen2, qwen3, smollm3, granite, gemma, gemma2, gemma3, olmo2,
                                     phi3, gpt2, bert)}
 DECODERS = [n for n in FAMILIES if n != "bert"]
+
+
+# ---- variants of a family for the KV checks: what the family's tiny model above does not exercise ----------
+
+LONGROPE_ORIGINAL = 12  # original_max_position_embeddings of phi3_longrope: the KV checks run past it
+
+
+def phi3_longrope():
+    """Phi-3 / Phi-4-mini long-context RoPE: ``longrope`` frequencies (short factors up to
+    ``original_max_position_embeddings``, long ones past it, chosen by each forward's length) and an
+    ``attention_scaling`` of sqrt(1 + ln(max / original) / ln(original)) on cos and sin (1.40 here)."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    kw = {k: v for k, v in _COMMON.items() if k != "head_dim"}
+    torch.manual_seed(0)
+    rope = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,  # rotary dims 6: 3 pairs
+            "short_factor": [1.0, 1.4, 2.5], "long_factor": [1.5, 6.0, 40.0],
+            "original_max_position_embeddings": LONGROPE_ORIGINAL}
+    return Phi3ForCausalLM(Phi3Config(**kw, rope_parameters=rope, original_max_position_embeddings=LONGROPE_ORIGINAL,
+                                      pad_token_id=0)).eval()
+
+
+def mistral_full():
+    """Mistral without a sliding window (Mistral 7B v0.2 and later): every layer full attention, so the
+    reduced-space attention runs (the sliding-window ``mistral`` above never uses it)."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    return _build(MistralConfig, MistralForCausalLM, sliding_window=None)
+
+
+KV_VARIANTS = {f.__name__: f for f in (phi3_longrope, mistral_full)}

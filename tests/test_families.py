@@ -22,7 +22,10 @@ from hf_geocomp.kv.allocate import FULL
 from hf_geocomp.prune import apply_masks, apply_plan, prune, prune_taps, unit_groups
 
 from .conftest import random_batch, model_output as _out
-from .families import DECODERS, FAMILIES
+from .families import DECODERS, FAMILIES, KV_VARIANTS
+
+BUILD = {**FAMILIES, **KV_VARIANTS}
+KV_CASES = DECODERS + list(KV_VARIANTS)  # the KV checks also run on variants (longrope, Mistral without a window)
 
 
 def test_every_supported_family_is_in_the_matrix():
@@ -63,14 +66,10 @@ class _SpyCache(DynamicCache):
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
 
-@pytest.mark.parametrize("name", DECODERS)
-def test_kv_taps_are_what_the_cache_receives(name):
-    """RoPE(tapped K) == the keys cache.update gets, tapped V == its values, and the engine sums those taps."""
-    model = FAMILIES[name]()
-    batch = random_batch(2, 10, seed=1)
-    taps = arch.kv_taps(model)
+def _tapped_and_cached(model, batch):
+    """(per (layer, "k"/"v") what the KV taps see (b, kv, T, d), per layer what cache.update receives)."""
     tapped, handles = {}, []
-    for t in taps:
+    for t in arch.kv_taps(model):
         def hook(module, args, out, t=t):
             flat = (out.transpose(1, 2) if t.heads_first else out).flatten(2) if out.dim() == 4 else out
             x = flat[..., t.offset: t.offset + t.width]
@@ -83,8 +82,18 @@ def test_kv_taps_are_what_the_cache_receives(name):
     finally:
         for h in handles:
             h.remove()
+    return tapped, cache.seen
+
+
+@pytest.mark.parametrize("name", KV_CASES)
+def test_kv_taps_are_what_the_cache_receives(name):
+    """RoPE(tapped K) == the keys cache.update gets, tapped V == its values, and the engine sums those taps."""
+    model = BUILD[name]()
+    batch = random_batch(2, 10, seed=1)
+    taps = arch.kv_taps(model)
+    tapped, seen = _tapped_and_cached(model, batch)
     positions = torch.arange(10)
-    for layer, (k, v) in cache.seen.items():
+    for layer, (k, v) in seen.items():
         torch.testing.assert_close(arch.apply_rope(model, layer, tapped[layer, "k"], positions), k.double(),
                                    rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(tapped[layer, "v"], v)
@@ -93,18 +102,43 @@ def test_kv_taps_are_what_the_cache_receives(name):
         torch.testing.assert_close(stats[f"{t.module}:{t.kind}"].sum, tapped[t.layer, t.kind].double().sum((0, 2)))
 
 
-@pytest.mark.parametrize("name", DECODERS)
+@pytest.mark.parametrize("name", KV_CASES)
 def test_rope_average_is_the_mean_over_rotations(name):
-    model = FAMILIES[name]()
+    model = BUILD[name]()
     d = arch.head_layout(model).head_dim
     c = torch.randn(d, d, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     c = c @ c.T
     eye = torch.eye(d, dtype=torch.float64)
-    for layer in range(len(arch.block_prefixes(model))):
-        r = torch.stack([arch.apply_rope(model, layer, eye, torch.full((d,), p)).T for p in range(7)])  # (P, d, d)
-        torch.testing.assert_close(arch.rope_average(model, c, 7, layer), (r @ c @ r.transpose(1, 2)).mean(0))
-        rg = torch.linalg.inv(r).transpose(1, 2)  # gradients map by R⁻ᵀ
-        torch.testing.assert_close(arch.rope_average(model, c, 7, layer, gradient=True), (rg @ c @ rg.transpose(1, 2)).mean(0))
+    for n in (7, 20):  # 20: past phi3_longrope's original length, where its long factors apply
+        for layer in range(len(arch.block_prefixes(model))):
+            r = torch.stack([arch.apply_rope(model, layer, eye, torch.full((d,), p), seq_len=n).T
+                             for p in range(n)])  # (P, d, d): as one forward of n tokens rotates them
+            torch.testing.assert_close(arch.rope_average(model, c, n, layer), (r @ c @ r.transpose(1, 2)).mean(0))
+            rg = torch.linalg.inv(r).transpose(1, 2)  # gradients map by R⁻ᵀ
+            torch.testing.assert_close(arch.rope_average(model, c, n, layer, gradient=True),
+                                       (rg @ c @ rg.transpose(1, 2)).mean(0))
+
+
+def test_longrope_follows_each_forwards_length_not_the_last_one():
+    """Longrope picks short or long frequencies by the length of each forward, and transformers keeps the last
+    choice in the rotary module: RoPE as arch applies it must depend on the positions asked for, not on which
+    forward ran last (calibration, another sequence), both with its attention_scaling of about 1.4."""
+    from .families import LONGROPE_ORIGINAL, phi3_longrope
+
+    model = phi3_longrope()
+    assert arch.rope_scale(model) == pytest.approx(1.3973548652929608)
+    short, long = LONGROPE_ORIGINAL - 2, LONGROPE_ORIGINAL + 6
+    runs = {n: _tapped_and_cached(model, random_batch(2, n, seed=n)) for n in (short, long)}
+    for n, other in ((short, long), (long, short)):
+        with torch.no_grad():
+            model(input_ids=random_batch(1, other)["input_ids"])  # leaves the other length's frequencies behind
+        tapped, seen = runs[n]
+        for layer, (k, _) in seen.items():
+            torch.testing.assert_close(arch.apply_rope(model, layer, tapped[layer, "k"], torch.arange(n)), k.double(),
+                                       rtol=1e-5, atol=1e-5)
+    inv_short, inv_long = (arch.rope_frequencies(model, 0, seq_len=n)[0] for n in (short, long))
+    assert not torch.allclose(inv_short, inv_long)
+    torch.testing.assert_close(arch.rope_frequencies(model, 0)[0], inv_short)  # no length: the original (short) set
 
 
 def _kv_run(model, cache, batch):
@@ -124,16 +158,21 @@ def kv_setup():
 
     def get(name):
         if name not in cache:
-            model = FAMILIES[name]()
+            model = BUILD[name]()
             cache[name] = model, collect_kv_stats(model, [random_batch(4, 24, seed=s) for s in range(2)], "fisher")
         return cache[name]
     return get
 
 
-@pytest.mark.parametrize("name", DECODERS)
-def test_kv_coding_exact_and_reduced_equals_decoded(name, kv_setup):
+@pytest.mark.parametrize("name", KV_CASES)
+def test_kv_coding_exact_and_reduced_equals_decoded(name, kv_setup, monkeypatch):
     """Budget 1 and a full-precision fitted basis reproduce the model; reduced attention == attention on the decoded
-    cache within 1e-5 (softcap, sliding windows, per-layer RoPE), and both generate the same tokens."""
+    cache within 1e-5 (softcap, sliding windows, per-layer RoPE, longrope past its original length), and both
+    generate the same tokens. The reduced path really runs wherever a layer has full attention."""
+    import hf_geocomp.kv.attention as reduced
+
+    calls = []
+    monkeypatch.setattr(reduced, "coded_scores", lambda *a, f=reduced.coded_scores: calls.append(1) or f(*a))
     model, stats = kv_setup(name)
     batch = random_batch(2, 20, seed=3)
     batch["attention_mask"][1, :4] = 0
@@ -158,6 +197,8 @@ def test_kv_coding_exact_and_reduced_equals_decoded(name, kv_setup):
     finally:
         model.set_attn_implementation(plain)
     assert torch.equal(out, expected)
+    full = any(kind == "full_attention" for kind, _ in arch.attention_layer_types(model))
+    assert bool(calls) == full, (name, len(calls))  # reduced attention read the codes of every full layer
 
 
 

@@ -27,7 +27,22 @@ def perplexity(model, batches) -> float:
 
 @torch.no_grad()
 def continuation_nll(model, windows: torch.Tensor, prefill: int, make_cache) -> tuple[float, int, int]:
-    """Mean NLL of tokens ``prefill+1 ..`` given the cached context; also tokens scored and cache bytes."""
+    """``(mean NLL, tokens scored, cache bytes)`` of ``windows`` (batch, prefill + score) read through a cache.
+
+    The first ``prefill`` tokens are prefilled into ``make_cache()``; the other ``score`` tokens then go
+    through that cache in one forward, and each but the last predicts its successor. So ``score - 1``
+    tokens per window are scored, those at positions ``prefill + 1 .. prefill + score - 1``, every one
+    predicted by a query that reads the context as the cache stored it. The token at position ``prefill``
+    is not scored: its prediction comes out of the prefill's own forward, whose attention sees the
+    context's exact keys and values whatever the cache keeps of them (transformers' ``QuantizedCache``
+    and the coded cache both store only for later reads), so it would not measure the cache. Within the
+    scored span the tokens read one another exactly (as new states of one forward), as a chunked
+    prefill does; this is not token-by-token decoding, where each token is stored before the next reads
+    it. Equals, for an exact cache (``DynamicCache``), feeding the scored span one token at a time.
+    """
+    if windows.shape[1] < prefill + 2:
+        raise ValueError(f"a continuation window needs prefill + 2 tokens or more (one to feed, one to score), "
+                         f"got {windows.shape[1]} with prefill {prefill}.")
     cache = make_cache()
     model(input_ids=windows[:, :prefill], past_key_values=cache, use_cache=True)
     logits = model(input_ids=windows[:, prefill:], past_key_values=cache, use_cache=True).logits.float()

@@ -4,7 +4,8 @@
   config and replaces the no-plugin guard (:data:`~hf_geocomp.hub.record.GUARD`) by the real
   attention (``geocomp_reduced`` for a KV-coded model).
 * ``_process_model_before_weight_loading`` (meta device): rebuilds the recorded shapes, replaced
-  modules and KV basis buffers, and checks the checkpoint's tensor shapes against them.
+  modules and KV basis buffers, and checks the checkpoint's tensor shapes against them and that it
+  holds every tensor of the blocks, the added biases and the KV bases (none left to random init).
 * ``_process_model_after_weight_loading``: a saved model gets its coded cache back; a plain base
   model loaded with a :class:`GeoCompConfig` request is calibrated and compressed (as GPTQ
   quantizes in this hook), its resolved plan written into ``config.quantization_config``.
@@ -49,15 +50,16 @@ class GeoCompHfQuantizer(HfQuantizer):
         if not self.pre_quantized:
             return model
         from .kvstore import ATTR, attach_bases
-        from .shapes import check_checkpoint, rebuild
+        from .shapes import check_checkpoint, planned_tensors, rebuild
 
         plan = self.quantization_config.plan
-        rebuild(model, plan["shapes"], plan.get("replaced") or {}, dtype, plan.get("biases") or ())
+        replaced, biases = plan.get("replaced") or {}, plan.get("biases") or ()
+        rebuild(model, plan["shapes"], replaced, dtype, biases)
         kv = plan.get("kv")
         if kv is not None and not kv.get("identity"):
             attach_bases(model, _KVShape(kv), device="meta")
             model._keep_in_fp32_modules_strict = set(model._keep_in_fp32_modules_strict or ()) | {ATTR}
-        check_checkpoint(model, checkpoint_files)
+        check_checkpoint(model, checkpoint_files, planned_tensors(model, replaced, biases, ATTR))
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):

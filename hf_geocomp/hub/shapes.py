@@ -188,19 +188,44 @@ def _skip_parent_init(model: nn.Module, name: str) -> None:
     (model.get_submodule(parent) if parent else model)._is_hf_initialized = True
 
 
-def check_checkpoint(model: nn.Module, checkpoint_files: list[str] | None) -> None:
-    """Raise unless every tensor of the checkpoint has the shape of the rebuilt model's tensor of that name."""
+def planned_tensors(model: nn.Module, replaced: dict, biases: list[str], kv_attr: str) -> set[str]:
+    """Names of the tensors a geocomp checkpoint must hold for the rebuilt ``model``: every tensor of the
+    transformer blocks (the plan sets their shapes) and of replaced modules, the biases the plan adds and
+    the KV bases under ``kv_attr``. Tensors outside them (a task head of another class) may be new, as in
+    any ``from_pretrained``; tied copies are not stored."""
+    roots = (*arch.block_prefixes(model), *(f"{name}." for name in replaced), f"{kv_attr}.")
+    tied = set(getattr(model, "all_tied_weights_keys", None) or ())
+    return ({k for k in model.state_dict() if k.startswith(roots)} | {f"{b}.bias" for b in biases}) - tied
+
+
+def _checkpoint_shapes(path: str) -> dict[str, tuple[int, ...]]:
+    """``{name: shape}`` of one checkpoint file, read without loading the tensors."""
+    if str(path).endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    state = torch.load(path, map_location="meta", weights_only=True, mmap=True)
+    return {key: tuple(t.shape) for key, t in state.items()}
+
+
+def check_checkpoint(model: nn.Module, checkpoint_files: list[str] | None, required: set[str] = frozenset()) -> None:
+    """Raise unless every tensor of the checkpoint has the shape of the rebuilt model's tensor of that name,
+    and every ``required`` tensor (:func:`planned_tensors`) is there: transformers initialises a missing
+    tensor at random with only a warning, which for a compressed model is a damaged checkpoint."""
     if not checkpoint_files:
         return
-    from safetensors import safe_open
-
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    prefix = f"{getattr(model, 'base_model_prefix', '')}."
+    found = set()
     for path in checkpoint_files:
-        if not str(path).endswith(".safetensors"):
-            continue
-        with safe_open(path, framework="pt") as f:
-            for key in f.keys():
-                shape = tuple(f.get_slice(key).get_shape())
-                if key in expected and expected[key] != shape:
-                    raise GeoCompError(f"the checkpoint's {key} has shape {list(shape)} but its geocomp plan "
-                                       f"gives {list(expected[key])}: the plan does not match the weights.")
+        for key, shape in _checkpoint_shapes(path).items():
+            if key in expected and expected[key] != shape:
+                raise GeoCompError(f"the checkpoint's {key} has shape {list(shape)} but its geocomp plan "
+                                   f"gives {list(expected[key])}: the plan does not match the weights.")
+            found |= {key, key.removeprefix(prefix), prefix + key}  # a head class or the bare model loads it alike
+    missing = sorted(required - found)
+    if missing:
+        raise GeoCompError(f"the checkpoint has no tensor {missing[0]}, which its compressed model needs "
+                           f"({len(missing)} missing in all; transformers would initialise them at random): "
+                           "save the compressed model again.")

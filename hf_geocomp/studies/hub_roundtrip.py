@@ -55,9 +55,9 @@ def _eval_data(tok, model, args):
     from ..data import load_corpus, token_blocks
 
     corpus = load_corpus(args.eval_data)
-    blocks = token_blocks(tok, corpus, args.eval_block, max_tokens=args.eval_tokens)[:]["input_ids"]
+    blocks = token_blocks(tok, corpus, args.eval_block, max_tokens=args.eval_tokens, model=model)[:]["input_ids"]
     windows = token_blocks(tok, corpus, args.prefill + args.score, max_tokens=args.windows * (args.prefill + args.score),
-                           seed=1)[:]["input_ids"]  # (n, prefill + score)
+                           seed=1, model=model)[:]["input_ids"]  # (n, prefill + score)
     return blocks, windows
 
 

@@ -248,12 +248,12 @@ def run_kv_bench(args: KVBenchOptions) -> dict:
     parsed = [parse_variant(v) for v in args.variants]  # bad names fail before the long calibration
     stats = collect_kv_stats(model, loader, "fisher" if any(p["method"] == "fisher" for p in parsed) else "aware")
     blocks = token_blocks(tok, load_corpus(args.eval_data), args.prefill + args.score,
-                          max_tokens=args.windows * (args.prefill + args.score))
+                          max_tokens=args.windows * (args.prefill + args.score), model=model)
     windows = torch.stack([b["input_ids"] for b in blocks])[: args.windows]  # (windows, prefill + score)
     refine_windows = None
     if any(p["refined"] for p in parsed):  # calibration text, never the evaluation split
         refine_blocks = token_blocks(tok, load_corpus(args.data), args.refine_prefill + 128,
-                                     max_tokens=args.refine_windows * (args.refine_prefill + 128))
+                                     max_tokens=args.refine_windows * (args.refine_prefill + 128), model=model)
         refine_windows = torch.stack([b["input_ids"] for b in refine_blocks])[: args.refine_windows]
     factories = cache_factories(model, stats, args.budgets, backends, args.variants, refine_windows=refine_windows,
                                 refine_steps=args.refine_steps, refine_prefill=args.refine_prefill,

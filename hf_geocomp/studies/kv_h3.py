@@ -119,7 +119,7 @@ def run_kv_h3(args: KVH3Options) -> dict:
     if "reparam" in args.controls:
         check_kv_reparametrisable(model)
     blocks = token_blocks(tok, load_corpus(args.eval_data), args.prefill + args.score,
-                          max_tokens=args.windows * (args.prefill + args.score))
+                          max_tokens=args.windows * (args.prefill + args.score), model=model)
     windows = torch.stack([b["input_ids"] for b in blocks])[: args.windows]
     dense = lambda m: math.exp(continuation_nll(m, windows, args.prefill, lambda: _dynamic(m))[0])  # noqa: E731
     baseline = {"ppl": dense(model)}

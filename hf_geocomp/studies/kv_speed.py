@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..data import calibration_loader, load_config, load_corpus, load_model, token_blocks
+from ..data import block_bos, calibration_loader, load_config, load_corpus, load_model, token_blocks
 from ..errors import GeoCompError
 from .kv_bench import DTYPES, KVCodecOptions, cache_factories, default_of, quant_baselines
 from ..eval.memory import tensor_bytes
@@ -189,8 +189,10 @@ def run_kv_speed(args: KVSpeedOptions) -> dict:
         else:
             methods[f"{method}@{budget}"] = (method, budget, make, "sdpa")
     dynamic = next(make for m, _, make, _ in factories if m == "dynamic")
-    text = torch.cat([b["input_ids"] for b in token_blocks(tok, load_corpus(args.eval_data), 1024,
-                                                             max_tokens=max(c for _, c in configs) * 8)])
+    bos = block_bos(tok, model)  # one sequence of concatenated blocks: the model's BOS at its start only
+    text = torch.cat([torch.tensor([bos] if bos is not None else [], dtype=torch.long)] + [
+        b["input_ids"] for b in token_blocks(tok, load_corpus(args.eval_data), 1024,
+                                             max_tokens=max(c for _, c in configs) * 8, bos=None)])
     weights = weight_bytes(model)
     rows, profiles = [], {}
 

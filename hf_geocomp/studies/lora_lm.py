@@ -52,9 +52,9 @@ def run_lm_bench(args: LMLoraOptions) -> dict:
     base, tok = load_model(args.model, task="causal-lm")
     max_len = model_max_length(base)
     train = token_blocks(tok, load_corpus(args.train_data), args.train_block,
-                         max_tokens=args.steps * args.train_batch * args.train_block, max_length=max_len)
+                         max_tokens=args.steps * args.train_batch * args.train_block, max_length=max_len, model=base)
     held_out = token_blocks(tok, load_corpus(args.eval_data), args.eval_block, max_tokens=args.eval_tokens,
-                            max_length=max_len)
+                            max_length=max_len, model=base)
     eval_batches = [causal_lm_collate([held_out[j] for j in range(i, min(i + 8, len(held_out)))])
                     for i in range(0, len(held_out), 8)]
     calib = calibration_loader(base, tok, args.data, args.tokens, args.block_size, args.batch_size)

