@@ -108,20 +108,16 @@ def _hub_id(name: str) -> str:
     return name
 
 
-def load_model(name: str, task: str = "auto", dtype: torch.dtype = torch.float32, **kwargs):
-    """Load ``(model, tokenizer)`` from a bundled name, folder, GGUF file or Hub id.
+def load_config(name: str):
+    """``(config, directory or Hub id, gguf file or None)`` of a bundled name, folder, GGUF file or Hub id, read
+    without any weights; an unsupported family is a :class:`GeoCompError`."""
+    from transformers import AutoConfig
 
-    ``task``: ``"causal-lm"``, ``"encoder"`` (bare ``AutoModel``), ``"sequence-classification"``
-    or ``"auto"`` (causal LM when the checkpoint has one, else the encoder).
-    """
-    from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM,
-                              AutoModelForSequenceClassification, AutoTokenizer)
-    from transformers.utils import logging as hf_logging
+    from .arch import check_config
 
     where, gguf = resolve_model(name)
-    extra = {"gguf_file": gguf} if gguf else {}
     try:
-        config = AutoConfig.from_pretrained(where, **extra)
+        config = AutoConfig.from_pretrained(where, **({"gguf_file": gguf} if gguf else {}))
     except Exception as e:  # a damaged GGUF file fails anywhere in its reader (struct.error, IndexError, ...)
         if gguf:
             raise GeoCompError(f"cannot parse GGUF file {gguf!r} in {where}: {str(e).splitlines()[0]}") from None
@@ -129,9 +125,21 @@ def load_model(name: str, task: str = "auto", dtype: torch.dtype = torch.float32
             raise
         raise GeoCompError(f"cannot load model {name!r} (not a local model, and not in the Hugging Face "
                            f"cache or reachable on the Hub): {str(e).splitlines()[0]}") from None
-    from .arch import check_config
+    check_config(config)
+    return config, where, gguf
 
-    check_config(config)  # an unsupported family is refused here, before any weights are read
+
+def load_model(name: str, task: str = "auto", dtype: torch.dtype = torch.float32, **kwargs):
+    """Load ``(model, tokenizer)`` from a bundled name, folder, GGUF file or Hub id.
+
+    ``task``: ``"causal-lm"``, ``"encoder"`` (bare ``AutoModel``), ``"sequence-classification"``
+    or ``"auto"`` (causal LM when the checkpoint has one, else the encoder).
+    """
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    config, where, gguf = load_config(name)  # an unsupported family is refused here, before any weights are read
+    extra = {"gguf_file": gguf} if gguf else {}
     if task == "auto":
         archs = " ".join(getattr(config, "architectures", None) or [])
         task = "causal-lm" if ("CausalLM" in archs or "LMHead" in archs or gguf) else "encoder"
