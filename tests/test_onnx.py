@@ -172,11 +172,13 @@ def test_export_matches_pytorch(folders, tmp_path, name, capsys):
 def _no_weights(monkeypatch):
     """Make reading any weights fail the test: refusals must come from the config alone."""
     import hf_geocomp.data
+    import hf_geocomp.studies.onnx_bench
 
     def fail(*a, **k):
         raise AssertionError("weights were loaded before the refusal")
 
-    monkeypatch.setattr(hf_geocomp.data, "load_model", fail)
+    for module in (hf_geocomp.data, hf_geocomp.studies.onnx_bench):
+        monkeypatch.setattr(module, "load_model", fail)
 
 
 def test_coded_kv_cache_is_refused(folders, tmp_path, monkeypatch, capsys):
@@ -220,3 +222,16 @@ def test_missing_extra_names_the_install(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxscript" else real(name, *a))
     with pytest.raises(GeoCompError, match=r"needs onnxscript: .*pip install 'hf-geocomp\[onnx\]'"):
         onnx.require_onnx()
+
+
+def test_bench_refuses_before_any_work(folders, tmp_path, monkeypatch, capsys):
+    _no_weights(monkeypatch)
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "keep.txt").write_text("x")
+    base = ["bench-onnx", "--model", str(folders["llama_nonuniform"]), "-o", str(tmp_path / "r.json")]
+    assert main([*base, "--onnx-dir", str(full)]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert main(base) == 2  # a compressed folder is timed as it is, never pruned again
+    assert "already compressed; pass --sparsity 0" in capsys.readouterr().err
+    assert not (tmp_path / "r.json").exists()

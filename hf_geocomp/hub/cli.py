@@ -35,7 +35,8 @@ def export_command(args) -> None:
 
 def export_onnx_command(args) -> None:
     from ..data import load_config, load_model
-    from .onnx import REPORT, check_destination, check_tolerance, export_onnx, kv_note, kv_refusal, require_onnx
+    from .onnx import (REPORT, check_destination, check_tolerance, config_plan, export_onnx, kv_note, kv_refusal,
+                       require_onnx)
 
     require_onnx()
     check_tolerance(args.tolerance)
@@ -44,8 +45,7 @@ def export_onnx_command(args) -> None:
     archs = " ".join(getattr(config, "architectures", None) or [])
     if not ("CausalLM" in archs or "LMHead" in archs or gguf):
         raise GeoCompError(f"export-onnx exports causal language models; {args.model!r} is {archs or 'not one'}.")
-    qc = getattr(config, "quantization_config", None) or {}  # a dict until a model is built from the config
-    plan = qc.get("plan") if isinstance(qc, dict) else getattr(qc, "plan", None)
+    plan = config_plan(config)
     refusal = kv_refusal(plan)
     if refusal and not args.without_kv_coding:
         raise GeoCompError(refusal)

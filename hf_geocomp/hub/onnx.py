@@ -55,6 +55,12 @@ def check_tolerance(tolerance: float) -> None:
         raise GeoCompError(f"tolerance must be a positive number (a fraction of the largest |logit|), got {tolerance!r}.")
 
 
+def config_plan(config) -> dict | None:
+    """The geocomp plan a model config records (None: not a compressed model), read before any model is built."""
+    qc = getattr(config, "quantization_config", None) or {}  # a dict until a model is built from the config
+    return qc.get("plan") if isinstance(qc, dict) else getattr(qc, "plan", None)
+
+
 def kv_refusal(plan: dict | None) -> str | None:
     """The one sentence refusing a plan whose part no ONNX graph can hold (its coded KV cache), else None."""
     kv = (plan or {}).get("kv")
@@ -260,8 +266,7 @@ def export_onnx(model, out_dir: str | Path, tokenizer=None, without_kv_coding: b
 
     require_onnx()
     check_tolerance(tolerance)
-    cfg = getattr(model.config, "quantization_config", None)
-    plan = getattr(cfg, "plan", None)
+    plan = config_plan(model.config)
     refusal = kv_refusal(plan)
     if refusal and not without_kv_coding:
         raise GeoCompError(refusal)

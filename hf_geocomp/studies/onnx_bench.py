@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..data import calibration_loader, load_corpus, load_model, token_blocks
+from ..data import calibration_loader, load_config, load_corpus, load_model, token_blocks
 from ..errors import GeoCompError
 from ..io import resolved_args, write_json
 from ..options import ThreadsOption, option
@@ -42,9 +42,9 @@ class OnnxBenchOptions(PruneCommandOptions, ThreadsOption):
     prefill: int = option(512, "prompt tokens, batch 1", range="[1, inf)")
     steps: int = option(64, "greedy decode steps after the prompt", range="[1, inf)")
     repeats: int = option(3, "interleaved repeats A X A ... of each phase", range="[1, inf)")
-    threads: int = 2
+    threads: int = option(2, "torch threads, and ONNX Runtime's intra-op threads", range="[1, inf)")
     onnx_dir: str | None = option(None, "keep the exported graphs in this folder (default: a temporary folder)")
-    output: str = "recipes/results/onnx_smollm2_latency.json"
+    output: str = option("recipes/results/onnx_smollm2_latency.json", "results JSON", aliases=["-o"])
 
 
 def _prune(model, tok, args):
@@ -101,15 +101,16 @@ def _onnx_run(lm, ids, steps):
 
 
 def run_onnx_bench(args: OnnxBenchOptions) -> dict:
-    from ..hub.onnx import OnnxCausalLM, check_destination, export_onnx, kv_note, plain_cache, require_onnx
+    from ..hub.onnx import (OnnxCausalLM, check_destination, config_plan, export_onnx, kv_note, plain_cache,
+                            require_onnx)
 
     require_onnx()
     if args.onnx_dir:
         check_destination(args.onnx_dir, args.model, args.overwrite)
-    model, tok = load_model(args.model, task="causal-lm")
-    plan = getattr(getattr(model.config, "quantization_config", None), "plan", None)
+    plan = config_plan(load_config(args.model)[0])
     if plan is not None and args.sparsity > 0:
         raise GeoCompError(f"{args.model!r} is already compressed; pass --sparsity 0 to time it as it is.")
+    model, tok = load_model(args.model, task="causal-lm")
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     start = time.time()
