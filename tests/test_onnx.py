@@ -235,3 +235,16 @@ def test_bench_refuses_before_any_work(folders, tmp_path, monkeypatch, capsys):
     assert main(base) == 2  # a compressed folder is timed as it is, never pruned again
     assert "already compressed; pass --sparsity 0" in capsys.readouterr().err
     assert not (tmp_path / "r.json").exists()
+
+
+def test_tolerance_scales_with_the_logits():
+    from hf_geocomp.hub.onnx import summarize
+
+    runs = [{"graph": "prefill", "max_abs_diff": 5e-4, "max_abs_logit": 10.0},
+            {"graph": "decode", "max_abs_diff": 5e-4, "max_abs_logit": 2.0},
+            {"graph": "decode", "max_abs_diff": 1e-6, "max_abs_logit": 0.3}]
+    out = summarize(runs, 1e-4)
+    assert out["prefill"]["within_tolerance"] and out["prefill"]["allowed"] == pytest.approx(1e-3)
+    assert not out["decode"]["within_tolerance"] and out["decode"]["allowed"] == pytest.approx(2e-4)
+    small = [{**runs[2], "graph": g} for g in ("prefill", "decode")]
+    assert summarize(small, 1e-4)["decode"]["allowed"] == pytest.approx(1e-4)  # never below the tolerance itself
