@@ -52,7 +52,8 @@ def require_onnx() -> None:
 
 def check_tolerance(tolerance: float) -> None:
     if not (isinstance(tolerance, (int, float)) and 0 < tolerance < float("inf")):
-        raise GeoCompError(f"tolerance must be a positive number (a fraction of the largest |logit|), got {tolerance!r}.")
+        raise GeoCompError(f"tolerance must be a positive number (a fraction of the largest |logit|), "
+                           f"got {tolerance!r}.")
 
 
 def config_plan(config) -> dict | None:

@@ -67,8 +67,8 @@ def _torch_run(model, ids, steps):
     mask = torch.ones_like(ids)
     with torch.no_grad():
         start = time.perf_counter()
-        out = model(input_ids=ids, attention_mask=mask, position_ids=torch.arange(ids.shape[1], device=ids.device)[None],
-                    use_cache=True)
+        positions = torch.arange(ids.shape[1], device=ids.device)[None]
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
         prefill = time.perf_counter() - start
         past, token, tokens = out.past_key_values, out.logits[:, -1:].argmax(-1), []
         start = time.perf_counter()
@@ -118,8 +118,9 @@ def run_onnx_bench(args: OnnxBenchOptions) -> dict:
         _prune(model, tok, args)
     prune_seconds, start = time.time() - start, time.time()
     folder = args.onnx_dir or tempfile.mkdtemp(prefix="hf-geocomp-onnx-")
-    report = export_onnx(model, folder, tokenizer=tok, without_kv_coding=True, overwrite=args.overwrite or args.onnx_dir is None,
-                         source=args.model, command=args.command_line)
+    report = export_onnx(model, folder, tokenizer=tok, without_kv_coding=True,
+                         overwrite=args.overwrite or args.onnx_dir is None, source=args.model,
+                         command=args.command_line)
     export_seconds = time.time() - start
     text = token_blocks(tok, load_corpus(args.eval_data), args.prefill, max_tokens=args.prefill)
     ids = text[0]["input_ids"].unsqueeze(0)  # (1, prefill)
@@ -158,18 +159,21 @@ def run_onnx_bench(args: OnnxBenchOptions) -> dict:
     rows = [{"method": "onnxruntime prefill", "phase": "prefill", "batch": 1, "context": args.prefill,
              "latency_ratio": prefill["median"], "latency_ratio_min": prefill["min"],
              "latency_ratio_max": prefill["max"], "seconds": statistics.median(r[0] for r in runs["onnxruntime"])},
-            {"method": "onnxruntime decode", "phase": "decode", "batch": 1, "context": args.prefill, "steps": args.steps,
+            {"method": "onnxruntime decode", "phase": "decode", "batch": 1, "context": args.prefill,
+             "steps": args.steps,
              "tokens_per_s_ratio": decode["median"], "tokens_per_s_ratio_min": decode["min"],
              "tokens_per_s_ratio_max": decode["max"],
              "tokens_per_s": statistics.median(r[1] for r in runs["onnxruntime"])}]
     result = {"command": args.command_line, "model": args.model, "options": resolved_args(args),
-              "data": {"calibration": args.data if args.sparsity > 0 else None, "calibration_tokens": args.tokens,
+              "data": {"calibration": args.data if args.sparsity > 0 else None,
+                       "calibration_tokens": args.tokens if args.sparsity > 0 else None,
                        "prompt": args.eval_data, "prompt_tokens": args.prefill},
               "dtype": "float32", "threads": args.threads, "baseline": baseline, "rows": rows,
               "ratios": {"prefill_latency": prefill, "decode_tokens_per_s": decode},
               "greedy_tokens_equal": same is None, "first_token_mismatch": same,
               "parity": {g: report["parity"][g] for g in ("prefill", "decode")},
-              "plan": report["plan"], "kv_coding": kv_note(plan),
+              "plan": report["plan"],
+              "kv_coding": kv_note(plan) and "both engines timed with a plain float KV cache: " + kv_note(plan),
               "seconds": {"prune": prune_seconds, "export_and_check": export_seconds},
               "load_before": load_before, "load_after": load_after, "sharing": sharing(load_before),
               "versions": report["versions"],
