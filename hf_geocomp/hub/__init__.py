@@ -35,10 +35,11 @@ from .card import render_card
 from .config import FORMAT_VERSION, QUANT_METHOD, GeoCompConfig
 from .quantizer import GeoCompHfQuantizer, register
 from .export import export, push
+from .onnx import export_onnx  # needs the onnx extra only when called
 from .record import GUARD, mark_compressed
 from .shapes import MODULE_KINDS, register_module_kind
 
 __all__ = ["FORMAT_VERSION", "GUARD", "GeoCompConfig", "GeoCompHfQuantizer", "MODULE_KINDS", "QUANT_METHOD",
-           "export", "mark_compressed", "push", "register", "register_module_kind", "render_card"]
+           "export", "export_onnx", "mark_compressed", "push", "register", "register_module_kind", "render_card"]
 
 register()

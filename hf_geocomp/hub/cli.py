@@ -40,6 +40,35 @@ def export_command(args) -> None:
     print(f"wrote {args.output} (weights, config with the geocomp plan, model card)")
 
 
+def export_onnx_command(args) -> None:
+    from ..data import load_config, load_model, resolve_model
+    from .onnx import (REPORT, check_destination, check_tolerance, config_plan, export_onnx, kv_note, kv_refusal,
+                       require_onnx)
+
+    require_onnx()
+    check_tolerance(args.tolerance)
+    check_destination(args.output, args.model, args.overwrite)
+    config = load_config(args.model)  # the config alone: refusals come before any weights are read
+    gguf = resolve_model(args.model)[1]
+    archs = " ".join(getattr(config, "architectures", None) or [])
+    if not ("CausalLM" in archs or "LMHead" in archs or gguf):
+        raise GeoCompError(f"export-onnx exports causal language models; {args.model!r} is {archs or 'not one'}.")
+    plan = config_plan(config)
+    refusal = kv_refusal(plan)
+    if refusal and not args.without_kv_coding:
+        raise GeoCompError(refusal)
+    model, tok = load_model(args.model, task="causal-lm")
+    report = export_onnx(model, args.output, tokenizer=tok, without_kv_coding=args.without_kv_coding,
+                         tolerance=args.tolerance, overwrite=args.overwrite, source=args.model,
+                         command=args.command_line)
+    parity = report["parity"]
+    print(f"wrote {args.output}: prefill.onnx (no past) and decode.onnx (with past); ONNX Runtime vs PyTorch, "
+          f"max abs logit difference {parity['prefill']['max_abs_diff']:.3g} without a past, "
+          f"{parity['decode']['max_abs_diff']:.3g} with one (report: {REPORT})")
+    if refusal:
+        print("without KV coding: " + kv_note(plan))
+
+
 def push_command(args) -> None:
     from .export import push
 
@@ -56,6 +85,16 @@ def add_parsers(sub, lazy) -> None:
     e.add_argument("--repo-id", help="Hub id the folder will be pushed to (named in the card's loading snippet)")
     e.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     e.set_defaults(handler=lazy(".hub.cli:export_command"))
+    o = sub.add_parser("export-onnx", help="a causal LM (pruned, folded, three-factor) → ONNX graphs without and "
+                       "with a past, checked against PyTorch in ONNX Runtime (the onnx extra)")
+    o.add_argument("model", help="bundled name, model folder (a geocomp model reloads compressed), .gguf or Hub id")
+    o.add_argument("output", help="output folder (must not exist or be empty)")
+    o.add_argument("--without-kv-coding", action="store_true", help="export a KV-coded model's weights with a plain "
+                   "float KV cache (the coded cache runs only in PyTorch; without this flag such a model is refused)")
+    o.add_argument("--tolerance", type=float, default=1e-4, help="largest allowed ONNX Runtime vs PyTorch logit "
+                   "difference, as a fraction of the largest |logit| (at least 1) (default: 1e-4)")
+    o.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    o.set_defaults(handler=lazy(".hub.cli:export_onnx_command"))
     p = sub.add_parser("push", help="upload an exported folder to the Hub (token from HF_TOKEN or `hf auth login`)")
     p.add_argument("folder", help="folder written by `hf-geocomp export`")
     p.add_argument("--repo-id", required=True, help="namespace/name")
