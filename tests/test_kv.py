@@ -87,6 +87,46 @@ def test_budget_respected_and_bytes_measured(setup, budget, bits):
     assert tensor_bytes(dyn) == plan.cache_bytes(20, batch=3, full=True)
 
 
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("fitted", DTYPES, ids=str)
+@pytest.mark.parametrize("used", DTYPES, ids=str)
+def test_bytes_agree_in_every_dtype(setup, fitted, used):
+    """A plan fitted with the model in one dtype and used in another: the cache stores exact elements (sinks,
+    full-precision components) in the model's dtype, and the plan counts them in the dtype it is asked for,
+    so ``cache.nbytes() == plan.cache_bytes(..., dtype=...)``; quantised components cost the same in both."""
+    import copy
+
+    model, _ = setup
+    fit = copy.deepcopy(model).to(fitted)
+    stats = collect_kv_stats(fit, [random_batch(4, 32, seed=s) for s in range(2)], "aware")
+    kw = dict(method="aware", sink_tokens=3, reference_tokens=16)
+    plans = [build_plan(fit, stats, KVConfig(budget=0.5, bits=False, **kw)),
+             build_plan(fit, stats, KVConfig(budget=0.25, group_size=8, **kw))]
+    assert plans[0].dtype == str(fitted).removeprefix("torch.")
+    assert all(b == FULL for g in plans[0].groups.values() for b, _ in g)  # every kept component exact
+    for key, groups in plans[1].groups.items():  # one exact component beside the quantised ones
+        (bits, cols), rest = (groups or [(FULL, [])])[0], groups[1:]
+        if bits != FULL and len(cols) > 1:
+            plans[1].groups[key] = [(FULL, cols[:1]), (bits, cols[1:]), *rest]
+    assert {b for g in plans[1].groups.values() for b, _ in g} > {FULL}
+    plans[1]._codecs = None
+    run = copy.deepcopy(model).to(used)
+    batch = random_batch(3, 20, seed=7)
+    for plan in plans:
+        cache = plan.cache(run)
+        with torch.no_grad():
+            _two_step_logits(run, cache, batch)
+        assert cache.nbytes() == plan.cache_bytes(20, batch=3, dtype=used) == plan.cache_bytes(20, 3, dtype=str(used)[6:])
+        dyn = DynamicCache(config=run.config)
+        with torch.no_grad():
+            run(**batch, past_key_values=dyn)
+        assert tensor_bytes(dyn) == plan.cache_bytes(20, batch=3, full=True, dtype=used)
+        if used == fitted:
+            assert plan.cache_bytes(20, batch=3) == cache.nbytes()  # the plan's own dtype by default
+
+
 def test_coding_loses_more_at_smaller_budgets(setup):
     model, stats = setup
     batch = random_batch(2, 24, seed=8)
