@@ -538,6 +538,61 @@ def test_reduced_attention_equals_attention_on_decoded_cache(setup):
     assert torch.equal(out, model.generate(**_left_padded(), past_key_values=plan.cache(model), **kw))
 
 
+def test_two_models_generating_in_two_threads(sharp, monkeypatch):
+    """Two models with their own plans and caches generating at once in two threads (a server's requests)
+    give the tokens and logits of running them one after the other. The threads are held in lock step
+    between each cache's hand-over and its attention call, the moment another thread's hand-over for the
+    same layer could be read instead of its own."""
+    import copy
+    import threading
+
+    from hf_geocomp.kv import attention, use_reduced_attention
+
+    model, _ = sharp
+    models = [copy.deepcopy(model), copy.deepcopy(model)]
+    g = torch.Generator().manual_seed(16)
+    with torch.no_grad():
+        for p in models[1].parameters():  # other weights, so that the two models' codes differ
+            p.add_(torch.randn(p.shape, generator=g) * p.std().nan_to_num(0.02))
+    plans = []
+    for m in models:
+        stats = collect_kv_stats(m, [random_batch(4, 32, seed=s) for s in range(2)], "aware")
+        plans.append(build_plan(m, stats, KVConfig(budget=0.25, method="aware", group_size=8, sink_tokens=2,
+                                                   reference_tokens=16)))
+        use_reduced_attention(m)
+
+    def run(i):
+        return _generate(models[i], plans[i].cache(models[i], reduced=True), {})
+
+    sequential = [run(0), run(1)]
+    assert (sequential[0][1] - sequential[1][1]).abs().max() > 1  # the two models say different things
+    lock_step = threading.Barrier(2, timeout=60)
+    handed = attention.hand_over
+
+    def hand_over_then_wait(*args):
+        handed(*args)
+        lock_step.wait()
+
+    monkeypatch.setattr(attention, "hand_over", hand_over_then_wait)
+    out, errors = [None, None], []
+
+    def worker(i):
+        try:
+            out[i] = run(i)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+            lock_step.abort()
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for (tokens, logits), (ref_tokens, ref_logits) in zip(out, sequential):
+        assert torch.equal(tokens, ref_tokens) and torch.allclose(logits, ref_logits, atol=1e-5)
+
+
 def _independent_kl(model, plan, windows, prefill):
     """Mean over scored tokens of KL(uncompressed ‖ coded cache), from one full pass each: not refine's code."""
     total, n = 0.0, 0
