@@ -87,6 +87,46 @@ def test_budget_respected_and_bytes_measured(setup, budget, bits):
     assert tensor_bytes(dyn) == plan.cache_bytes(20, batch=3, full=True)
 
 
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("fitted", DTYPES, ids=str)
+@pytest.mark.parametrize("used", DTYPES, ids=str)
+def test_bytes_agree_in_every_dtype(setup, fitted, used):
+    """A plan fitted with the model in one dtype and used in another: the cache stores exact elements (sinks,
+    full-precision components) in the model's dtype, and the plan counts them in the dtype it is asked for,
+    so ``cache.nbytes() == plan.cache_bytes(..., dtype=...)``; quantised components cost the same in both."""
+    import copy
+
+    model, _ = setup
+    fit = copy.deepcopy(model).to(fitted)
+    stats = collect_kv_stats(fit, [random_batch(4, 32, seed=s) for s in range(2)], "aware")
+    kw = dict(method="aware", sink_tokens=3, reference_tokens=16)
+    plans = [build_plan(fit, stats, KVConfig(budget=0.5, bits=False, **kw)),
+             build_plan(fit, stats, KVConfig(budget=0.25, group_size=8, **kw))]
+    assert plans[0].dtype == str(fitted).removeprefix("torch.")
+    assert all(b == FULL for g in plans[0].groups.values() for b, _ in g)  # every kept component exact
+    for key, groups in plans[1].groups.items():  # one exact component beside the quantised ones
+        (bits, cols), rest = (groups or [(FULL, [])])[0], groups[1:]
+        if bits != FULL and len(cols) > 1:
+            plans[1].groups[key] = [(FULL, cols[:1]), (bits, cols[1:]), *rest]
+    assert {b for g in plans[1].groups.values() for b, _ in g} > {FULL}
+    plans[1]._codecs = None
+    run = copy.deepcopy(model).to(used)
+    batch = random_batch(3, 20, seed=7)
+    for plan in plans:
+        cache = plan.cache(run)
+        with torch.no_grad():
+            _two_step_logits(run, cache, batch)
+        assert cache.nbytes() == plan.cache_bytes(20, batch=3, dtype=used) == plan.cache_bytes(20, 3, dtype=str(used)[6:])
+        dyn = DynamicCache(config=run.config)
+        with torch.no_grad():
+            run(**batch, past_key_values=dyn)
+        assert tensor_bytes(dyn) == plan.cache_bytes(20, batch=3, full=True, dtype=used)
+        if used == fitted:
+            assert plan.cache_bytes(20, batch=3) == cache.nbytes()  # the plan's own dtype by default
+
+
 def test_coding_loses_more_at_smaller_budgets(setup):
     model, stats = setup
     batch = random_batch(2, 24, seed=8)
@@ -496,6 +536,61 @@ def test_reduced_attention_equals_attention_on_decoded_cache(setup):
     finally:
         model.set_attn_implementation(plain)
     assert torch.equal(out, model.generate(**_left_padded(), past_key_values=plan.cache(model), **kw))
+
+
+def test_two_models_generating_in_two_threads(sharp, monkeypatch):
+    """Two models with their own plans and caches generating at once in two threads (a server's requests)
+    give the tokens and logits of running them one after the other. The threads are held in lock step
+    between each cache's hand-over and its attention call, the moment another thread's hand-over for the
+    same layer could be read instead of its own."""
+    import copy
+    import threading
+
+    from hf_geocomp.kv import attention, use_reduced_attention
+
+    model, _ = sharp
+    models = [copy.deepcopy(model), copy.deepcopy(model)]
+    g = torch.Generator().manual_seed(16)
+    with torch.no_grad():
+        for p in models[1].parameters():  # other weights, so that the two models' codes differ
+            p.add_(torch.randn(p.shape, generator=g) * p.std().nan_to_num(0.02))
+    plans = []
+    for m in models:
+        stats = collect_kv_stats(m, [random_batch(4, 32, seed=s) for s in range(2)], "aware")
+        plans.append(build_plan(m, stats, KVConfig(budget=0.25, method="aware", group_size=8, sink_tokens=2,
+                                                   reference_tokens=16)))
+        use_reduced_attention(m)
+
+    def run(i):
+        return _generate(models[i], plans[i].cache(models[i], reduced=True), {})
+
+    sequential = [run(0), run(1)]
+    assert (sequential[0][1] - sequential[1][1]).abs().max() > 1  # the two models say different things
+    lock_step = threading.Barrier(2, timeout=60)
+    handed = attention.hand_over
+
+    def hand_over_then_wait(*args):
+        handed(*args)
+        lock_step.wait()
+
+    monkeypatch.setattr(attention, "hand_over", hand_over_then_wait)
+    out, errors = [None, None], []
+
+    def worker(i):
+        try:
+            out[i] = run(i)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+            lock_step.abort()
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for (tokens, logits), (ref_tokens, ref_logits) in zip(out, sequential):
+        assert torch.equal(tokens, ref_tokens) and torch.allclose(logits, ref_logits, atol=1e-5)
 
 
 def _independent_kl(model, plan, windows, prefill):

@@ -49,7 +49,10 @@ def path(request, monkeypatch):
     return request.param
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_scores_and_values_equal_decoded(llama, path, dtype):
     """Per codec, every width present: q·k̂ and Σ p·v̂ from the codes equal products with the decoded cache."""
     model, plan = llama
@@ -76,7 +79,7 @@ def test_scores_and_values_equal_decoded(llama, path, dtype):
     (4, 32, {4: 9, 2: 112, 1: 7}, 4),  # 33 scales per token: beyond the vector unpack's 31
     (1, 256, {8: 100, 4: 100, 1: 56}, 32),  # 157 code bytes per token: beyond the vector unpack's 128
 ])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_kernel_unpacks_agree(heads, d, widths, group_size, dtype):
     """Both unpacks of the kernel give the same floats bit for bit, and equal products with the decoded cache,
     for query rows per head from 1 to 7 (prefill chunks) and lengths that are not whole blocks of tokens."""
@@ -99,6 +102,74 @@ def test_kernel_unpacks_agree(heads, d, widths, group_size, dtype):
         assert torch.equal(out[False][0], out[True][0]) and torch.equal(out[False][1], out[True][1])
         assert torch.allclose(out[False][0], q @ decoded.transpose(-1, -2), atol=1e-5)
         assert torch.allclose(out[False][1], p @ decoded, atol=1e-5)
+
+
+@pytest.fixture
+def four_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(4)
+    yield
+    torch.set_num_threads(before)
+
+
+def _check_against_decoded(codec, parts, length, g, rows=5):
+    """The fused products of ``parts`` (a batch of ``length`` coded tokens) equal products with the decoded cache."""
+    batch, heads, d = parts[0].shape[0], codec.dec.shape[0], codec.dec.shape[1]
+    decoded = codec.decode(parts, torch.empty(batch, heads, length, d), length)  # (batch, heads, L, d) float32
+    q = torch.randn(batch, heads, rows, d, generator=g)
+    p = torch.rand(batch, heads, rows, length + 2, generator=g)[..., 1:-1].softmax(-1)
+    scores, sums = fused.coded_scores(q, codec, parts, length), fused.coded_values(p, codec, parts, length)
+    assert torch.allclose(scores, q @ decoded.transpose(-1, -2), atol=2e-5, rtol=1e-5)
+    assert torch.allclose(sums, p @ decoded, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("length", [600, 1030])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_long_caches_split_into_tasks(llama, path, dtype, length, four_threads):
+    """Caches long enough that each sequence is split into several tasks of at least 128 tokens (the value sums
+    of a sequence added across tasks), at 4 threads, in every dtype: equal to products with the decoded cache,
+    for the tiny plan (every width, exact components) and SmolLM2's shape at budget 0.25."""
+    from hf_geocomp.studies.kv_speed import synthetic_codec
+
+    model, plan = llama
+    heads = arch.head_layout(model)
+    g = torch.Generator().manual_seed(3)
+    cache = plan.cache(model)
+    x = torch.randn(2, heads.num_kv_heads, length, heads.head_dim, generator=g).to(dtype)
+    cache.update(x, x * 0.5, 0)
+    seg = cache.layers[0].segments[-1]
+    assert seg.length == length - plan.config.sink_tokens
+    for codec, parts in zip(seg.codecs, seg.parts):
+        _check_against_decoded(codec, parts, seg.length, g)
+    smol = synthetic_codec(3, 64, {0: 4, 8: 20, 4: 100, 2: 38, 1: 18}, 64)
+    x = (torch.randn(2, 3, length, 64, generator=g) / 8).to(dtype)
+    _check_against_decoded(smol, smol.encode(x), length, g, rows=3)
+
+
+def test_segment_grows_past_2048_tokens(llama, path, four_threads):
+    """Token by token past 2,048 tokens: the coded segment grows by a sixteenth of what it holds (not the
+    64-token minimum), keeps every token's codes, and reduced attention reads the grown buffers correctly."""
+    model, plan = llama
+    heads = arch.head_layout(model)
+    g = torch.Generator().manual_seed(4)
+    keys, values = (torch.randn(1, heads.num_kv_heads, 2130, heads.head_dim, generator=g) for _ in range(2))
+    stepped, whole = plan.cache(model), plan.cache(model)
+    whole.update(keys, values, 0)
+    stepped.update(keys[:, :, :1990], values[:, :, :1990], 0)
+    seg = stepped.layers[0].segments[-1]
+    sizes = [seg.allocated]
+    for t in range(1990, 2130):
+        stepped.update(keys[:, :, t:t + 1], values[:, :, t:t + 1], 0)
+        if seg.allocated != sizes[-1]:
+            sizes.append(seg.allocated)
+    coded = 1990 - plan.config.sink_tokens
+    first = coded + coded // seg.GROW_DIVISOR
+    assert sizes == [coded, first, first + first // seg.GROW_DIVISOR] and sizes[0] < 2048 < sizes[1]
+    ref = whole.layers[0].segments[-1]
+    assert all(torch.equal(a, b) for a, b in zip(sum(seg.parts, []), sum(ref.parts, [])))
+    assert stepped.nbytes() == whole.nbytes() < stepped.nbytes(used=False)
+    for codec, parts in zip(seg.codecs, seg.parts):
+        _check_against_decoded(codec, parts, seg.length, g)
 
 
 def _logits(model, cache, batch, chunks=((0, 12), (12, 16), (16, 17), (17, 18))):

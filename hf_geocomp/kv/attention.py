@@ -15,6 +15,8 @@ runs plain SDPA.
 
 from __future__ import annotations
 
+import threading
+
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -23,13 +25,30 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask
 from .fused import coded_scores, coded_values
 
 NAME = "geocomp_reduced"
-_PENDING: dict[int, tuple] = {}  # layer_idx → what the cache handed over for this forward
+# What the cache handed over for the forward under way, per thread (two models generating in two threads,
+# e.g. a server's requests, must never read each other's codes): layer_idx → (keys returned, pending state).
+_PENDING = threading.local()
 
 
-def hand_over(layer_idx: int, sink: int, length: int, codec_k, parts_k, codec_v, parts_v) -> None:
+def _pending() -> dict:
+    found = getattr(_PENDING, "by_layer", None)
+    if found is None:
+        found = _PENDING.by_layer = {}
+    return found
+
+
+def hand_over(layer_idx: int, keys: torch.Tensor, sink: int, length: int, codec_k, parts_k, codec_v, parts_v) -> None:
     """Called by the cache in ``update``: the ``length`` coded past tokens of ``layer_idx`` as stored
-    (codecs and their packed parts, read by :mod:`.fused`)."""
-    _PENDING[layer_idx] = (sink, length, codec_k, parts_k, codec_v, parts_v)
+    (codecs and their packed parts, read by :mod:`.fused`), for the attention call of this thread that
+    receives ``keys`` (the exact keys ``update`` returns)."""
+    _pending()[layer_idx] = (keys, (sink, length, codec_k, parts_k, codec_v, parts_v))
+
+
+def take(layer_idx: int | None, keys: torch.Tensor) -> tuple | None:
+    """The state handed over for this attention call: by this thread, for this layer and these very keys
+    (an entry left by a forward that failed before its attention ran is dropped, never read)."""
+    entry = _pending().pop(layer_idx, None)
+    return entry[1] if entry is not None and entry[0] is keys else None
 
 
 def reduced_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, softcap=None,
@@ -39,7 +58,7 @@ def reduced_attention(module, query, key, value, attention_mask, dropout: float 
     ``softcap`` (Gemma 2): scores become ``softcap·tanh(scores / softcap)`` before the mask, as in eager
     attention; a layer without a coded cache then runs these products on its exact keys (SDPA has no softcap).
     """
-    pending = _PENDING.pop(getattr(module, "layer_idx", None), None)
+    pending = take(getattr(module, "layer_idx", None), key)
     if pending is None:
         if softcap is None:
             return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,

@@ -186,13 +186,14 @@ class GeoKVLayer(DynamicLayer):
 
             exact = self.segments[0] if len(self.segments) > 1 else None
             (ck, cv) = coded.codecs
-            hand_over(self.layer_idx, exact.length if exact else 0, coded.length, ck, coded.parts[0], cv,
-                      coded.parts[1])
+            sink, length, parts = exact.length if exact else 0, coded.length, coded.parts
             coded.append(key_states, value_states)  # the sink is full once coded tokens exist
-            if exact is None:
-                return key_states, value_states
-            sink_k, sink_v = exact.decode((key_states, value_states))
-            return torch.cat([sink_k, key_states], dim=-2), torch.cat([sink_v, value_states], dim=-2)
+            keys, values = key_states, value_states
+            if exact is not None:
+                sink_k, sink_v = exact.decode((key_states, value_states))
+                keys, values = torch.cat([sink_k, key_states], dim=-2), torch.cat([sink_v, value_states], dim=-2)
+            hand_over(self.layer_idx, keys, sink, length, ck, parts[0], cv, parts[1])
+            return keys, values
         past = [seg.decode((key_states, value_states)) for seg in self.segments if seg.length]
         start = 0
         for seg in self.segments:  # new tokens fill the exact sink first, the rest is coded

@@ -40,17 +40,24 @@ class KVPlan:
 
     @property
     def ratio(self) -> float:
-        """Cache bytes over uncompressed bytes at ``config.reference_tokens`` tokens."""
+        """Cache bytes over uncompressed bytes at ``config.reference_tokens`` tokens, in the plan's dtype."""
         return self.cache_bytes(self.config.reference_tokens) / self.cache_bytes(self.config.reference_tokens, full=True)
 
-    def layer_bytes_per_token(self, full: bool = False) -> list[int]:
-        """Bytes per stored token of each layer, K and V (``full``: uncompressed), batch 1."""
-        flat = self.full_bytes_per_token // self.num_layers
+    def element_size(self, dtype: torch.dtype | str | None = None) -> int:
+        """Bytes of one exact element (a sink token's or a full-precision component's) stored in ``dtype``
+        (None: the plan's dtype, the model's when it was fitted)."""
+        dtype = self.dtype if dtype is None else dtype
+        return torch.empty((), dtype=getattr(torch, dtype) if isinstance(dtype, str) else dtype).element_size()
+
+    def layer_bytes_per_token(self, full: bool = False, dtype: torch.dtype | str | None = None) -> list[int]:
+        """Bytes per stored token of each layer, K and V (``full``: uncompressed), batch 1, with exact
+        elements in ``dtype`` (None: the plan's). Quantised components cost the same in every dtype."""
+        elt = self.element_size(dtype)
+        flat = self.full_bytes_per_token // self.num_layers // self.element_size() * elt
         if full or self.identity:
             return [flat] * self.num_layers
         from .allocate import group_bytes
 
-        elt = torch.empty((), dtype=getattr(torch, self.dtype)).element_size()
         return [sum(group_bytes(b, len(c), self.config.group_size, elt) for k in "kv"
                     for b, c in self.groups.get(f"{i}.{k}", [])) for i in range(self.num_layers)]
 
@@ -61,14 +68,21 @@ class KVPlan:
         return [(sink, tokens - sink) if w is None else (0, min(tokens, w - 1))
                 for w in (self.windows or [None] * self.num_layers)]
 
-    def cache_bytes(self, tokens: int, batch: int = 1, full: bool = False) -> int:
+    def cache_bytes(self, tokens: int, batch: int = 1, full: bool = False,
+                    dtype: torch.dtype | str | None = None) -> int:
         """Bytes the cache's tensors hold for ``tokens`` tokens (``full``: the uncompressed cache, as
-        transformers' ``DynamicCache`` holds it, sliding layers included)."""
+        transformers' ``DynamicCache`` holds it, sliding layers included).
+
+        ``dtype``: the model's dtype when the cache is used (the cache stores exact elements, sinks and
+        full-precision components, as the model gives them); None: the plan's dtype. A plan fitted in
+        one dtype keeps its quantised layout in another, so its ratio to the uncompressed cache changes:
+        ``cache_bytes(n, dtype=d) / cache_bytes(n, full=True, dtype=d)``.
+        """
         held = self.held_tokens(tokens)
-        flat = self.layer_bytes_per_token(full=True)
+        flat = self.layer_bytes_per_token(full=True, dtype=dtype)
         if full:
             return batch * sum((exact + n) * f for (exact, n), f in zip(held, flat))
-        coded = self.layer_bytes_per_token()
+        coded = self.layer_bytes_per_token(dtype=dtype)
         return batch * sum(exact * f + n * c for (exact, n), f, c in zip(held, flat, coded))
 
     # ---- JSON ----------------------------------------------------------------------------
