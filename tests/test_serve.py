@@ -418,3 +418,17 @@ def test_page_in_headless_chromium(service):
             assert page.locator("#chart rect").count() == 8  # four measures × two models
         finally:
             browser.close()
+
+
+def test_bench_serve_measures_one_model_under_load(service, folders):
+    """The clients of `hf-geocomp bench-serve` against the running service (the command adds only the child server)."""
+    from hf_geocomp.studies.serve_bench import measure, prompt_texts
+
+    prompts = prompt_texts(folders[0], "pydoc:evaluation", 12, 20)
+    assert len(prompts) == 20 and len(set(prompts)) == 20
+    row = measure(service[0], "compressed", prompts, clients=2, duration=1.0, new_tokens=6)
+    assert row["method"] == "compressed" and row["clients"] == 2 and row["errors"] == 0 and row["requests"] >= 2
+    assert row["new_tokens"] == 6 and row["latency_p95_s"] >= row["latency_p50_s"] > 0 and row["requests_per_s"] > 0
+    info = {m["name"]: m for m in httpx.get(service[0] + "/models").json()["models"]}
+    tokens = row["prompt_tokens"] + row["new_tokens"] - 1  # every request holds prompt + new - 1 tokens
+    assert row["kv_bytes_used"] < tokens * info["base"]["kv_bytes_per_token"]
