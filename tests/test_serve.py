@@ -7,19 +7,16 @@ Requests go through httpx and the ``openai`` client; the page runs in Debian's C
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import json
 import math
-import threading
 import time
 from pathlib import Path
 
 import pytest
-import torch
 
 pytest.importorskip("fastapi", reason="the serve extra is not installed (pip install 'hf-geocomp[serve]')")
 httpx = pytest.importorskip("httpx")
-uvicorn = pytest.importorskip("uvicorn")
+pytest.importorskip("uvicorn")
 
 from hf_geocomp.serve.config import ServeConfig  # noqa: E402
 
@@ -58,25 +55,11 @@ def folders(tmp_path_factory):
     return str(root / "base"), str(root / "compressed")
 
 
-@contextlib.contextmanager
 def running(folders, **limits):
     """The service of ``folders`` under uvicorn in a thread, on a free port of 127.0.0.1: (base URL, app)."""
-    from hf_geocomp.serve.cli import build
+    from hf_geocomp.serve.cli import in_thread
 
-    app = build(ServeConfig(base=folders[0], compressed=folders[1], **{**LIMITS, **limits}))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started and thread.is_alive() and time.time() < deadline:
-        time.sleep(0.02)
-    assert server.started, "the server did not start"
-    host, port = server.servers[0].sockets[0].getsockname()[:2]
-    try:
-        yield f"http://{host}:{port}", app
-    finally:
-        server.should_exit = True
-        thread.join(10)
+    return in_thread(ServeConfig(base=folders[0], compressed=folders[1], **{**LIMITS, **limits}))
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ and ``hf-geocomp --help`` stay light.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 from ..errors import GeoCompError
@@ -60,6 +61,32 @@ def build(config: ServeConfig):
     from .app import create_app
 
     return create_app(load_models(config), config)
+
+
+@contextlib.contextmanager
+def in_thread(config: ServeConfig, port: int = 0):
+    """The app of ``config`` under uvicorn in a thread of this process, on ``port`` of ``config.host`` (0: a free
+    one), until the block ends: yields ``(base URL, app)`` (tests, and the page's screenshot)."""
+    import threading
+    import time
+
+    import uvicorn
+
+    app = build(config)
+    server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 60
+    while not server.started and thread.is_alive() and time.time() < deadline:
+        time.sleep(0.02)
+    if not server.started:
+        raise GeoCompError(f"the server did not start on {config.host}:{port}.")
+    host, bound = server.servers[0].sockets[0].getsockname()[:2]
+    try:
+        yield f"http://{host}:{bound}", app
+    finally:
+        server.should_exit = True
+        thread.join(10)
 
 
 def serve(config: ServeConfig) -> None:
