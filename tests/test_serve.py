@@ -52,6 +52,12 @@ def folders(tmp_path_factory):
     model.save_pretrained(root / "compressed")
     for name in ("base", "compressed"):
         tok.save_pretrained(root / name)
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    data = ModelCardData(base_model="tiny/llama", model_name="tiny-geocomp", eval_results=[EvalResult(
+        task_type="text-generation", dataset_type="text", dataset_name="pydoc", metric_type="perplexity",
+        metric_name="perplexity", metric_value=123.4)])
+    ModelCard.from_template(data, template_str="---\n{{ card_data }}\n---\n# tiny\n").save(root / "compressed" / "README.md")
     return str(root / "base"), str(root / "compressed")
 
 
@@ -101,6 +107,8 @@ def test_health_models_and_page(client, folders):
     assert info["limits"] == {**LIMITS, "max_concurrent": 8}
     assert (base["name"], base["source"], comp["name"], comp["source"]) == ("base", folders[0], "compressed", folders[1])
     assert base["compression"] is None and comp["attn_implementation"] == "geocomp_reduced"
+    assert base["card"] is None and comp["card"] == {"base_model": "tiny/llama", "results": [
+        {"metric": "perplexity", "value": 123.4, "dataset": "pydoc"}]}
     assert comp["parameters"] < base["parameters"] == sum(p.numel() for p in tiny_llama().parameters())
     assert 0.25 < comp["compression"]["prune"]["achieved_sparsity"] < 0.35
     kv = comp["compression"]["kv"]
