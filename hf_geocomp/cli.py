@@ -51,6 +51,7 @@ def _add_commands(sub, group: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .hub.cli import add_parsers as add_hub_parsers
+    from .serve.cli import add_parser as add_serve_parser
 
     parser = argparse.ArgumentParser(prog="hf-geocomp", description=__doc__.split("\n\n")[0].replace("``", ""),
                                      formatter_class=HelpFormatter)
@@ -58,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_commands(sub, "tools")
     add_hub_parsers(sub, _lazy)
+    add_serve_parser(sub, _lazy)
     _add_commands(sub, "studies")
 
     rp = sub.add_parser("report", help="markdown tables from results JSON files or folders (or regenerate the "

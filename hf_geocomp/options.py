@@ -178,8 +178,9 @@ def option_fields(cls) -> list[dataclasses.Field]:
     return sorted(fields, key=lambda f: 0 if f.name in _FIRST else 2 if f.name in _LAST else 1)
 
 
-def add_options(parser: argparse.ArgumentParser, cls) -> argparse.ArgumentParser:
-    """Add one argument per field of the dataclass ``cls`` (in :func:`option_fields` order) and ``--overwrite``."""
+def add_options(parser: argparse.ArgumentParser, cls, overwrite: bool = True) -> argparse.ArgumentParser:
+    """Add one argument per field of the dataclass ``cls`` (in :func:`option_fields` order) and (``overwrite``)
+    ``--overwrite``."""
     hints = typing.get_type_hints(cls)
     for f in option_fields(cls):
         meta = metadata(cls, f.name)
@@ -202,7 +203,8 @@ def add_options(parser: argparse.ArgumentParser, cls) -> argparse.ArgumentParser
             del kwargs["default"]
             kwargs["required"] = True
         parser.add_argument(f"--{f.name.replace('_', '-')}", *meta.get("aliases", ()), dest=f.name, **kwargs)
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    if overwrite:
+        parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     parser.set_defaults(options=cls)
     return parser
 

@@ -9,7 +9,7 @@ recipe into it (:func:`hf_geocomp.recipes.load_study`). Every committed result u
 from __future__ import annotations
 
 from . import (cross_domain, curvature_bench, fold_bench, h3, kv_bench, kv_h3, kv_speed, lora_bench, lora_h3, lora_lm,
-               onnx_bench, overhead, prune_h1, prune_oneshot, prune_recovery)
+               onnx_bench, overhead, prune_h1, prune_oneshot, prune_recovery, serve_bench)
 
 STUDIES = {
     "bench-overhead": (overhead.OverheadOptions, overhead.run_overhead),
@@ -29,4 +29,5 @@ STUDIES = {
     "bench-kv-speed": (kv_speed.KVSpeedOptions, kv_speed.run_kv_speed),
     "bench-kv-kernel": (kv_speed.KVKernelOptions, kv_speed.run_kv_kernel_speed),
     "bench-onnx": (onnx_bench.OnnxBenchOptions, onnx_bench.run_onnx_bench),
+    "bench-serve": (serve_bench.ServeBenchOptions, serve_bench.run_serve_bench),
 }
