@@ -110,3 +110,6 @@ def register() -> None:
         elif present.__qualname__ != cls.__qualname__ or not present.__module__.startswith("hf_geocomp."):
             raise GeoCompError(f"quant_method {QUANT_METHOD!r} is already registered by {present.__module__}."
                                f"{present.__qualname__}, not by hf_geocomp.")
+
+
+register()
