@@ -52,8 +52,8 @@ def test_help_version_and_usage_errors_start_light(argv, status):
 FRESH = r"""
 import json, sys
 HEAVY = ("torch", "transformers", "peft")
-if sys.argv[1] == "plugin-first":
-    import hf_geocomp
+exec(sys.argv[1])  # the first import of hf_geocomp, or of the libraries
+if sys.argv[1] == "import hf_geocomp":
     assert not [m for m in HEAVY if m in sys.modules], [m for m in HEAVY if m in sys.modules]
 import torch
 from peft import PeftModel
@@ -69,10 +69,9 @@ print(json.dumps({"quantization_config": type(model.config.quantization_config).
 """
 
 
-@pytest.mark.parametrize("order", ["plugin-first", "libraries-first"])
-def test_saved_models_and_adapters_load_after_import(order, tmp_path):
-    """After ``import hf_geocomp`` (before or after transformers and peft): ``from_pretrained`` reloads a compressed
-    model whose shapes stock transformers cannot express, and ``PeftModel.from_pretrained`` a SpectralLoRA adapter."""
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A tiny Llama pruned to uneven MLP widths (stock transformers cannot build it) and a SpectralLoRA adapter."""
     import torch
     from peft import get_peft_model
 
@@ -80,22 +79,31 @@ def test_saved_models_and_adapters_load_after_import(order, tmp_path):
     from hf_geocomp.geometry import linear_input_taps
     from hf_geocomp.prune import prune, prune_taps
 
+    root = tmp_path_factory.mktemp("saved")
     model = tiny_llama()
-    model.config.save_pretrained(tmp_path / "model-base")
+    model.config.save_pretrained(root / "model-base")
     stats = collect_stats(model, [random_batch(2, 16, seed=i) for i in range(3)], prune_taps(model, ("mlp",)))
     _, plan = prune(model, stats, sparsity=0.3, targets=("mlp",), allocation="global")
     mark_compressed(model, plan)
-    model.save_pretrained(tmp_path / "model")
+    model.save_pretrained(root / "model")
     ids = random_batch(2, 12, seed=9)["input_ids"]
-    torch.save(ids, tmp_path / "ids.pt")
+    torch.save(ids, root / "ids.pt")
     with torch.no_grad():
-        torch.save(model(input_ids=ids).logits, tmp_path / "logits.pt")
+        torch.save(model(input_ids=ids).logits, root / "logits.pt")
     cfg = SpectralLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
     cfg.stats = collect_stats(tiny_llama(), [random_batch(seed=i) for i in range(3)], linear_input_taps(tiny_llama()))
-    get_peft_model(tiny_llama(), cfg).save_pretrained(tmp_path / "adapter")
+    get_peft_model(tiny_llama(), cfg).save_pretrained(root / "adapter")
+    return [str(root / p) for p in ("model", "adapter", "ids.pt", "logits.pt")]
 
-    _, res = _python("-c", FRESH, order, *(str(tmp_path / p) for p in ("model", "adapter", "ids.pt", "logits.pt")),
-                     timeout=300)
+
+@pytest.mark.parametrize("first", [
+    "import hf_geocomp", "from hf_geocomp import GeoCompConfig", "from hf_geocomp.hub import mark_compressed",
+    "from hf_geocomp.kv import KVConfig", "import torch, peft, transformers.modeling_utils"])
+def test_saved_models_and_adapters_load_after_import(first, saved):
+    """After ``import hf_geocomp`` (before or after transformers and peft, and whichever of its modules loads them):
+    ``from_pretrained`` reloads a compressed model whose shapes stock transformers cannot express, and
+    ``PeftModel.from_pretrained`` a SpectralLoRA adapter."""
+    _, res = _python("-c", FRESH, first, *saved, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert json.loads(res.stdout.splitlines()[-1]) == {"quantization_config": "GeoCompConfig", "equal": True,
                                                        "adapter_config": "SpectralLoraConfig"}
