@@ -14,7 +14,7 @@ import sys
 import time
 
 from .errors import GeoCompError
-from .options import HelpFormatter, Options, add_options, from_namespace, summary
+from .options import Command, HelpFormatter, Options, add_options, from_namespace, summary
 
 
 def _run_lazy(target: str, args) -> None:
@@ -30,40 +30,52 @@ def _lazy(target: str):
     return functools.partial(_run_lazy, target)
 
 
-def commands(group: str = "all") -> dict[str, tuple[type, callable]]:
-    """Subcommands whose options are a dataclass → (that dataclass, the function that runs it).
+def command_table(group: str = "all") -> dict[str, Command]:
+    """Subcommands whose options are a dataclass → where they are (:class:`~hf_geocomp.options.Command`), unimported.
 
     ``group``: ``"tools"`` (analyze, prune), ``"studies"`` or ``"all"``.
     """
-    from .geometry.cli import AnalyzeOptions, run_analyze
-    from .prune.cli import PruneCommandOptions, prune_command
     from .studies.cli import STUDIES
 
-    tools = {"analyze": (AnalyzeOptions, run_analyze), "prune": (PruneCommandOptions, prune_command)}
+    tools = {"analyze": Command(".geometry.cli", "AnalyzeOptions", "run_analyze"),
+             "prune": Command(".prune.cli", "PruneCommandOptions", "prune_command")}
     return {"tools": tools, "studies": STUDIES, "all": {**tools, **STUDIES}}[group]
 
 
-def _add_commands(sub, group: str) -> None:
-    for name, (cls, _) in commands(group).items():
-        add_options(sub.add_parser(name, help=summary(cls), description=summary(cls)), cls)
+def commands(group: str = "all") -> dict[str, tuple[type, callable]]:
+    """Subcommands whose options are a dataclass → (that dataclass, the function that runs it); imports them all."""
+    return {name: command.load() for name, command in command_table(group).items()}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _add_commands(sub, group: str, wanted: str | None) -> None:
+    """Every subcommand of ``group``; only ``wanted`` (all if None) with its options, the others with their summary
+    alone (what ``hf-geocomp --help`` lists), so that a command line imports only the command it runs."""
+    for name, command in command_table(group).items():
+        if wanted is None or name == wanted:
+            cls = command.load()[0]
+            add_options(sub.add_parser(name, help=summary(cls), description=summary(cls)), cls)
+        else:
+            sub.add_parser(name, help=command.summary())
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The whole parser; given the command line ``argv``, one whose subcommands other than the one ``argv`` names
+    are listed but not loaded (each would import torch and transformers: ``--help`` and usage errors stay fast)."""
     from . import __version__
     from .hub.cli import add_parsers as add_hub_parsers
+    from .memory_cli import add_parser as add_memory_parser
     from .serve.cli import add_parser as add_serve_parser
 
     parser = argparse.ArgumentParser(prog="hf-geocomp", description=__doc__.split("\n\n")[0].replace("``", ""),
                                      formatter_class=HelpFormatter)
     parser.add_argument("--version", action="version", version=f"hf-geocomp {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    _add_commands(sub, "tools")
+    wanted = None if argv is None else next((a for a in argv if not a.startswith("-")), "")
+    _add_commands(sub, "tools", wanted)
     add_hub_parsers(sub, _lazy)
     add_serve_parser(sub, _lazy)
-    from .memory import add_parser as add_memory_parser
-
     add_memory_parser(sub, _lazy)
-    _add_commands(sub, "studies")
+    _add_commands(sub, "studies", wanted)
 
     rp = sub.add_parser("report", help="markdown tables from results JSON files or folders (or regenerate the "
                         "report tables of a markdown file)")
@@ -122,7 +134,7 @@ def options_of(ns: argparse.Namespace):
 
 def parse_options(argv: list[str]):
     """The options dataclass of a command line (``hf-geocomp`` left out), e.g. a committed result's ``command``."""
-    return options_of(build_parser().parse_args(argv))
+    return options_of(build_parser(argv).parse_args(argv))
 
 
 def check_output(args) -> None:
@@ -157,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     import shlex
 
     argv = sys.argv[1:] if argv is None else list(argv)
-    ns = build_parser().parse_args(argv)
+    ns = build_parser(argv).parse_args(argv)
     command_line = "hf-geocomp " + shlex.join(argv)  # recorded beside every result
     try:
         options = options_of(ns)
@@ -176,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
             from .recipes import save_recipe
 
             started = (time.time(), time.process_time(), os.getloadavg()[0])
-            commands()[options.command][1](options)
+            command_table()[options.command].load()[1](options)
             record_compute(options, *started)
             save_recipe(options)
     except GeoCompError as e:

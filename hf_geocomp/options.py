@@ -218,4 +218,38 @@ def from_namespace(cls, ns: argparse.Namespace):
 
 def summary(cls) -> str:
     """The first paragraph of ``cls``'s docstring, on one line (a subcommand's help)."""
-    return " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())
+    return _first_paragraph(cls.__doc__ or "")
+
+
+def _first_paragraph(doc: str) -> str:
+    return " ".join(doc.strip().split("\n\n")[0].split())
+
+
+@dataclass(frozen=True)
+class Command:
+    """A subcommand named without importing it: the module ``module`` (relative to ``hf_geocomp``, e.g.
+    ``".studies.kv_bench"``) defines its options dataclass ``options`` and the function ``run`` that runs it.
+    ``hf-geocomp --help`` reads each summary from the source (:meth:`summary`), so only the command that
+    runs is imported (with torch and transformers behind it)."""
+
+    module: str
+    options: str
+    run: str
+
+    def load(self) -> tuple[type, typing.Callable]:
+        """(options dataclass, function): imports the module."""
+        import importlib
+
+        module = importlib.import_module(self.module, "hf_geocomp")
+        return getattr(module, self.options), getattr(module, self.run)
+
+    def summary(self) -> str:
+        """:func:`summary` of the options dataclass, read from its source (imported only if it has no docstring)."""
+        import ast
+        from pathlib import Path
+
+        path = Path(__file__).parent.joinpath(*self.module.lstrip(".").split(".")).with_suffix(".py")
+        found = [node for node in ast.parse(path.read_text()).body
+                 if isinstance(node, ast.ClassDef) and node.name == self.options]
+        doc = ast.get_docstring(found[0]) if found else None
+        return _first_paragraph(doc) if doc else summary(self.load()[0])

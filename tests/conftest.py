@@ -24,6 +24,13 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def _own_working_dir(tmp_path_factory, monkeypatch):
+    """Every test runs in an empty working directory of its own: none may depend on what is in the user's (e.g. the
+    ``runs/smollm2-135m-geocomp`` the README's main command leaves there) or leave anything in it."""
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
+
+
 def tiny_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 

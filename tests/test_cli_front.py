@@ -26,6 +26,21 @@ def test_version_and_defaults_in_help(capsys):
                     (name, action.dest)
 
 
+def test_a_command_line_loads_only_its_command():
+    """``hf-geocomp --help`` lists each subcommand's summary read from its source (no import): the same text as its
+    options' docstring; a command line's parser has that command's options alone, the same as the whole parser's."""
+    from hf_geocomp.cli import command_table
+    from hf_geocomp.options import summary
+
+    whole, listed = build_parser(), build_parser(["--help"])
+    helps = {c.dest: c.help for a in listed._actions for c in getattr(a, "_choices_actions", ())}
+    for name, command in command_table().items():
+        assert command.summary() == summary(command.load()[0]) == helps[name], name
+        assert not [a for a in listed.subcommands[name]._actions if a.dest != "help"], name
+        one = build_parser([name, "--help"]).subcommands[name]
+        assert one.format_help() == whole.subcommands[name].format_help(), name
+
+
 def test_prune_help_lists_every_criterion():
     from hf_geocomp.prune.scorers import SCORERS
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -151,6 +152,7 @@ def test_bench_prune_h1_end_to_end(tmp_path, tiny_bert_dir):
         assert r["accuracy"] in {i / 18 for i in range(19)}  # 6 test passages × 3 genres
     test = result["tests"][0]
     assert test["method"] == "variance vs magnitude" and test["n"] == 2
+    assert not list(Path.cwd().iterdir())  # the Trainer's folder was a temporary one, not runs/ in the working dir
 
 
 @needs_shakespeare

@@ -2,6 +2,7 @@
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,7 +23,7 @@ def tiny_job(tmp_path, tiny_llama_dir, text_file, **over):
 
 
 def test_default_recipe_file_is_the_built_in_job():
-    assert to_yaml_dict(load_job("recipes/compress_smollm2.yaml")) == to_yaml_dict(load_job(None))
+    assert to_yaml_dict(load_job(str(Path(__file__).parents[1] / "recipes/compress_smollm2.yaml"))) == to_yaml_dict(load_job(None))
 
 
 def test_job_writes_a_folder_that_reloads_with_its_results(tmp_path, tiny_llama_dir, text_file, capsys):

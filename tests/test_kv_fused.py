@@ -263,30 +263,6 @@ def test_missing_compiler_falls_back_loudly(llama, monkeypatch):
     assert torch.allclose(out, ref, atol=1e-5)
 
 
-def test_build_folder_follows_the_source_and_a_stale_lock_is_cleared(tmp_path, monkeypatch):
-    """A killed build leaves torch's lock file, and torch waits on it forever: a lock older than any build is
-    removed with a warning, a fresh one (another process building) is kept; the build folder is named after the
-    source, so checkouts of the same source share it and a changed source gets its own."""
-    import os
-    import time
-
-    monkeypatch.setenv("HF_GEOCOMP_KERNEL_DIR", str(tmp_path))
-    name, build = fused.build_location(b"int main() {}")
-    assert build.parent == tmp_path and build.name == name and name.isidentifier()
-    assert fused.build_location(b"int main() {}") == (name, build)
-    assert fused.build_location(b"int main() { return 1; }")[0] != name
-    build.mkdir()
-    assert not fused.clear_stale_lock(build)  # no lock
-    lock = build / "lock"
-    lock.touch()
-    assert not fused.clear_stale_lock(build) and lock.exists()  # being built now
-    old = time.time() - 2 * fused.STALE_LOCK_SECONDS
-    os.utime(lock, (old, old))
-    with pytest.warns(RuntimeWarning, match="stale build lock"):
-        assert fused.clear_stale_lock(build)
-    assert not lock.exists()
-
-
 def test_speed_study_writes_interleaved_ratios(tiny_llama_dir, tmp_path):
     """The speed study on a tiny model: rows per cache with median/min/max ratios, bytes and the bytes bound."""
     import json

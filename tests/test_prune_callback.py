@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -174,6 +175,7 @@ def test_recovery_bench_end_to_end(tiny_llama_dir, tmp_path):
         assert row["ppl_vs_control"] == pytest.approx(row["ppl"] / control["ppl"])
     assert main(argv[:-2] + ["--criteria", "variance", "bogus", "-o", str(tmp_path / "bad.json")]) == 2
     assert not (tmp_path / "bad.json").exists()  # refused before any fine-tune
+    assert not list(Path.cwd().iterdir())  # the Trainer's folder was a temporary one, not runs/ in the working dir
 
 
 def test_callback_prunes_only_the_given_layers(tmp_path):

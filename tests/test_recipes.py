@@ -94,9 +94,10 @@ def test_every_recipe_key_is_commented_with_its_type_and_default(path):
 
 
 @pytest.mark.parametrize("path", RESULTS, ids=lambda p: str(p.relative_to(ROOT / "recipes" / "results")))
-def test_every_committed_command_still_parses(path):
+def test_every_committed_command_still_parses(path, monkeypatch):
     """A result's ``command`` still parses into its options (a ``run`` of a recipe through the recipe); where the
     result also recorded its resolved options, the command resolves to exactly those today."""
+    monkeypatch.chdir(ROOT)  # the commands name their recipes relative to the repository
     result = json.loads(path.read_text())
     options = parse_options(shlex.split(result["command"])[1:])
     saved = result.get("args") or result.get("options")

@@ -31,15 +31,15 @@ parent of a replaced module is marked initialised for transformers' load-time we
 family code may read the dense child's ``weight`` from the parent, as GPT-2's does).
 """
 
-from .card import render_card
-from .config import FORMAT_VERSION, QUANT_METHOD, GeoCompConfig
-from .quantizer import GeoCompHfQuantizer, register
-from .export import export, push
-from .onnx import export_onnx  # needs the onnx extra only when called
-from .record import GUARD, mark_compressed
-from .shapes import MODULE_KINDS, register_module_kind
+from .._lazy import lazy_names
+from .export import export, push  # eager (the submodule of the same name must not shadow it); imports nothing heavy
 
 __all__ = ["FORMAT_VERSION", "GUARD", "GeoCompConfig", "GeoCompHfQuantizer", "MODULE_KINDS", "QUANT_METHOD",
            "export", "export_onnx", "mark_compressed", "push", "register", "register_module_kind", "render_card"]
-
-register()
+# the quantizer registers itself at the bottom of .quantizer, which `import hf_geocomp` imports with transformers'
+# models (hf_geocomp/__init__.py)
+__getattr__, __dir__ = lazy_names(__name__, {
+    "render_card": ".card", "export_onnx": ".onnx", **dict.fromkeys(["FORMAT_VERSION", "QUANT_METHOD", "GeoCompConfig"], ".config"),
+    **dict.fromkeys(["GeoCompHfQuantizer", "register"], ".quantizer"),
+    **dict.fromkeys(["GUARD", "mark_compressed"], ".record"),
+    **dict.fromkeys(["MODULE_KINDS", "register_module_kind"], ".shapes")})

@@ -12,8 +12,6 @@ from __future__ import annotations
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..errors import GeoCompError
-from ..kv.config import KVConfig
-from ..prune.config import PruneConfig
 
 QUANT_METHOD = "geocomp"
 FORMAT_VERSION = 1  # of ``plan``; a newer one is refused (this version cannot know what it adds)
@@ -83,6 +81,11 @@ class GeoCompConfig(QuantizationConfigMixin):
                                f"{FORMAT_VERSION} this hf_geocomp reads: upgrade with `pip install -U hf-geocomp`.")
         self.quant_method = QUANT_METHOD
         self.format_version = format_version
+        # imported here: kv and prune load transformers' models, whose import registers the quantizer (hf_geocomp's
+        # __init__), which needs this module complete
+        from ..kv.config import KVConfig
+        from ..prune.config import PruneConfig
+
         self.prune = _as(PruneConfig, prune, "prune")
         self.kv = _as(KVConfig, kv, "kv")
         self.calibration, self.stats_file, self.tokenizer = calibration, stats_file, tokenizer

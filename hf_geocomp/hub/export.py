@@ -13,11 +13,13 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 from ..errors import GeoCompError
 from ..io import output_dir, write_json
+
+if TYPE_CHECKING:
+    from torch import nn
 
 MARKER = ".hf_geocomp_export_pid"  # inside a temporary export folder while it is written
 

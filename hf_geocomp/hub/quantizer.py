@@ -17,7 +17,10 @@ from transformers.quantizers.base import HfQuantizer
 
 from ..errors import GeoCompError
 from .config import QUANT_METHOD, GeoCompConfig
-from .record import GUARD, guard
+
+# Only transformers, errors and .config at module level, everything else inside the hooks: `import hf_geocomp`
+# imports this module as soon as transformers' models are imported, which any other module of the package may be
+# doing halfway through its own import (see hf_geocomp/__init__.py).
 
 
 class GeoCompHfQuantizer(HfQuantizer):
@@ -42,6 +45,8 @@ class GeoCompHfQuantizer(HfQuantizer):
         layers = getattr(config.get_text_config(decoder=True), "num_hidden_layers", None)
         if layers is not None and plan.get("num_layers") != layers:
             raise GeoCompError(f"this checkpoint's geocomp plan has {plan.get('num_layers')} layers, its config {layers}.")
+        from .record import GUARD
+
         if config._attn_implementation in (GUARD, None):
             config._attn_implementation = plan.get("attn_implementation")
         return config
@@ -69,6 +74,8 @@ class GeoCompHfQuantizer(HfQuantizer):
                 from .kvstore import plan_from_model, use_coded_cache
 
                 use_coded_cache(model, plan_from_model(model, kv))
+            from .record import guard
+
             guard(model)
             return model
         from .compress import compress_loaded
@@ -112,3 +119,6 @@ def register() -> None:
         elif present.__qualname__ != cls.__qualname__ or not present.__module__.startswith("hf_geocomp."):
             raise GeoCompError(f"quant_method {QUANT_METHOD!r} is already registered by {present.__module__}."
                                f"{present.__qualname__}, not by hf_geocomp.")
+
+
+register()

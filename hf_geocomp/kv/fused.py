@@ -14,7 +14,8 @@ components (``n_h`` of them):
 
 so a token costs ``Σ_h M·n_h`` products for ``M`` query rows per KV head, not ``(Σ_h M)·n``.
 The kernel is a small C++ extension (``_fused.cpp``) built on first use with
-``torch.utils.cpp_extension`` (gcc, ninja), parallel over blocks of tokens with torch's thread pool.
+``torch.utils.cpp_extension`` (gcc, ninja; :mod:`.kernel_build`), parallel over blocks of tokens with torch's
+thread pool.
 If it cannot be built, a warning says why, once, and the same products run on dequantised
 latents in PyTorch (same results to float32 rounding; slower). The PyTorch path is also what
 runs when gradients are needed (``kv.refine`` through reduced attention) or when
@@ -60,59 +61,29 @@ def portable_unpack(flag: bool = True):
 
 
 CFLAGS = ["-O3", "-march=native", "-fopenmp"]
-STALE_LOCK_SECONDS = 600  # a build takes well under a minute: an older lock was left by a killed build
-
-
-def build_location(source: bytes) -> tuple[str, Path]:
-    """(extension name, build folder), both named after the source and flags: every checkout of the same
-    source shares one build, and a changed source never reuses an old one. The folder is under
-    ``HF_GEOCOMP_KERNEL_DIR`` (default ``~/.cache/hf_geocomp/kernels``)."""
-    import hashlib
-
-    digest = hashlib.sha256(source + " ".join(CFLAGS).encode() + torch.__version__.encode()).hexdigest()[:12]
-    root = Path(os.environ.get("HF_GEOCOMP_KERNEL_DIR") or Path.home() / ".cache" / "hf_geocomp" / "kernels")
-    name = f"hf_geocomp_kv_fused_{digest}"
-    return name, root / name
-
-
-def clear_stale_lock(build: Path, max_age: float = STALE_LOCK_SECONDS) -> bool:
-    """Remove the build lock a killed build left behind (torch waits on it forever), with a warning;
-    a fresh lock (another process building now) is left alone. Returns whether one was removed."""
-    import time
-
-    lock = build / "lock"
-    try:
-        age = time.time() - lock.stat().st_mtime
-    except FileNotFoundError:
-        return False
-    if age < max_age:
-        return False
-    warnings.warn(f"hf_geocomp.kv: removing a stale build lock {lock} ({age / 60:.0f} minutes old, left by a "
-                  f"build that was stopped); building the fused kernel again.", RuntimeWarning, stacklevel=3)
-    lock.unlink(missing_ok=True)
-    return True
+LDFLAGS = ["-fopenmp"]
 
 
 def kernel():
-    """The compiled extension, or ``None`` (with one warning naming why) when it cannot be built."""
+    """The compiled extension, or ``None`` (with one warning naming why) when it cannot be built.
+
+    Built once per machine and environment under a lock no dead process can hold (:mod:`.kernel_build`)."""
     if not _KERNEL:
         if os.environ.get("HF_GEOCOMP_KV_FUSED", "1") == "0":
             _KERNEL.append(None)
             return None
-        try:
-            from torch.utils.cpp_extension import load
+        from .kernel_build import BuildLockTimeout, load
 
-            source = Path(__file__).with_name("_fused.cpp")
-            name, build = build_location(source.read_bytes())
-            build.mkdir(parents=True, exist_ok=True)
-            clear_stale_lock(build)
-            _KERNEL.append(load(name=name, sources=[str(source)], build_directory=str(build),
-                                extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"], verbose=False))
-        except Exception as e:  # no compiler, no ninja, a failed build: say so, then run the PyTorch path
+        try:
+            _KERNEL.append(load("hf_geocomp_kv_fused", Path(__file__).with_name("_fused.cpp"), CFLAGS, LDFLAGS,
+                                "the fused decode kernel of hf_geocomp.kv"))
+        except Exception as e:  # no compiler, no ninja, a failed build, a hung builder: say so, then the PyTorch path
+            needs = "" if isinstance(e, BuildLockTimeout) else \
+                " It needs a C++ compiler (g++) and ninja (pip install ninja)."
             warnings.warn(f"hf_geocomp.kv: the fused decode kernel could not be built ({type(e).__name__}: "
                           f"{str(e).strip().splitlines()[-1] if str(e).strip() else e}); reduced attention runs on "
-                          f"dequantised latents in PyTorch instead (same results, slower). It needs a C++ compiler "
-                          f"(g++) and ninja (pip install ninja).", RuntimeWarning, stacklevel=2)
+                          f"dequantised latents in PyTorch instead (same results, slower).{needs}", RuntimeWarning,
+                          stacklevel=2)
             _KERNEL.append(None)
     return _KERNEL[0]
 

@@ -95,12 +95,15 @@ def accuracy(model, batches) -> float:
 
 
 def finetune(model, rows, seed: int, epochs: int, lr: float, batch: int):
+    import tempfile
+
     from transformers import Trainer, TrainingArguments
 
-    args = TrainingArguments("runs/h1-trainer", num_train_epochs=epochs, per_device_train_batch_size=batch,
-                             learning_rate=lr, seed=seed, report_to=[], save_strategy="no", logging_strategy="no",
-                             use_cpu=True, disable_tqdm=True, warmup_steps=0.1)
-    Trainer(model=model, args=args, train_dataset=rows).train()
+    with tempfile.TemporaryDirectory(prefix="hf_geocomp-h1-trainer-") as scratch:  # the Trainer's (it saves nothing)
+        args = TrainingArguments(scratch, num_train_epochs=epochs, per_device_train_batch_size=batch,
+                                 learning_rate=lr, seed=seed, report_to=[], save_strategy="no", logging_strategy="no",
+                                 use_cpu=True, disable_tqdm=True, warmup_steps=0.1)
+        Trainer(model=model, args=args, train_dataset=rows).train()
     return model.eval()
 
 

@@ -73,16 +73,22 @@ class RecoveryOptions(ModelOptions, EvalOptions, ThreadsOption):
 
 
 def _finetune(model, rows, args, callbacks, seed: int = 0) -> float:
+    import tempfile
+
     from transformers import Trainer, TrainingArguments
 
-    targs = TrainingArguments("runs/prune-recovery-trainer", max_steps=args.steps, learning_rate=args.lr,
-                              per_device_train_batch_size=args.batch_size,
-                              gradient_accumulation_steps=args.grad_accum, warmup_steps=0.1,
-                              lr_scheduler_type="cosine", report_to=[], save_strategy="no", logging_steps=10,
-                              use_cpu=True, disable_tqdm=True, seed=seed)
-    cpu = time.process_time()
-    Trainer(model=model, args=targs, train_dataset=rows, data_collator=causal_lm_collate, callbacks=callbacks).train()
-    return (time.process_time() - cpu) / 60
+    # the Trainer's folder, discarded: it gets no checkpoint, only the callback's prune_plan.json, which every fine-tune
+    # overwrote (the row keeps its mask updates)
+    with tempfile.TemporaryDirectory(prefix="hf_geocomp-recovery-trainer-") as scratch:
+        targs = TrainingArguments(scratch, max_steps=args.steps, learning_rate=args.lr,
+                                  per_device_train_batch_size=args.batch_size,
+                                  gradient_accumulation_steps=args.grad_accum, warmup_steps=0.1,
+                                  lr_scheduler_type="cosine", report_to=[], save_strategy="no", logging_steps=10,
+                                  use_cpu=True, disable_tqdm=True, seed=seed)
+        cpu = time.process_time()
+        Trainer(model=model, args=targs, train_dataset=rows, data_collator=causal_lm_collate,
+                callbacks=callbacks).train()
+        return (time.process_time() - cpu) / 60
 
 
 DENSE = "finetune (no pruning)"
