@@ -305,7 +305,8 @@ def test_one_model_raising_leaves_the_other(client, service):
 
     def boom(module, args, kwargs):
         raise RuntimeError("injected failure")
-    hook = model.register_forward_pre_hook(boom, with_kwargs=True)
+    # on the embeddings, which every path runs (scoring calls the decoder and the head apart, a chunk at a time)
+    hook = model.get_input_embeddings().register_forward_pre_hook(boom, with_kwargs=True)
     try:
         out = generate(client, PROMPTS[4])["results"]
         assert out["compressed"] == {"model": "compressed", "error": "RuntimeError: injected failure"}

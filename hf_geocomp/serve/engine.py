@@ -22,10 +22,10 @@ from transformers import LogitsProcessor, StoppingCriteria, TextStreamer
 
 from ..errors import GeoCompError
 
-# Attention implementations whose generations on one model must not overlap: hf_geocomp's reduced attention
-# (hf_geocomp/kv/attention.py) receives the coded cache's state through a process-global dict keyed by layer,
-# which two forwards of one model at once would mix up. A model with any other attention runs concurrently.
-SERIAL_ATTENTION = {"geocomp_reduced"}
+# Attention implementations whose generations on one model must not overlap. None today: hf_geocomp's reduced
+# attention hands the coded cache's state over per thread (hf_geocomp/kv/attention.py), so concurrent
+# generations on the coded cache equal sequential ones (tests/test_serve.py checks it).
+SERIAL_ATTENTION: set[str] = set()
 
 
 @dataclass
