@@ -270,18 +270,27 @@ def test_speed_study_writes_interleaved_ratios(tiny_llama_dir, tmp_path):
     from hf_geocomp.cli import main
 
     out = tmp_path / "speed.json"
-    main(["bench-kv-speed", "--model", tiny_llama_dir, "--dtype", "float32", "--data", "pydoc:calibration",
+    main(["bench-kv-speed", "--model", tiny_llama_dir, "--dtypes", "float32", "bfloat16", "--data", "pydoc:calibration",
           "--eval-data", "pydoc:evaluation", "--tokens", "256", "--block-size", "32", "--quant", "--group-size", "8",
           "--budgets", "0.25", "--configs", "1x40:2", "2x24", "--steps", "2", "--repeats", "2",
           "--prefill-context", "16", "--prefill-repeats", "1", "--profile-steps", "1", "--allow-torch-path",
           "-o", str(out)])
     result = json.loads(out.read_text())
-    rows = {(r["method"], r["batch"], r["context"]): r for r in result["rows"]}
-    assert set(rows) == {(m, b, c) for m in ("baseline", "dynamic", "geocomp-fisher-bits") for b, c in ((1, 40), (2, 24))}
+    every = {(r["method"], r["dtype"], r["batch"], r["context"]): r for r in result["rows"]}
+    assert set(every) == {(m, d, b, c) for m in ("baseline", "dynamic", "geocomp-fisher-bits")
+                          for d in ("float32", "bfloat16") for b, c in ((1, 40), (2, 24))}
+    for b, c in ((1, 40), (2, 24)):  # each ratio also against the fastest uncompressed dtype
+        base = [every["baseline", d, b, c] for d in ("float32", "bfloat16")]
+        assert max(r["tokens_per_s_vs_fastest"] for r in base) == 1.0
+        assert every["baseline", "bfloat16", b, c]["bits_per_element"] == 16
+    assert [r["dtype"] for r in result["prefill"]] == ["float32", "bfloat16"]
+    assert min(r["latency_vs_fastest"] for r in result["prefill"]) > 0
+    rows = {(m, b, c): r for (m, d, b, c), r in every.items() if d == "float32"}
+    assert 0 < rows["geocomp-fisher-bits", 1, 40]["bits_per_element"] < 16  # budget 0.25 of float32's 32 bits
     geo = rows["geocomp-fisher-bits", 1, 40]
     assert len(geo["ratios"]) == 2 and geo["ratio_min"] <= geo["tokens_per_s_ratio"] <= geo["ratio_max"]
     assert geo["kv_bytes"] <= geo["kv_bytes_allocated"] and geo["kv_bytes_ratio"] < 0.5 and geo["bound_ratio"] > 1
     assert result["prefill"][0]["latency_ratio"] > 0 and result["machine"]["load_before"]
-    assert any(k.startswith("geocomp") for k in result["profiles"]) and result["command"].startswith("hf-geocomp")
+    assert any(k.startswith("float32 geocomp") for k in result["profiles"]) and result["command"].startswith("hf-geocomp")
     assert main(["bench-kv-speed", "--model", tiny_llama_dir, "--configs", "4096", "-o", str(tmp_path / "x.json")]) == 2
     assert not (tmp_path / "x.json").exists()

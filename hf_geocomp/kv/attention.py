@@ -8,8 +8,9 @@ the decoded cache. The exact tokens (attention sinks, and the tokens of the curr
 go through ordinary products; the coded ones are read from their packed codes by :mod:`.fused`.
 
 Registered as ``attn_implementation="geocomp_reduced"`` with transformers'
-``AttentionInterface`` and, for its masks, ``AttentionMaskInterface`` (additive float masks,
-never skipped). A layer whose cache is not a reduced :class:`~hf_geocomp.kv.cache.GeoKVCache`
+``AttentionInterface`` and, for its masks, ``AttentionMaskInterface`` with SDPA's mask (boolean, or
+None for a purely causal mask: a prefill then runs SDPA's causal kernel, as it would without the
+coded cache, instead of attention under a materialised float mask). A layer whose cache is not a reduced :class:`~hf_geocomp.kv.cache.GeoKVCache`
 runs plain SDPA.
 """
 
@@ -20,7 +21,7 @@ import threading
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, eager_mask
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .fused import coded_scores, coded_values
 
@@ -51,6 +52,21 @@ def take(layer_idx: int | None, keys: torch.Tensor) -> tuple | None:
     return entry[1] if entry is not None and entry[0] is keys else None
 
 
+def _masked(scores: torch.Tensor, mask: torch.Tensor | None, q: int) -> torch.Tensor:
+    """``scores`` (b, H, q, S) with ``mask`` applied as SDPA reads it: a boolean mask (True: attend) or an additive
+    float one, or None: causal over the last ``q`` keys (transformers' SDPA masks skip a purely causal mask, so
+    that a prefill runs SDPA's causal kernel). Masked scores take the dtype's least value, as eager attention's."""
+    low = torch.finfo(scores.dtype).min
+    if mask is None:
+        if q == 1:
+            return scores
+        s = scores.shape[-1]
+        rows = torch.arange(q, device=scores.device)[:, None] + (s - q)
+        return scores.masked_fill(torch.arange(s, device=scores.device) > rows, low)
+    mask = mask[..., : scores.shape[-1]]
+    return scores.masked_fill(~mask, low) if mask.dtype == torch.bool else scores + mask.float()
+
+
 def reduced_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, softcap=None,
                       **kwargs):
     """``query`` (b, H, q, d); ``key``/``value`` (b, kv_heads, s + q, d): exact sink tokens then the new ones.
@@ -78,8 +94,7 @@ def reduced_attention(module, query, key, value, attention_mask, dropout: float 
     if softcap is not None:
         scores = softcap * torch.tanh(scores / softcap)
     scores = scores.reshape(b, heads, q, -1)
-    if attention_mask is not None:
-        scores = scores + attention_mask[..., : scores.shape[-1]].float()
+    scores = _masked(scores, attention_mask, q)
     probs = scores.softmax(-1).reshape(b, kv_heads, group * q, -1)
     p_sink, p_coded, p_new = probs[..., :sink], probs[..., sink: sink + length], probs[..., sink + length:]
     out = p_sink @ vf[:, :, :sink] + p_new @ vf[:, :, sink:]  # (b, kv_heads, G·q, d)
@@ -90,7 +105,7 @@ def reduced_attention(module, query, key, value, attention_mask, dropout: float 
 
 
 AttentionInterface.register(NAME, reduced_attention)
-AttentionMaskInterface.register(NAME, eager_mask)
+AttentionMaskInterface.register(NAME, sdpa_mask)
 
 
 def use_reduced_attention(model) -> None:

@@ -39,7 +39,7 @@ class KVSpeedOptions(ModelDataOptions, KVCodecOptions, ThreadsOption):
     beside the bytes-read bound)."""
 
     eval_data: str = option("shakespeare:evaluation", "text of the timed contexts")
-    dtype: str = option("bfloat16", "model dtype", choices=DTYPES)
+    dtypes: list[str] = option(["float32", "bfloat16"], f"model dtypes timed in one run, each of {', '.join(DTYPES)}")
     quant: list[str] = option(["quanto:4", "hqq:4"])
     configs: list[str] = option(["1x4096", "8x4096", "1x8064"], "BATCHxCONTEXT[:STEPS] timed")
     steps: int = option(16, "greedy decode steps per timed run, unless a config says :STEPS", range="[1, inf)")
@@ -153,7 +153,53 @@ def interleaved(baseline, others: dict, repeats: int) -> dict:
 
 
 def run_kv_speed(args: KVSpeedOptions) -> dict:
-    dtype = getattr(torch, args.dtype)
+    """Every dtype of ``args.dtypes`` in one run; each row's ratios are to DynamicCache in its own dtype and
+    (``*_vs_fastest``) to the fastest uncompressed configuration measured in any dtype, what a user gets over
+    their best option; ``bits_per_element`` beside each budget (a budget is a fraction of the dtype's bytes)."""
+    bad = [d for d in args.dtypes if d not in DTYPES]
+    if bad or not args.dtypes:
+        raise GeoCompError(f"--dtypes must name one or more of {', '.join(DTYPES)}, got {args.dtypes}.")
+    runs = {d: _run_dtype(args, d) for d in args.dtypes}
+    rows = [r for run in runs.values() for r in run["rows"]]
+    prefill = [r for run in runs.values() for r in run["prefill"]]
+    fastest = {}  # (batch, context) → the uncompressed tokens/s of the fastest dtype
+    for r in rows:
+        if r["method"] == "baseline":
+            key = r["batch"], r["context"]
+            fastest[key] = max(fastest.get(key, 0.0), r["tokens_per_s"])
+    for r in rows:
+        r["tokens_per_s_vs_fastest"] = r["tokens_per_s"] / fastest[r["batch"], r["context"]]
+    if prefill:
+        quickest = min(run["prefill_seconds"] for run in runs.values() if run["prefill_seconds"])
+        for r in prefill:
+            r["latency_vs_fastest"] = r["seconds"] / quickest
+    first = runs[args.dtypes[0]]
+    result = {"command": args.command_line, "model": args.model, "dtypes": list(args.dtypes),
+              "data": {"calibration": args.data, "calibration_tokens": first["tokens"], "context_text": args.eval_data},
+              "baseline": {"method": "dynamic", "weights_bytes": {d: run["weights"] for d, run in runs.items()},
+                           "prefill_seconds": {d: run["prefill_seconds"] for d, run in runs.items()}},
+              "rows": rows, "skipped": first["skipped"], "prefill": prefill, "profiles": {f"{d} {k}": v for d, run in runs.items()
+                                                             for k, v in run["profiles"].items()},
+              "machine": first["machine"] | {"load_after": _load()},
+              "options": resolved_args(args),
+              "notes": "tokens_per_s_ratio: median over repeats of tokens/s over the mean of the DynamicCache runs "
+                       "just before and after (A X A ...) in the same dtype, with min/max; tokens_per_s_vs_fastest: "
+                       "tokens/s over the uncompressed (baseline) tokens/s of the fastest dtype at the same batch and "
+                       "context; bits_per_element: bits the cache holds per cached key or value element (a budget is "
+                       "a fraction of the dtype's own bytes: 0.25 is 8 bits in float32, 4 in bfloat16); bound_ratio = "
+                       "(weights + DynamicCache bytes) / (weights + cache bytes), the speed-up of a decoder limited by "
+                       "bytes read per step; kv_bytes: bytes of the cached tokens after prefill, kv_bytes_allocated: "
+                       "bytes its tensors hold; prefill latency_ratio: time to prefill into the cache over "
+                       "DynamicCache in the same dtype, same interleaving; latency_vs_fastest: over the fastest "
+                       "dtype's DynamicCache prefill (median seconds); every row of a batch holds the same prefilled "
+                       "context (prefilled once at batch 1)."}
+    write_json(args.output, result)
+    return result
+
+
+def _run_dtype(args: KVSpeedOptions, dtype_name: str) -> dict:
+    """The decode and prefill rows of one model dtype."""
+    dtype = getattr(torch, dtype_name)
     configs, steps_of = [], {}
     for spec in args.configs:  # "BATCHxCONTEXT" or "BATCHxCONTEXT:STEPS"
         try:
@@ -230,20 +276,22 @@ def run_kv_speed(args: KVSpeedOptions) -> dict:
                              {k: (lambda m=m, tp=k.endswith("+torch_path"): timed_decode(m[2], m[3], states, token, tp))
                               for k, m in chosen.items()}, args.repeats)
         base_rate = statistics.median(result["baseline"])
-        rows.append({"method": "baseline", "budget": 1.0, "batch": batch, "context": ctx,
+        elements = base_bytes // dtype.itemsize  # cached key and value elements
+        rows.append({"method": "baseline", "dtype": dtype_name, "budget": 1.0, "bits_per_element": 8 * dtype.itemsize,
+                     "batch": batch, "context": ctx,
                      "steps": steps_of[batch, ctx], "tokens_per_s": base_rate,
                      "tokens_per_s_all": result["baseline"], "tokens_per_s_ratio": 1.0, "kv_bytes": base_bytes,
                      "kv_bytes_ratio": 1.0, "bound_ratio": 1.0})
         for label, (method, budget, _, impl) in chosen.items():
             r = result[label]
             used, allocated = bytes_of[label]
-            rows.append({"method": method + ("+torch_path" if label.endswith("+torch_path") else ""), "budget": budget,
-                         "batch": batch, "context": ctx, "attention": impl,
+            rows.append({"method": method + ("+torch_path" if label.endswith("+torch_path") else ""),
+                         "dtype": dtype_name, "budget": budget, "bits_per_element": 8 * used / elements, "batch": batch, "context": ctx, "attention": impl,
                          "tokens_per_s": statistics.median(r["values"]), "tokens_per_s_ratio": r["median"],
                          "ratio_min": r["min"], "ratio_max": r["max"], "ratios": r["all"],
                          "kv_bytes": used, "kv_bytes_allocated": allocated, "kv_bytes_ratio": used / base_bytes,
                          "bound_ratio": (weights + base_bytes) / (weights + used)})
-            print(f"decode b={batch} ctx={ctx}: {label:40s} {r['median']:.2f}x [{r['min']:.2f}, {r['max']:.2f}]  "
+            print(f"decode {dtype_name} b={batch} ctx={ctx}: {label:40s} {r['median']:.2f}x [{r['min']:.2f}, {r['max']:.2f}]  "
                   f"bound {rows[-1]['bound_ratio']:.2f}x  bytes {used / base_bytes:.3f}", flush=True)
         if args.profile_steps and (batch, ctx) == configs[0]:
             for label, (_, _, make, impl) in [("dynamic", (None, None, dynamic, "sdpa")),
@@ -268,31 +316,24 @@ def run_kv_speed(args: KVSpeedOptions) -> dict:
         result = interleaved(lambda: timed_prefill(dynamic, "sdpa"),
                              {k: (lambda m=m: timed_prefill(m[2], m[3])) for k, m in methods.items()},
                              args.prefill_repeats)
+        prefill_seconds = statistics.median(1 / r_ for r_ in result["baseline"])
+        bits = {(r["method"], r["budget"]): r["bits_per_element"] for r in rows}
         for label, (method, budget, _, impl) in methods.items():
             r = result[label]
             times = [1 / r_ for r_ in r["all"]]  # time ratio = 1 / speed ratio
-            prefill.append({"method": method, "budget": budget, "batch": 1, "context": ctx,
+            prefill.append({"method": method, "dtype": dtype_name, "budget": budget,
+                            "bits_per_element": bits.get((method, budget)), "batch": 1, "context": ctx,
                             "latency_ratio": statistics.median(times), "latency_ratio_min": min(times),
-                            "latency_ratio_max": max(times)})
-            print(f"prefill ctx={ctx}: {label:40s} time {prefill[-1]['latency_ratio']:.2f}x "
+                            "latency_ratio_max": max(times), "seconds": statistics.median(1 / v for v in r["values"])})
+            print(f"prefill {dtype_name} ctx={ctx}: {label:40s} time {prefill[-1]['latency_ratio']:.2f}x "
                   f"[{min(times):.2f}, {max(times):.2f}]", flush=True)
-
-    result = {"command": args.command_line, "model": args.model, "dtype": args.dtype,
-              "data": {"calibration": args.data, "calibration_tokens": stats.tokens, "context_text": args.eval_data},
-              "baseline": {"method": "dynamic", "weights_bytes": weights},
-              "rows": rows, "skipped": skipped, "prefill": prefill, "profiles": profiles,
-              "machine": {"threads": args.threads, "cpus": os.cpu_count(), "load_before": load_before,
-                          "load_after": _load(), "fused_kernel": fused.kernel() is not None,
-                          "shared": sharing(load_before)},
-              "options": resolved_args(args),
-              "notes": "tokens_per_s_ratio: median over repeats of tokens/s over the mean of the DynamicCache runs "
-                       "just before and after (A X A ...), with min/max; bound_ratio = (weights + DynamicCache bytes) / "
-                       "(weights + cache bytes), the speed-up of a decoder limited by bytes read per step; kv_bytes: "
-                       "bytes of the cached tokens after prefill, kv_bytes_allocated: bytes its tensors hold; "
-                       "prefill latency_ratio: time to prefill into the cache over DynamicCache, same interleaving; "
-                       "every row of a batch holds the same prefilled context (prefilled once at batch 1)."}
-    write_json(args.output, result)
-    return result
+    else:
+        prefill_seconds = None
+    return {"rows": rows, "prefill": prefill, "profiles": profiles, "weights": weights, "tokens": stats.tokens,
+            "skipped": skipped,
+            "prefill_seconds": prefill_seconds,
+            "machine": {"threads": args.threads, "cpus": os.cpu_count(), "load_before": load_before,
+                        "fused_kernel": fused.kernel() is not None, "shared": sharing(load_before)}}
 
 
 def synthetic_codec(kv_heads: int, head_dim: int, widths: dict, group_size: int, seed: int = 0):
