@@ -122,7 +122,7 @@ def run_onnx_bench(args: OnnxBenchOptions) -> dict:
                          overwrite=args.overwrite or args.onnx_dir is None, source=args.model,
                          command=args.command_line)
     export_seconds = time.time() - start
-    text = token_blocks(tok, load_corpus(args.eval_data), args.prefill, max_tokens=args.prefill)
+    text = token_blocks(tok, load_corpus(args.eval_data), args.prefill, max_tokens=args.prefill, model=model)
     ids = text[0]["input_ids"].unsqueeze(0)  # (1, prefill)
     lm = OnnxCausalLM(folder, threads=args.threads)
     load_before = _load()
