@@ -266,13 +266,12 @@ def _evaluate_base(model, job: JobConfig, pre: Prepared, results: dict, progress
 def _prune_one(model, cfg, stats, batches, job: JobConfig) -> object:
     """Prune ``model`` in place with ``cfg``: block by block (``job.pipeline``), or its criterion scored on the
     shared whole-model ``stats`` (gradients for taylor)."""
-    from .prune import prune, prune_calibrated, score_groups, taylor_grads, unit_groups
+    from .prune import prune, prune_calibrated, taylor_grads
 
     if job.pipeline == "sequential":
         return prune_calibrated(model, batches, cfg, job.pipeline, job.propagate)[1]
     grads = taylor_grads(model, batches, cfg.targets) if cfg.criterion == "taylor" else None
-    scores = score_groups(model, unit_groups(model, cfg.targets, cfg.head_mode), cfg, stats, grads)
-    return prune(model, stats, config=cfg, scores=scores, grads=grads)[1]
+    return prune(model, stats, config=cfg, grads=grads)[1]  # prune scores the criterion on the shared stats
 
 
 def _prune_stage(model, job: JobConfig, pre: Prepared, results: dict, base_ppl: dict, progress: bool):

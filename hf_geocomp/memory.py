@@ -32,10 +32,10 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import GeoCompError
+from .memory_cli import PIPELINES  # torch-free, so `hf-geocomp --help` lists plan-memory cheaply
 
 GB = 1e9
 RUNTIME_BYTES = int(0.6 * GB)  # resident size of Python with torch, transformers, datasets and hf_geocomp imported
-PIPELINES = ("whole", "sequential")
 
 
 # ---- the model without weights --------------------------------------------------------------------------

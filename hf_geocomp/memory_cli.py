@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-PIPELINES = ("whole", "sequential")  # as :data:`hf_geocomp.memory.PIPELINES`
+PIPELINES = ("whole", "sequential")  # the pipelines hf_geocomp.memory models
 
 
 def add_parser(sub, lazy) -> None:

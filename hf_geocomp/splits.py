@@ -10,7 +10,7 @@ whole families are assigned to a side.
 Passages are sampled at content-defined positions: the 200 characters after every line start.
 A passage copied from one document into another carries its line starts along, so copies are
 found wherever they sit, without hashing every offset. :func:`shared_fraction` measures the
-result independently (50-character pieces at line starts, a bound from above on the share of a
+result independently (:func:`pieces`, 50-character pieces at line starts, a bound from above on the share of a
 document's 200-character windows that occur verbatim elsewhere).
 """
 
@@ -73,17 +73,21 @@ def held_out(groups: list[list[int]], every: int) -> tuple[list[int], list[int]]
     return kept, sorted(held)
 
 
-def shared_fraction(text: str, others: Sequence[str], step: int = 1, piece: int = 50,
-                    window: int = PASSAGE) -> float:
-    """Fraction of ``text``'s ``window``-character windows (every ``step``-th offset) that may occur in ``others``.
+def pieces(texts: Sequence[str], piece: int = 50) -> set[str]:
+    """The ``piece``-character pieces of ``texts`` that start at a line start: the index :func:`shared_fraction` reads."""
+    return {t[s: s + piece] for t in texts for s in _line_starts(t) if s + piece <= len(t)}
+
+
+def shared_fraction(text: str, index: set[str], step: int = 1, piece: int = 50, window: int = PASSAGE) -> float:
+    """Fraction of ``text``'s ``window``-character windows (every ``step``-th offset) that may occur in the texts
+    whose :func:`pieces` are ``index`` (built once, read for every document checked against them).
 
     A window that occurs verbatim in another text carries every line start inside it along, so
     each ``piece``-character piece starting at such a line start occurs there too. A window is
-    counted when all of its pieces are found among the pieces of ``others`` (and when it holds no
-    line start early enough to check): an upper bound on the verbatim share, computed without
-    indexing every offset of ``others``.
+    counted when all of its pieces are found in ``index`` (and when it holds no line start early
+    enough to check): an upper bound on the verbatim share, computed without indexing every offset
+    of the other texts.
     """
-    index = {t[s: s + piece] for t in others for s in _line_starts(t) if s + piece <= len(t)}
     starts = [s for s in _line_starts(text) if s + piece <= len(text)]
     total = found = 0
     j = 0

@@ -41,16 +41,16 @@ SPLIT_SIDES = [("shakespeare:evaluation", ["shakespeare:calibration", "shakespea
 def test_held_out_text_was_never_read_in_calibration(held, fitted):
     """Fewer than 5% of each held-out document's 200-character windows occur verbatim in the fitting text
     (an upper bound, every 13th window; splitting by name put 43% of pydoc's evaluation text in calibration)."""
-    from hf_geocomp.splits import shared_fraction
+    from hf_geocomp.splits import pieces, shared_fraction
 
-    others = [t for source in fitted for _, t in load_corpus(source).documents]
-    shared = {doc: shared_fraction(text, others, step=13) for doc, text in load_corpus(held).documents}
+    index = pieces([t for source in fitted for _, t in load_corpus(source).documents])
+    shared = {doc: shared_fraction(text, index, step=13) for doc, text in load_corpus(held).documents}
     worst = max(shared, key=shared.get)
     assert shared[worst] < 0.05, f"{held}: {worst!r} shares {shared[worst]:.1%} of its windows with {fitted}"
 
 
 def test_families_keep_near_copies_together():
-    from hf_geocomp.splits import families, held_out, shared_fraction
+    from hf_geocomp.splits import families, held_out, pieces, shared_fraction
 
     body = "".join(f"line {i} of a long generated table, the same in every copy\n" for i in range(20))
     own = ["".join(f"{word} {i}: a line found in this document only\n" for i in range(20)) for word in "abc"]
@@ -59,7 +59,7 @@ def test_families_keep_near_copies_together():
     assert groups == [[0], [1, 3], [2], [4]]
     kept, held = held_out(groups, every=2)
     assert held == [0, 4] and kept == [1, 2, 3]  # the family of copies never goes to the held-out side
-    assert shared_fraction(texts[3], [texts[1]]) > 0.9 and shared_fraction(texts[0], [texts[1]]) == 0
+    assert shared_fraction(texts[3], pieces([texts[1]])) > 0.9 and shared_fraction(texts[0], pieces([texts[1]])) == 0
 
 
 def test_mix_gives_equal_shares_and_names_unknown_sources(tiny_llama_dir):

@@ -80,9 +80,10 @@ def block_inputs(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]
             layers[i] = _Recorder(block, per_block[i])
         extra = {"use_cache": False, **skip_logits(model, [])}
         for batch in batches:
-            model(**extra, **{k: v.to(device) for k, v in batch.items()})
+            batch = {k: v.to(device) for k, v in batch.items()}
+            model(**extra, **batch)
             first = per_block[0].pop()
-            hidden.append((first[0], batch.get("attention_mask")))
+            hidden.append((first[0], batch.get("attention_mask")))  # the mask on the model's device, as its rows
             calls.append([(first[1], first[2])] + [(c[1], c[2]) for c in (p.pop() for p in per_block[1:])])
     finally:
         for i, block in enumerate(originals):
