@@ -383,6 +383,24 @@ def test_cli_refuses_a_busy_port_before_loading(capsys):
     assert time.perf_counter() - t < 5
 
 
+def test_cli_refuses_a_bad_second_model_before_loading_the_first(folders, capsys, monkeypatch):
+    import socket
+
+    from hf_geocomp.cli import main
+    from hf_geocomp.serve import engine
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before both were checked")
+
+    monkeypatch.setattr(engine.ServedModel, "__init__", no_loading)
+    with socket.socket() as free:  # a port nothing listens on
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    assert main(["serve", "--base", folders[0], "--compressed", "/nowhere/folder", "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert "'/nowhere/folder' is neither a bundled name" in err and len(err.strip().splitlines()) == 1
+
+
 # ---- the page in a real browser -----------------------------------------------------------------------------
 
 def test_page_in_headless_chromium(service):

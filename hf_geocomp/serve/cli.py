@@ -41,8 +41,11 @@ def load_models(config: ServeConfig) -> dict:
     """``{"base": ..., "compressed": ...}`` as :class:`~hf_geocomp.serve.engine.ServedModel`."""
     import torch
 
+    from ..data import load_config
     from .engine import ServedModel
 
+    for source in (config.base, config.compressed):  # both configs read before any weights: a bad second name
+        load_config(source)                          # fails now, not after the first model has loaded
     dtype = getattr(torch, config.dtype)
     return {"base": ServedModel("base", config.base, dtype), "compressed": ServedModel("compressed", config.compressed, dtype)}
 
